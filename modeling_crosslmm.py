@@ -1,0 +1,696 @@
+"""CrossLMM (arXiv 2505.17020): long videos for LLMs through pooled tokens plus dual cross-attention layers.
+
+Data flow: frames -> SigLIP tower (in chunks) -> original visual tokens (T x N x D_v) -> pooler (pool_size^2 tokens
+per frame) -> projector -> pooled tokens replace the <video>/<image> placeholders -> Qwen2 decoder, with a dual
+cross-attention layer (DCAL) after every K-th decoder layer. In a DCAL, V2V lets each pooled token attend to the
+original tokens of its own video (or frame), and T2V lets each text token attend to the original tokens of every
+video/image placed before it. Gates start at 0, so a fresh CrossLMM computes exactly what its base LLM computes.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from transformers import AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, eager_attention_forward
+
+
+try:  # inside a Hub repository, loaded by transformers' dynamic-module loader
+    from .configuration_crosslmm import CrossLMMConfig
+except ImportError:  # imported from a checkout
+    from configuration_crosslmm import CrossLMMConfig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class CrossLMMCache(DynamicCache):
+    """Self-attention KV cache (pooled tokens and text only) plus each DCAL's T2V keys/values of the original visual
+    tokens, computed once at prefill so that decode steps never touch the vision tower again.
+
+    `visual_memory[layer_idx]` holds `(keys, values)` of shape (batch, kv_heads, M, head_dim), padded along M;
+    `memory_lengths[b]` is how many of the M slots belong to sample b.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.visual_memory: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.memory_lengths: torch.Tensor | None = None
+
+    def _map_memory(self, fn):
+        self.visual_memory = {idx: (fn(k), fn(v)) for idx, (k, v) in self.visual_memory.items()}
+        if self.memory_lengths is not None:
+            self.memory_lengths = fn(self.memory_lengths)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        self._map_memory(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self._map_memory(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self._map_memory(lambda t: t[indices])
+
+    def reset(self):
+        super().reset()
+        self.visual_memory = {}
+        self.memory_lengths = None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Where the visual tokens sit: which queries see which original tokens
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VisualItem:
+    """One video or image of the batch: its pooled-token positions in row `sample` and its original tokens."""
+
+    sample: int
+    positions: torch.Tensor  # (frames * pool_size**2,) positions of its pooled tokens in the row
+    original_tokens: torch.Tensor  # (frames, N, D_v)
+
+
+@dataclass
+class VisualContext:
+    """What the DCALs of one forward pass need: built once, shared by every DCAL.
+
+    V2V queries are the pooled tokens of each item. T2V queries are text positions, grouped per sample by how much
+    of that sample's memory (its items' original tokens concatenated in sequence order) they may see: everything of
+    the items placed before them, which is always a prefix of the memory.
+    """
+
+    items: list[VisualItem]  # empty on decode steps
+    t2v_groups: list[tuple[int, torch.Tensor, int]]  # (sample, query positions, visible memory length)
+    memory_lengths: torch.Tensor  # (batch,) original tokens per sample
+    attended: torch.Tensor  # (batch, seq) positions that attend to something in V2V or T2V
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class CrossLMMPooler(nn.Module):
+    """Parameter-free token merge: each frame's patch grid is resized to pool_size x pool_size tokens."""
+
+    def __init__(self, config: CrossLMMConfig):
+        super().__init__()
+        self.grid = config.patch_grid_size
+        self.pool_size = config.pool_size
+        self.mode = config.pooling_mode
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(frames, grid*grid, D) -> (frames, pool_size**2, D), tokens row-major inside a frame."""
+        frames, _, dim = features.shape
+        grid = features.transpose(1, 2).reshape(frames, dim, self.grid, self.grid).float()
+        if self.mode == "bilinear":
+            pooled = nn.functional.interpolate(
+                grid, size=(self.pool_size, self.pool_size), mode="bilinear", align_corners=False, antialias=True
+            )
+        else:
+            pooled = nn.functional.adaptive_avg_pool2d(grid, self.pool_size)
+        return pooled.flatten(2).transpose(1, 2).to(features.dtype)
+
+
+class CrossLMMMultiModalProjector(nn.Module):
+    """LLaVA's two-layer MLP from the vision width to the LLM width."""
+
+    def __init__(self, config: CrossLMMConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size, bias=True)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size, bias=True)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+class CrossLMMCrossAttention(nn.Module):
+    """Multi-head cross-attention: queries from the LLM width, keys/values from the original visual tokens (D_v),
+    grouped-query heads like the LLM. Runs on transformers' attention backends with no mask: callers hand it only
+    the keys each query may see."""
+
+    def __init__(self, config: CrossLMMConfig):
+        super().__init__()
+        text = config.text_config
+        self.config = text
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.num_heads = text.num_attention_heads
+        self.num_key_value_heads = text.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = text.attention_dropout
+        self.is_causal = False
+        vision_dim = config.vision_config.hidden_size
+        self.q_proj = nn.Linear(text.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(vision_dim, self.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(vision_dim, self.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, text.hidden_size, bias=False)
+
+    def project_memory(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, M, D_v) original tokens -> keys, values of shape (n, kv_heads, M, head_dim)."""
+        shape = (*tokens.shape[:-1], self.num_key_value_heads, self.head_dim)
+        tokens = tokens.to(self.k_proj.weight.dtype)
+        return self.k_proj(tokens).view(shape).transpose(1, 2), self.v_proj(tokens).view(shape).transpose(1, 2)
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """(n, Lq, D) queries attend to all of their row's (n, kv_heads, M, head_dim) keys/values."""
+        n, length, _ = queries.shape
+        query_states = self.q_proj(queries).view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, _ = attention_interface(
+            self,
+            query_states,
+            keys,
+            values,
+            None,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
+        )
+        return self.o_proj(output.reshape(n, length, -1))
+
+
+class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
+    """DCAL (figure 2): V2V and T2V cross-attention in parallel, each pre-norm and tanh-gated into the residual
+    stream, then a gated feed-forward block at the positions that attended to something."""
+
+    def __init__(self, config: CrossLMMConfig, layer_idx: int):
+        super().__init__()
+        text = config.text_config
+        self.layer_idx = layer_idx
+        self.use_v2v = config.use_v2v
+        self.use_t2v = config.use_t2v
+        self.v2v_scope = config.v2v_scope
+        self.v2v_norm = Qwen2RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
+        self.v2v_attn = CrossLMMCrossAttention(config)
+        self.v2v_gate = nn.Parameter(torch.zeros(1))
+        self.t2v_norm = Qwen2RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
+        self.t2v_attn = CrossLMMCrossAttention(config)
+        self.t2v_gate = nn.Parameter(torch.zeros(1))
+        if config.cross_attention_mlp:
+            self.mlp_norm = Qwen2RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
+            self.mlp = Qwen2MLP(text)
+            self.mlp_gate = nn.Parameter(torch.zeros(1))
+        else:
+            self.mlp = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        visual: VisualContext,
+        past_key_values: CrossLMMCache | None = None,
+    ) -> torch.Tensor:
+        rows, cols, updates = [], [], []
+        if self.use_v2v:
+            for item in visual.items:
+                rows.append(torch.full_like(item.positions, item.sample))
+                cols.append(item.positions)
+                updates.append(self._v2v(hidden_states[item.sample, item.positions], item.original_tokens))
+        if self.use_t2v and visual.t2v_groups:
+            keys, values = self._t2v_memory(visual, past_key_values)
+            for sample, positions, visible in visual.t2v_groups:
+                queries = self.t2v_norm(hidden_states[sample, positions])[None]
+                out = self.t2v_attn(queries, keys[sample : sample + 1, :, :visible], values[sample : sample + 1, :, :visible])
+                rows.append(torch.full_like(positions, sample))
+                cols.append(positions)
+                updates.append(torch.tanh(self.t2v_gate) * out[0])
+        if not rows:
+            return hidden_states
+        rows, cols = torch.cat(rows), torch.cat(cols)
+        hidden_states = hidden_states.index_put((rows, cols), torch.cat(updates).to(hidden_states.dtype), accumulate=True)
+        if self.mlp is not None:
+            rows, cols = visual.attended.nonzero(as_tuple=True)
+            selected = hidden_states[rows, cols]
+            update = torch.tanh(self.mlp_gate) * self.mlp(self.mlp_norm(selected))
+            hidden_states = hidden_states.index_put((rows, cols), update.to(hidden_states.dtype), accumulate=True)
+        return hidden_states
+
+    def _v2v(self, pooled: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        """Pooled tokens of one item (frames*P^2, D) attend to its original tokens (frames, N, D_v)."""
+        frames = original.shape[0]
+        if self.v2v_scope == "frame":  # one attention per frame: a batch of frames, linear in T
+            queries = self.v2v_norm(pooled).view(frames, -1, pooled.shape[-1])
+            keys, values = self.v2v_attn.project_memory(original)
+        else:  # every pooled token sees all of its video
+            queries = self.v2v_norm(pooled)[None]
+            keys, values = self.v2v_attn.project_memory(original.reshape(1, -1, original.shape[-1]))
+        out = self.v2v_attn(queries, keys, values).reshape(pooled.shape)
+        return torch.tanh(self.v2v_gate) * out
+
+    def _t2v_memory(self, visual: VisualContext, past_key_values: CrossLMMCache | None):
+        """T2V keys/values of every sample's memory: projected at prefill (and cached), read from the cache after."""
+        if visual.items:
+            batch = visual.memory_lengths.shape[0]
+            memory = [[] for _ in range(batch)]
+            for item in visual.items:
+                memory[item.sample].append(item.original_tokens.flatten(0, 1))
+            width = visual.items[0].original_tokens.shape[-1]
+            empty = visual.items[0].original_tokens.new_zeros(0, width)
+            memory = nn.utils.rnn.pad_sequence([torch.cat(m) if m else empty for m in memory], batch_first=True)
+            keys, values = self.t2v_attn.project_memory(memory)
+            if past_key_values is not None:
+                past_key_values.visual_memory[self.layer_idx] = (keys, values)
+            return keys, values
+        if past_key_values is None or self.layer_idx not in past_key_values.visual_memory:
+            raise ValueError("T2V has no visual memory: pass the videos/images in the first forward pass.")
+        return past_key_values.visual_memory[self.layer_idx]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class CrossLMMPreTrainedModel(PreTrainedModel):
+    config_class = CrossLMMConfig
+    config: CrossLMMConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "video", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = [
+        "Qwen2DecoderLayer",
+        "SiglipEncoderLayer",
+        "Siglip2EncoderLayer",
+        "CrossLMMDualCrossAttentionLayer",
+    ]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, CrossLMMDualCrossAttentionLayer):
+            # Zero gates: a new DCAL is the identity, so the base LLM's behaviour is kept until training opens them.
+            init.zeros_(module.v2v_gate)
+            init.zeros_(module.t2v_gate)
+            if module.mlp is not None:
+                init.zeros_(module.mlp_gate)
+
+
+class CrossLMMModel(CrossLMMPreTrainedModel):
+    """Vision tower, pooler, projector and the Qwen2 decoder with DCALs; no LM head."""
+
+    def __init__(self, config: CrossLMMConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.pooler = CrossLMMPooler(config)
+        self.multi_modal_projector = CrossLMMMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.cross_attention_layers = nn.ModuleDict(
+            {str(idx): CrossLMMDualCrossAttentionLayer(config, idx) for idx in config.dcal_layer_indices}
+        )
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    # ---- vision ----------------------------------------------------------------------------------------------------
+
+    def get_original_visual_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """(F, 3, H, W) frames -> (F, N, D_v) original visual tokens, `vision_batch_size` frames at a time so that
+        activation memory does not grow with the video length."""
+        size = self.config.image_size
+        if frames.ndim != 4 or frames.shape[1:] != (3, size, size):
+            raise ValueError(
+                f"frames must have shape (frames, 3, {size}, {size}) to match the vision tower, got {tuple(frames.shape)}."
+            )
+        dtype = self.vision_tower.dtype
+        chunks = frames.split(self.config.vision_batch_size)
+        return torch.cat([self._encode_frames(chunk.to(dtype)) for chunk in chunks])
+
+    def _encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """`hidden_states[vision_feature_layer]` of the tower, running only the encoder layers needed."""
+        vision = self.vision_tower  # SiglipVisionTransformer / Siglip2VisionTransformer
+        num_states = len(vision.encoder.layers) + 1
+        layer = self.config.vision_feature_layer % num_states
+        if self.config.vision_config.model_type == "siglip2_vision_model":
+            patch = self.config.vision_config.patch_size
+            grid = self.config.patch_grid_size
+            n, channels = frames.shape[:2]
+            patches = frames.reshape(n, channels, grid, patch, grid, patch).permute(0, 2, 4, 3, 5, 1)
+            spatial_shapes = torch.tensor([[grid, grid]] * n, device=frames.device)
+            hidden_states = vision.embeddings(patches.reshape(n, grid * grid, -1), spatial_shapes)
+        else:
+            hidden_states = vision.embeddings(frames)
+        for encoder_layer in vision.encoder.layers[:layer]:
+            hidden_states = encoder_layer(hidden_states, None)
+        return hidden_states
+
+    def _split_videos(self, pixel_values_videos, video_num_frames) -> list[torch.Tensor]:
+        """Videos as a list of (T_i, 3, H, W): from a 5-D tensor (optionally padded, with `video_num_frames`) or a
+        list of 4-D tensors."""
+        if isinstance(pixel_values_videos, (list, tuple)):
+            videos = list(pixel_values_videos)
+        else:
+            if pixel_values_videos.ndim != 5:
+                raise ValueError(
+                    "pixel_values_videos must have shape (videos, frames, 3, H, W) or be a list of (frames, 3, H, W) "
+                    f"tensors, got shape {tuple(pixel_values_videos.shape)}."
+                )
+            videos = list(pixel_values_videos)
+            if video_num_frames is not None:
+                counts = [int(n) for n in video_num_frames]
+                if len(counts) != len(videos) or any(not 0 < n <= pixel_values_videos.shape[1] for n in counts):
+                    raise ValueError(
+                        f"video_num_frames {counts} does not fit pixel_values_videos of shape "
+                        f"{tuple(pixel_values_videos.shape)}."
+                    )
+                videos = [video[:n] for video, n in zip(videos, counts)]
+        for i, video in enumerate(videos):
+            if video.ndim != 4 or video.shape[0] == 0:
+                raise ValueError(f"video {i} must be a non-empty (frames, 3, H, W) tensor, got shape {tuple(video.shape)}.")
+        return videos
+
+    def encode_visual_inputs(self, pixel_values=None, pixel_values_videos=None, video_num_frames=None):
+        """Original tokens and pooled, projected tokens of every video and image (an image is a one-frame video).
+
+        Returns two lists per modality, in input order: original (T, N, D_v) and pooled+projected (T * P^2, D).
+        """
+        videos = self._split_videos(pixel_values_videos, video_num_frames) if pixel_values_videos is not None else []
+        images = list(pixel_values[:, None]) if pixel_values is not None else []
+        if pixel_values is not None and pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must have shape (images, 3, H, W), got {tuple(pixel_values.shape)}.")
+        clips = videos + images
+        if not clips:
+            return [], [], [], []
+        lengths = [clip.shape[0] for clip in clips]
+        original = self.get_original_visual_tokens(torch.cat(clips))
+        pooled = self.multi_modal_projector(self.pooler(original))
+        original = list(original.split(lengths))
+        pooled = [p.flatten(0, 1) for p in pooled.split(lengths)]
+        n = len(videos)
+        return original[:n], pooled[:n], original[n:], pooled[n:]
+
+    # ---- layout ----------------------------------------------------------------------------------------------------
+
+    def _place_items(self, input_ids, token_id, name, originals, pooled) -> list[VisualItem]:
+        """Assign the placeholder tokens of one modality, in reading order, to its items."""
+        rows, cols = (input_ids == token_id).nonzero(as_tuple=True)
+        expected = sum(p.shape[0] for p in pooled)
+        if rows.numel() != expected:
+            per_item = [p.shape[0] for p in pooled]
+            raise ValueError(
+                f"The prompt has {rows.numel()} {name} placeholder tokens but the {len(pooled)} {name}(s) given need "
+                f"{expected} ({per_item}: frames x pool_size**2 each). Let the processor expand the placeholders, "
+                f"and give one {name} per placeholder."
+            )
+        items, start = [], 0
+        for item_original, item_pooled in zip(originals, pooled):
+            end = start + item_pooled.shape[0]
+            item_rows = rows[start:end]
+            if (item_rows != item_rows[0]).any():
+                raise ValueError(f"The placeholder tokens of one {name} are split across batch rows.")
+            items.append(VisualItem(int(item_rows[0]), cols[start:end], item_original))
+            start = end
+        return items
+
+    def _visual_context(self, input_ids, attention_mask, items, past_key_values, batch, seq_len, device):
+        """The VisualContext of this pass, or None when no DCAL has anything to attend to."""
+        if items:
+            lengths = [0] * batch
+            for item in items:
+                lengths[item.sample] += item.original_tokens.shape[0] * item.original_tokens.shape[1]
+            memory_lengths = torch.tensor(lengths, device=device)
+        elif isinstance(past_key_values, CrossLMMCache) and past_key_values.memory_lengths is not None:
+            memory_lengths = past_key_values.memory_lengths
+        else:
+            return None
+        if isinstance(past_key_values, CrossLMMCache) and items:
+            past_key_values.memory_lengths = memory_lengths
+
+        attended = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+        if self.config.use_v2v:
+            for item in items:
+                attended[item.sample, item.positions] = True
+        t2v_groups = []
+        if self.config.use_t2v:
+            visual = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+            for item in items:
+                visual[item.sample, item.positions] = True
+            text = ~visual
+            if attention_mask is not None:
+                text &= attention_mask[:, -seq_len:].bool()
+            for sample in range(batch):
+                sample_items = [i for i in items if i.sample == sample]
+                if items:  # prefill: a text token sees the items that end before it
+                    ends = torch.tensor([int(i.positions[-1]) for i in sample_items], device=device, dtype=torch.long)
+                    sizes = [i.original_tokens.shape[0] * i.original_tokens.shape[1] for i in sample_items]
+                    visible_after = [0] + torch.tensor(sizes).cumsum(0).tolist()
+                    seen = torch.searchsorted(ends, torch.arange(seq_len, device=device))
+                else:  # decode: every item is before the new tokens
+                    visible_after = [0, int(memory_lengths[sample])]
+                    seen = torch.ones(seq_len, dtype=torch.long, device=device)
+                for count in range(1, len(visible_after)):
+                    positions = (text[sample] & (seen == count)).nonzero(as_tuple=True)[0]
+                    if positions.numel() and visible_after[count] > 0:
+                        t2v_groups.append((sample, positions, visible_after[count]))
+                        attended[sample, positions] = True
+        return VisualContext(items, t2v_groups, memory_lengths, attended)
+
+    # ---- forward ---------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        pixel_values_videos: torch.FloatTensor | list[torch.FloatTensor] | None = None,
+        video_num_frames: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        has_visual = pixel_values is not None or pixel_values_videos is not None
+        if has_visual and input_ids is None:
+            raise ValueError("Videos and images need input_ids, whose placeholder tokens say where they go.")
+        use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else False
+        past_key_values = self._prepare_cache(past_key_values, use_cache, has_visual)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        batch, seq_len = inputs_embeds.shape[:2]
+        items = []
+        if has_visual:
+            videos_orig, videos_pooled, images_orig, images_pooled = self.encode_visual_inputs(
+                pixel_values, pixel_values_videos, video_num_frames
+            )
+            items = self._place_items(input_ids, self.config.video_token_id, "video", videos_orig, videos_pooled)
+            items += self._place_items(input_ids, self.config.image_token_id, "image", images_orig, images_pooled)
+            inputs_embeds = inputs_embeds.clone()
+            for item, pooled in zip(items, videos_pooled + images_pooled):
+                inputs_embeds[item.sample, item.positions] = pooled.to(inputs_embeds.dtype)
+            items.sort(key=lambda item: (item.sample, int(item.positions[0])))  # memory is in reading order
+        elif input_ids is not None:
+            placeholders = (input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)
+            if placeholders.any() and (past_key_values is None or past_key_values.get_seq_length() == 0):
+                raise ValueError("The prompt has <video>/<image> placeholder tokens but no videos or images were given.")
+
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.ndim == 2:  # left padding: count real tokens only
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+            else:
+                position_ids = torch.arange(past_seen, past_seen + seq_len, device=inputs_embeds.device)[None]
+
+        visual = self._visual_context(
+            input_ids, attention_mask, items, past_key_values, batch, seq_len, inputs_embeds.device
+        )
+        return self._decode(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, visual,
+                            output_hidden_states, **kwargs)
+
+    def _prepare_cache(self, past_key_values, use_cache, has_visual):
+        """CrossLMM keeps its visual memory in a CrossLMMCache; an empty DynamicCache (as `generate` makes) is
+        swapped for one."""
+        if isinstance(past_key_values, CrossLMMCache):
+            if has_visual and past_key_values.get_seq_length() > 0:
+                raise ValueError(
+                    "Videos and images can only be given in the first forward pass of a cached sequence (prefill)."
+                )
+            return past_key_values
+        if past_key_values is not None and (
+            type(past_key_values) is not DynamicCache or past_key_values.get_seq_length() > 0
+        ):
+            raise ValueError(
+                f"CrossLMM keeps the DCALs' visual memory in a CrossLMMCache and cannot use a "
+                f"{type(past_key_values).__name__}; pass past_key_values=None (or the cache a previous call returned)."
+            )
+        if use_cache or past_key_values is not None:
+            return CrossLMMCache(config=self.config.text_config)
+        return None
+
+    def _decode(self, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, visual,
+                output_hidden_states, **kwargs):
+        """Qwen2Model.forward's loop, with a DCAL after the chosen decoder layers."""
+        llm = self.language_model
+        text_config = self.config.text_config
+        if isinstance(attention_mask, dict):
+            mask_mapping = attention_mask
+        else:
+            mask_kwargs = {
+                "config": text_config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                "past_key_values": past_key_values,
+                "position_ids": position_ids,
+            }
+            mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
+            if "sliding_attention" in text_config.layer_types:
+                mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        hidden_states = inputs_embeds
+        position_embeddings = llm.rotary_emb(hidden_states, position_ids)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for idx, decoder_layer in enumerate(llm.layers[: text_config.num_hidden_layers]):
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=mask_mapping[text_config.layer_types[idx]],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            if visual is not None and str(idx) in self.cross_attention_layers:
+                hidden_states = self.cross_attention_layers[str(idx)](hidden_states, visual, past_key_values)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        hidden_states = llm.norm(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+        )
+
+
+class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin):
+    """CrossLMMModel with the LM head: the class `AutoModelForImageTextToText` loads."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: CrossLMMConfig):
+        super().__init__(config)
+        self.model = CrossLMMModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        pixel_values_videos: torch.FloatTensor | list[torch.FloatTensor] | None = None,
+        video_num_frames: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        pixel_values_videos: (videos, frames, 3, H, W), or a list of (frames_i, 3, H, W) for videos of different
+            lengths, or a padded 5-D tensor with `video_num_frames` (videos,) giving each video's real frame count.
+        pixel_values: (images, 3, H, W); each image is a one-frame video.
+        labels: (batch, seq) token ids for the shifted causal-LM loss; -100 is ignored and visual placeholder
+            positions never count.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            video_num_frames=video_num_frames,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            if input_ids is not None:
+                visual = (input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)
+                labels = labels.masked_fill(visual, -100)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+    def prepare_inputs_for_generation(
+        self,
+        *args,
+        pixel_values=None,
+        pixel_values_videos=None,
+        video_num_frames=None,
+        is_first_iteration=False,
+        **kwargs,
+    ):
+        """Visual inputs go to the prefill only; decode steps read the DCALs' visual memory from the cache."""
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            model_inputs["pixel_values"] = pixel_values
+            model_inputs["pixel_values_videos"] = pixel_values_videos
+            model_inputs["video_num_frames"] = video_num_frames
+        return model_inputs
+
+
+CrossLMMConfig.register_for_auto_class()
+CrossLMMModel.register_for_auto_class("AutoModel")
+CrossLMMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = ["CrossLMMCache", "CrossLMMForConditionalGeneration", "CrossLMMModel", "CrossLMMPreTrainedModel"]
