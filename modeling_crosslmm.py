@@ -688,6 +688,36 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
             model_inputs["video_num_frames"] = video_num_frames
         return model_inputs
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beam search and `num_return_sequences` repeat each sample; repeat its own videos and images with it
+        (the default would repeat them as if there were exactly one per sample)."""
+        if expand_size > 1 and input_ids is not None:
+            videos = model_kwargs.pop("pixel_values_videos", None)
+            num_frames = model_kwargs.pop("video_num_frames", None)
+            images = model_kwargs.pop("pixel_values", None)
+            if videos is not None:
+                videos = self.model._split_videos(videos, num_frames)
+                model_kwargs["pixel_values_videos"] = self._repeat_per_sample(
+                    input_ids, self.config.video_token_id, videos, expand_size
+                )
+            if images is not None:
+                images = self._repeat_per_sample(input_ids, self.config.image_token_id, list(images[:, None]), expand_size)
+                model_kwargs["pixel_values"] = torch.cat(images)
+        return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+
+    def _repeat_per_sample(self, input_ids, token_id, clips, repeats):
+        """Clips in reading order -> each row's clips repeated `repeats` times, rows kept in order."""
+        per_clip = [clip.shape[0] * self.config.tokens_per_frame for clip in clips]
+        expanded, next_clip = [], 0
+        for row_tokens in (input_ids == token_id).sum(-1).tolist():
+            row_clips = []
+            while row_tokens > 0 and next_clip < len(clips):
+                row_clips.append(clips[next_clip])
+                row_tokens -= per_clip[next_clip]
+                next_clip += 1
+            expanded += row_clips * repeats
+        return expanded
+
 
 CrossLMMConfig.register_for_auto_class()
 CrossLMMModel.register_for_auto_class("AutoModel")

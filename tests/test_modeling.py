@@ -303,3 +303,20 @@ def test_visual_inputs_after_prefill_are_refused():
     cache = model(input_ids=ids, pixel_values_videos=frames(1)[None], use_cache=True).past_key_values
     with pytest.raises(ValueError, match="first forward pass"):
         model(input_ids=ids, pixel_values_videos=frames(1)[None], past_key_values=cache)
+
+
+@torch.no_grad()
+def test_beam_search_repeats_each_samples_own_videos():
+    model = tiny_model(gates=0.5)
+    config = model.config
+    ids = torch.cat([prompt(config, [1], ("video", 1), [2], ("video", 2), [3]), prompt(config, [4], ("video", 3), [5, 6])])
+    videos = [frames(1, seed=1), frames(2, seed=2), frames(3, seed=3)]
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, num_beams=3, do_sample=False)
+    beams = model.generate(input_ids=ids, pixel_values_videos=videos, **kwargs)
+    assert torch.equal(beams, model.generate(input_ids=ids, pixel_values_videos=videos, use_cache=False, **kwargs))
+    first = model.generate(input_ids=ids[:1], pixel_values_videos=videos[:2], **kwargs)
+    assert torch.equal(beams[:1], first)
+    sampled = model.generate(
+        input_ids=ids, pixel_values_videos=videos, max_new_tokens=3, do_sample=True, num_return_sequences=2
+    )
+    assert sampled.shape[0] == 4
