@@ -163,14 +163,14 @@ class CrossLMMCrossAttention(nn.Module):
 
     def project_memory(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, M, D_v) original tokens -> keys, values of shape (n, kv_heads, M, head_dim)."""
-        shape = (*tokens.shape[:-1], self.num_key_value_heads, self.head_dim)
+        shape = (*tokens.shape[:-1], -1, self.head_dim)  # -1: the local heads under tensor parallelism
         tokens = tokens.to(self.k_proj.weight.dtype)
         return self.k_proj(tokens).view(shape).transpose(1, 2), self.v_proj(tokens).view(shape).transpose(1, 2)
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """(n, Lq, D) queries attend to all of their row's (n, kv_heads, M, head_dim) keys/values."""
         n, length, _ = queries.shape
-        query_states = self.q_proj(queries).view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+        query_states = self.q_proj(queries).view(n, length, -1, self.head_dim).transpose(1, 2)
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -218,14 +218,19 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
         past_key_values: CrossLMMCache | None = None,
     ) -> torch.Tensor:
         rows, cols, updates = [], [], []
+        # Under device_map the vision tower and the VisualContext may sit on other devices: the original tokens and
+        # positions move here, so that K/V are made on the device of the layer using them.
+        device = hidden_states.device
         if self.use_v2v:
             for item in visual.items:
-                rows.append(torch.full_like(item.positions, item.sample))
-                cols.append(item.positions)
-                updates.append(self._v2v(hidden_states[item.sample, item.positions], item.original_tokens))
+                positions = item.positions.to(device)
+                rows.append(torch.full_like(positions, item.sample))
+                cols.append(positions)
+                updates.append(self._v2v(hidden_states[item.sample, positions], item.original_tokens.to(device)))
         if self.use_t2v and visual.t2v_groups:
-            keys, values = self._t2v_memory(visual, past_key_values)
+            keys, values = self._t2v_memory(visual, past_key_values, device)
             for sample, positions, visible in visual.t2v_groups:
+                positions = positions.to(device)
                 queries = self.t2v_norm(hidden_states[sample, positions])[None]
                 out = self.t2v_attn(queries, keys[sample : sample + 1, :, :visible], values[sample : sample + 1, :, :visible])
                 rows.append(torch.full_like(positions, sample))
@@ -236,7 +241,7 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
         rows, cols = torch.cat(rows), torch.cat(cols)
         hidden_states = hidden_states.index_put((rows, cols), torch.cat(updates).to(hidden_states.dtype), accumulate=True)
         if self.mlp is not None:
-            rows, cols = visual.attended.nonzero(as_tuple=True)
+            rows, cols = visual.attended.to(device).nonzero(as_tuple=True)
             selected = hidden_states[rows, cols]
             update = torch.tanh(self.mlp_gate) * self.mlp(self.mlp_norm(selected))
             hidden_states = hidden_states.index_put((rows, cols), update.to(hidden_states.dtype), accumulate=True)
@@ -254,7 +259,7 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
         out = self.v2v_attn(queries, keys, values).reshape(pooled.shape)
         return torch.tanh(self.v2v_gate) * out
 
-    def _t2v_memory(self, visual: VisualContext, past_key_values: CrossLMMCache | None):
+    def _t2v_memory(self, visual: VisualContext, past_key_values: CrossLMMCache | None, device: torch.device):
         """T2V keys/values of every sample's memory: projected at prefill (and cached), read from the cache after."""
         if visual.items:
             batch = visual.memory_lengths.shape[0]
@@ -264,7 +269,7 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
             width = visual.items[0].original_tokens.shape[-1]
             empty = visual.items[0].original_tokens.new_zeros(0, width)
             memory = nn.utils.rnn.pad_sequence([torch.cat(m) if m else empty for m in memory], batch_first=True)
-            keys, values = self.t2v_attn.project_memory(memory)
+            keys, values = self.t2v_attn.project_memory(memory.to(device))
             if past_key_values is not None:
                 past_key_values.visual_memory[self.layer_idx] = (keys, values)
             return keys, values
@@ -296,6 +301,18 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
+        """Reentrant checkpointing differentiates only through a layer's tensor arguments; a DCAL reads the original
+        visual tokens from its VisualContext argument, so it needs the non-reentrant kind (transformers' default)."""
+        if enable and getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant"):
+            raise ValueError(
+                "CrossLMM's DCALs need non-reentrant gradient checkpointing: pass "
+                "gradient_checkpointing_kwargs={'use_reentrant': False} (the default), not use_reentrant=True."
+            )
+        if gradient_checkpointing_func is not None:
+            kwargs["gradient_checkpointing_func"] = gradient_checkpointing_func
+        super()._set_gradient_checkpointing(enable, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -508,7 +525,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             items += self._place_items(input_ids, self.config.image_token_id, "image", images_orig, images_pooled)
             inputs_embeds = inputs_embeds.clone()
             for item, pooled in zip(items, videos_pooled + images_pooled):
-                inputs_embeds[item.sample, item.positions] = pooled.to(inputs_embeds.dtype)
+                inputs_embeds[item.sample, item.positions] = pooled.to(inputs_embeds.device, inputs_embeds.dtype)
             items.sort(key=lambda item: (item.sample, int(item.positions[0])))  # memory is in reading order
         elif input_ids is not None:
             placeholders = (input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)
@@ -596,6 +613,19 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
     """CrossLMMModel with the LM head: the class `AutoModelForImageTextToText` loads."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # Tensor parallelism (`tp_plan="auto"`): the Qwen2 decoder brings its own plan (`base_model_tp_plan`); the DCALs are
+    # split the same way, heads column-wise and output projections row-wise. The vision tower is replicated.
+    _tp_plan = {
+        "lm_head": "colwise_gather_output",
+        **{
+            f"model.cross_attention_layers.*.{branch}.{proj}": style
+            for branch in ("v2v_attn", "t2v_attn")
+            for proj, style in (("q_proj", "colwise"), ("k_proj", "colwise"), ("v_proj", "colwise"), ("o_proj", "rowwise"))
+        },
+        "model.cross_attention_layers.*.mlp.gate_proj": "colwise",
+        "model.cross_attention_layers.*.mlp.up_proj": "colwise",
+        "model.cross_attention_layers.*.mlp.down_proj": "rowwise",
+    }
 
     def __init__(self, config: CrossLMMConfig):
         super().__init__(config)
