@@ -416,7 +416,8 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             return [], [], [], []
         lengths = [clip.shape[0] for clip in clips]
         original = self.get_original_visual_tokens(torch.cat(clips))
-        pooled = self.multi_modal_projector(self.pooler(original))
+        # The tower may run in another dtype than the rest (e.g. kept in float32 while the LLM trains in bfloat16).
+        pooled = self.multi_modal_projector(self.pooler(original).to(self.multi_modal_projector.linear_1.weight.dtype))
         original = list(original.split(lengths))
         pooled = [p.flatten(0, 1) for p in pooled.split(lengths)]
         n = len(videos)
