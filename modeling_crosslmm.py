@@ -355,7 +355,11 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             raise ValueError(
                 f"frames must have shape (frames, 3, {size}, {size}) to match the vision tower, got {tuple(frames.shape)}."
             )
-        dtype = self.vision_tower.dtype
+        if not frames.is_floating_point():
+            raise ValueError(
+                f"frames must be floating-point pixel values normalized by the processor, got {frames.dtype}."
+            )
+        dtype = self.vision_tower.dtype  # float frames are cast to the tower's dtype
         chunks = frames.split(self.config.vision_batch_size)
         return torch.cat([self._encode_frames(chunk.to(dtype)) for chunk in chunks])
 
@@ -691,6 +695,11 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
             if input_ids is not None:
                 visual = (input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)
                 labels = labels.masked_fill(visual, -100)
+            if not (labels[..., 1:] != -100).any():  # the mean over zero tokens would be a silent NaN
+                raise ValueError(
+                    "Every label is -100 or a visual placeholder: the batch has no token to learn from. Keep at "
+                    "least one answer token per sample (CrossLMMDataCollator labels the assistant turns)."
+                )
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
