@@ -1,0 +1,221 @@
+"""Fine-tuning: the collator's labels, Trainer, gradient checkpointing, the paper's two stages, LoRA, bad inputs."""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from tiny import frames, prompt, set_gates, tiny_model
+from transformers import AutoModelForImageTextToText
+
+from training_crosslmm import (
+    LORA_TARGET_MODULES,
+    STAGE2_LEARNING_RATES,
+    parameter_groups,
+    setup_stage1,
+    setup_stage2,
+)
+
+
+def video_batch(config, seed=0):
+    """Two samples, each a 2-frame video followed by text, with labels on the text after the video."""
+    first = prompt(config, [1, 2], ("video", 2), [3, 4, 5, 6])
+    second = prompt(config, [7], ("video", 2), [8, 9, 10, 11, 12])
+    ids = torch.cat([first, second])
+    labels = ids.clone()
+    labels[:, :-4] = -100
+    videos = torch.stack([frames(2, seed=seed), frames(2, seed=seed + 1)])
+    return dict(input_ids=ids, pixel_values_videos=videos, labels=labels)
+
+
+# ---- gradient checkpointing ----------------------------------------------------------------------------------------
+
+
+def gradients(model, batch):
+    model.zero_grad()
+    model(**batch).loss.backward()
+    return {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+
+
+def test_gradient_checkpointing_recomputes_the_dcals_and_gives_the_same_gradients():
+    model = tiny_model(gates=0.5).train()
+    batch = video_batch(model.config)
+    expected = gradients(model, batch)
+
+    model.gradient_checkpointing_enable()
+    dcals = list(model.model.cross_attention_layers.values())
+    assert all(dcal.gradient_checkpointing for dcal in dcals)
+    assert all(layer.gradient_checkpointing for layer in model.model.language_model.layers)
+    # A checkpointed layer runs its forward again during backward: its sub-modules are called twice per step.
+    calls = []
+    for dcal in dcals:
+        dcal.v2v_attn.register_forward_hook(lambda module, args, out: calls.append("v2v"))
+        dcal.t2v_attn.register_forward_hook(lambda module, args, out: calls.append("t2v"))
+    model.zero_grad()
+    loss = model(**batch).loss
+    forward_calls = len(calls)
+    loss.backward()
+    assert len(calls) == 2 * forward_calls
+    checkpointed = {name: param.grad for name, param in model.named_parameters() if param.grad is not None}
+    assert checkpointed.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_reentrant_checkpointing_is_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="non-reentrant"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+
+
+# ---- the paper's two stages ----------------------------------------------------------------------------------------
+
+
+def trainable(model):
+    return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+def test_stage1_trains_only_the_projector_and_v2v_with_t2v_off():
+    model = tiny_model(gates=0.5)
+    learning_rates = setup_stage1(model)
+    names = trainable(model)
+    expected = {name for name, _ in model.named_parameters() if name.startswith("model.multi_modal_projector.")}
+    for idx in model.config.dcal_layer_indices:
+        prefix = f"model.cross_attention_layers.{idx}."
+        expected |= {
+            name
+            for name, _ in model.named_parameters()
+            if name.startswith(prefix + "v2v_attn.") or name in (prefix + "v2v_norm.weight", prefix + "v2v_gate")
+        }
+    assert names == expected
+    assert not model.config.use_t2v
+    assert not any(dcal.use_t2v for dcal in model.model.cross_attention_layers.values())
+    # T2V really is off: text after the video no longer depends on it, whatever the T2V weights.
+    batch = video_batch(model.config)
+    del batch["labels"]
+    with torch.no_grad():
+        before = model(**batch).logits
+        for dcal in model.model.cross_attention_layers.values():
+            dcal.t2v_gate.fill_(2.0)
+        assert torch.equal(model(**batch).logits, before)
+    groups = parameter_groups(model, learning_rates)
+    assert {group["name"] for group in groups} == {"connector"}
+    assert sum(len(group["params"]) for group in groups) == len(expected)
+
+
+def test_stage2_trains_everything_crosslmm_runs_with_the_papers_learning_rates():
+    model = tiny_model()
+    setup_stage1(model)
+    learning_rates = setup_stage2(model)
+    assert model.config.use_t2v and all(dcal.use_t2v for dcal in model.model.cross_attention_layers.values())
+    frozen = {name for name, _ in model.named_parameters()} - trainable(model)
+    # CrossLMM reads hidden_states[-1] of the tower, before its post-layernorm: the only parameters it never runs.
+    assert frozen == {"model.vision_tower.post_layernorm.weight", "model.vision_tower.post_layernorm.bias"}
+
+    batch = video_batch(model.config)
+    set_gates(model, 0.5)
+    model(**batch).loss.backward()
+    assert all(param.grad is not None for name, param in model.named_parameters() if name not in frozen)
+
+    groups = parameter_groups(model, learning_rates, weight_decay=0.1)
+    by_name = {}
+    for group in groups:
+        for param in group["params"]:
+            by_name[id(param)] = group
+    expected_lr = {"model.vision_tower.": 2e-6, "model.multi_modal_projector.": 1e-5,
+                   "model.cross_attention_layers.": 1e-5, "model.language_model.": 1e-5, "lm_head.": 1e-5}
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert id(param) not in by_name
+            continue
+        group = by_name[id(param)]
+        assert group["lr"] == next(lr for prefix, lr in expected_lr.items() if name.startswith(prefix)), name
+        assert group["weight_decay"] == (0.1 if param.ndim >= 2 else 0.0), name
+    assert STAGE2_LEARNING_RATES == {"vision_tower": 2e-6, "connector": 1e-5, "llm": 1e-5}
+
+
+def test_parameter_groups_refuse_a_trainable_component_without_learning_rate():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="vision_tower"):
+        parameter_groups(model, {"connector": 1e-5, "llm": 1e-5})
+
+
+# ---- LoRA ----------------------------------------------------------------------------------------------------------
+
+
+def lora_model(model):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGET_MODULES, init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
+def test_lora_parameter_groups_by_module_name():
+    peft_model = lora_model(tiny_model())
+    groups = parameter_groups(peft_model, STAGE2_LEARNING_RATES)
+    names = {id(p): n for n, p in peft_model.named_parameters()}
+    for group in groups:
+        for param in group["params"]:
+            name = names[id(param)]
+            assert "lora_" in name
+            assert group["name"] == ("connector" if ".cross_attention_layers." in name else "llm")
+    assert {group["name"] for group in groups} == {"connector", "llm"}
+    assert sum(len(g["params"]) for g in groups) == len(trainable(peft_model))
+
+
+def test_lora_adapter_reloads_on_a_remote_code_checkpoint_and_merges(tmp_path):
+    model = tiny_model(gates=0.4)
+    model.save_pretrained(tmp_path / "base")
+    peft_model = lora_model(model).eval()
+    lora_layers = [name for name, _ in peft_model.named_modules() if name.endswith("lora_A")]
+    assert any(".cross_attention_layers.1.t2v_attn.k_proj." in name for name in lora_layers)
+    assert any(".language_model.layers.0.self_attn.q_proj." in name for name in lora_layers)
+    batch = video_batch(model.config)
+    del batch["labels"]
+    with torch.no_grad():
+        adapted = peft_model(**batch).logits
+        base = peft_model.get_base_model()
+        with peft_model.disable_adapter():
+            assert not torch.allclose(base(**batch).logits, adapted)  # the adapter changes something
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    base = AutoModelForImageTextToText.from_pretrained(tmp_path / "base", trust_remote_code=True)
+    assert type(base).__module__.startswith("transformers_modules")
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, adapted, rtol=0, atol=1e-6)
+        merged = reloaded.merge_and_unload()
+        assert not any("lora_" in name for name, _ in merged.named_parameters())
+        torch.testing.assert_close(merged(**batch).logits, adapted, rtol=1e-4, atol=1e-5)
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------------
+
+
+def test_labels_masking_everything_raise_instead_of_a_nan_loss():
+    model = tiny_model()
+    batch = video_batch(model.config)
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    with pytest.raises(ValueError, match="no token to learn from"):
+        model(**batch)
+    # Labels only on the video placeholders count as nothing too: those positions never enter the loss.
+    batch["labels"] = batch["input_ids"].masked_fill(batch["input_ids"] != model.config.video_token_id, -100)
+    with pytest.raises(ValueError, match="no token to learn from"):
+        model(**batch)
+
+
+def test_video_placeholder_without_frames_raises():
+    model = tiny_model()
+    batch = video_batch(model.config)
+    del batch["pixel_values_videos"]
+    with pytest.raises(ValueError, match="placeholder tokens but no videos"):
+        model(**batch)
+    batch["pixel_values_videos"] = [frames(2), torch.zeros(0, *frames(1).shape[1:])]
+    with pytest.raises(ValueError, match="non-empty"):
+        model(**batch)
+
+
+def test_dtypes_float_frames_are_cast_integer_frames_raise():
+    model = tiny_model(gates=0.5).to(torch.bfloat16)
+    batch = video_batch(model.config)
+    out = model(**batch)  # float32 frames into a bfloat16 model: cast to the tower's dtype
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    batch["pixel_values_videos"] = (batch["pixel_values_videos"] * 50).clamp(0, 255).to(torch.uint8)
+    with pytest.raises(ValueError, match="floating-point pixel values"):
+        model(**batch)
