@@ -96,7 +96,6 @@ class VisualContext:
     items: list[VisualItem]  # empty on decode steps
     t2v_groups: list[tuple[int, torch.Tensor, int]]  # (sample, query positions, visible memory length)
     memory_lengths: torch.Tensor  # (batch,) original tokens per sample
-    attended: torch.Tensor  # (batch, seq) positions that attend to something in V2V or T2V
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -217,65 +216,108 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
         visual: VisualContext,
         past_key_values: CrossLMMCache | None = None,
     ) -> torch.Tensor:
+        """Adds the gated V2V and T2V outputs, then the gated MLP, at the positions they concern.
+
+        Every attention call gets exactly the keys its queries may see and no mask, so any backend of
+        `ALL_ATTENTION_FUNCTIONS` (eager, sdpa, flex_attention, flash_attention_2/3) runs it as plain full
+        attention, and no queries x keys mask (nor block mask, nor varlen packing) is ever needed. To keep the calls
+        few on a batch, queries that see keys of the same length share one call: V2V items of equal frame count (all
+        frames at once for `v2v_scope="frame"`), T2V groups of equal visible memory (padded with extra query rows,
+        whose outputs are dropped: queries never see each other, so padding them needs no mask)."""
         rows, cols, updates = [], [], []
         # Under device_map the vision tower and the VisualContext may sit on other devices: the original tokens and
         # positions move here, so that K/V are made on the device of the layer using them.
         device = hidden_states.device
-        if self.use_v2v:
-            for item in visual.items:
-                positions = item.positions.to(device)
-                rows.append(torch.full_like(positions, item.sample))
+        if self.use_v2v and visual.items:
+            for bucket in self._v2v_buckets(visual.items):
+                samples = torch.cat([torch.full_like(item.positions, item.sample) for item in bucket]).to(device)
+                positions = torch.cat([item.positions for item in bucket]).to(device)
+                rows.append(samples)
                 cols.append(positions)
-                updates.append(self._v2v(hidden_states[item.sample, positions], item.original_tokens.to(device)))
+                updates.append(self._v2v(hidden_states[samples, positions], bucket))
         if self.use_t2v and visual.t2v_groups:
             keys, values = self._t2v_memory(visual, past_key_values, device)
+            buckets: dict[int, list[tuple[int, torch.Tensor]]] = {}
             for sample, positions, visible in visual.t2v_groups:
-                positions = positions.to(device)
-                queries = self.t2v_norm(hidden_states[sample, positions])[None]
-                out = self.t2v_attn(queries, keys[sample : sample + 1, :, :visible], values[sample : sample + 1, :, :visible])
-                rows.append(torch.full_like(positions, sample))
-                cols.append(positions)
-                updates.append(torch.tanh(self.t2v_gate) * out[0])
+                buckets.setdefault(visible, []).append((sample, positions.to(device)))
+            for visible, groups in buckets.items():
+                samples = [sample for sample, _ in groups]
+                queries = nn.utils.rnn.pad_sequence([hidden_states[s, p] for s, p in groups], batch_first=True)
+                visible_keys, visible_values = (_rows(t, samples)[:, :, :visible] for t in (keys, values))
+                out = self.t2v_attn(self.t2v_norm(queries), visible_keys, visible_values)
+                for (sample, positions), sample_out in zip(groups, out):
+                    rows.append(torch.full_like(positions, sample))
+                    cols.append(positions)
+                    updates.append(torch.tanh(self.t2v_gate) * sample_out[: positions.shape[0]])
         if not rows:
             return hidden_states
-        rows, cols = torch.cat(rows), torch.cat(cols)
-        hidden_states = hidden_states.index_put((rows, cols), torch.cat(updates).to(hidden_states.dtype), accumulate=True)
-        if self.mlp is not None:
-            rows, cols = visual.attended.to(device).nonzero(as_tuple=True)
+        rows, cols, updates = torch.cat(rows), torch.cat(cols), torch.cat(updates).to(hidden_states.dtype)
+        hidden_states = hidden_states.index_put((rows, cols), updates, accumulate=True)
+        if self.mlp is not None:  # at the positions that attended to something: those just updated
             selected = hidden_states[rows, cols]
             update = torch.tanh(self.mlp_gate) * self.mlp(self.mlp_norm(selected))
             hidden_states = hidden_states.index_put((rows, cols), update.to(hidden_states.dtype), accumulate=True)
         return hidden_states
 
-    def _v2v(self, pooled: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-        """Pooled tokens of one item (frames*P^2, D) attend to its original tokens (frames, N, D_v)."""
-        frames = original.shape[0]
-        if self.v2v_scope == "frame":  # one attention per frame: a batch of frames, linear in T
-            queries = self.v2v_norm(pooled).view(frames, -1, pooled.shape[-1])
-            keys, values = self.v2v_attn.project_memory(original)
-        else:  # every pooled token sees all of its video
-            queries = self.v2v_norm(pooled)[None]
-            keys, values = self.v2v_attn.project_memory(original.reshape(1, -1, original.shape[-1]))
+    def _v2v_buckets(self, items: list[VisualItem]) -> list[list[VisualItem]]:
+        """Items whose V2V runs in one attention call: all of them for `"frame"` scope (every frame sees its own N
+        tokens), items of equal frame count for `"video"` scope (every pooled token sees all of its item)."""
+        if self.v2v_scope == "frame":
+            return [items]
+        by_frames: dict[int, list[VisualItem]] = {}
+        for item in items:
+            by_frames.setdefault(item.original_tokens.shape[0], []).append(item)
+        return list(by_frames.values())
+
+    def _v2v(self, pooled: torch.Tensor, bucket: list[VisualItem]) -> torch.Tensor:
+        """Pooled tokens of a bucket's items (concatenated, (sum frames*P^2, D)) attend to their original tokens."""
+        keys, values = [], []
+        for item in bucket:
+            original = item.original_tokens.to(pooled.device)  # (frames, N, D_v)
+            if self.v2v_scope == "video":
+                original = original.reshape(1, -1, original.shape[-1])
+            item_keys, item_values = self.v2v_attn.project_memory(original)
+            keys.append(item_keys)
+            values.append(item_values)
+        keys, values = torch.cat(keys), torch.cat(values)
+        # One row of keys per frame ("frame") or per item ("video"); each row has the same number of queries.
+        queries = self.v2v_norm(pooled).view(keys.shape[0], -1, pooled.shape[-1])
         out = self.v2v_attn(queries, keys, values).reshape(pooled.shape)
         return torch.tanh(self.v2v_gate) * out
 
     def _t2v_memory(self, visual: VisualContext, past_key_values: CrossLMMCache | None, device: torch.device):
-        """T2V keys/values of every sample's memory: projected at prefill (and cached), read from the cache after."""
+        """T2V keys/values (batch, kv_heads, M, head_dim) of every sample's memory, its items' original tokens in
+        reading order, padded along M: projected item by item at prefill (and cached), read from the cache after."""
         if visual.items:
             batch = visual.memory_lengths.shape[0]
-            memory = [[] for _ in range(batch)]
+            totals = [0] * batch
             for item in visual.items:
-                memory[item.sample].append(item.original_tokens.flatten(0, 1))
-            width = visual.items[0].original_tokens.shape[-1]
-            empty = visual.items[0].original_tokens.new_zeros(0, width)
-            memory = nn.utils.rnn.pad_sequence([torch.cat(m) if m else empty for m in memory], batch_first=True)
-            keys, values = self.t2v_attn.project_memory(memory.to(device))
+                totals[item.sample] += item.original_tokens.shape[0] * item.original_tokens.shape[1]
+            keys = values = None
+            filled = [0] * batch
+            for item in visual.items:
+                original = item.original_tokens.to(device).reshape(1, -1, item.original_tokens.shape[-1])
+                item_keys, item_values = self.t2v_attn.project_memory(original)
+                if keys is None:
+                    keys = item_keys.new_zeros(batch, item_keys.shape[1], max(totals), item_keys.shape[3])
+                    values = torch.zeros_like(keys)
+                start, end = filled[item.sample], filled[item.sample] + item_keys.shape[2]
+                keys[item.sample, :, start:end] = item_keys[0]
+                values[item.sample, :, start:end] = item_values[0]
+                filled[item.sample] = end
             if past_key_values is not None:
                 past_key_values.visual_memory[self.layer_idx] = (keys, values)
             return keys, values
         if past_key_values is None or self.layer_idx not in past_key_values.visual_memory:
             raise ValueError("T2V has no visual memory: pass the videos/images in the first forward pass.")
         return past_key_values.visual_memory[self.layer_idx]
+
+
+def _rows(tensor: torch.Tensor, samples: list[int]) -> torch.Tensor:
+    """tensor[samples]: a view when the samples are consecutive (no copy of the cached memory), else a gather."""
+    if samples == list(range(samples[0], samples[-1] + 1)):
+        return tensor[samples[0] : samples[-1] + 1]
+    return tensor[samples]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -360,8 +402,13 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                 f"frames must be floating-point pixel values normalized by the processor, got {frames.dtype}."
             )
         dtype = self.vision_tower.dtype  # float frames are cast to the tower's dtype
-        chunks = frames.split(self.config.vision_batch_size)
-        return torch.cat([self._encode_frames(chunk.to(dtype)) for chunk in chunks])
+        step, original = self.config.vision_batch_size, None
+        for start in range(0, frames.shape[0], step):
+            chunk = self._encode_frames(frames[start : start + step].to(dtype))
+            if original is None:  # filled chunk by chunk: no second copy of all the tokens, as torch.cat would make
+                original = chunk.new_empty(frames.shape[0], *chunk.shape[1:])
+            original[start : start + chunk.shape[0]] = chunk
+        return original
 
     def _encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """`hidden_states[vision_feature_layer]` of the tower, running only the encoder layers needed."""
@@ -419,9 +466,11 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         if not clips:
             return [], [], [], []
         lengths = [clip.shape[0] for clip in clips]
-        original = self.get_original_visual_tokens(torch.cat(clips))
+        original = self.get_original_visual_tokens(clips[0] if len(clips) == 1 else torch.cat(clips))
+        # Pooled chunk by chunk, as the tower runs: the pooler computes in float32, which must not grow with frames.
+        pooled = torch.cat([self.pooler(chunk) for chunk in original.split(self.config.vision_batch_size)])
         # The tower may run in another dtype than the rest (e.g. kept in float32 while the LLM trains in bfloat16).
-        pooled = self.multi_modal_projector(self.pooler(original).to(self.multi_modal_projector.linear_1.weight.dtype))
+        pooled = self.multi_modal_projector(pooled.to(self.multi_modal_projector.linear_1.weight.dtype))
         original = list(original.split(lengths))
         pooled = [p.flatten(0, 1) for p in pooled.split(lengths)]
         n = len(videos)
@@ -451,7 +500,11 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         return items
 
     def _visual_context(self, input_ids, attention_mask, items, past_key_values, batch, seq_len, device):
-        """The VisualContext of this pass, or None when no DCAL has anything to attend to."""
+        """The VisualContext of this pass, or None when no DCAL has anything to attend to.
+
+        The layout is worked out on the CPU, where `input_ids` and the items' positions are (read once from the
+        device), and moved to `device` at the end: no host sync per lookup, and the FLOP counter can run the model on
+        the meta device with CPU `input_ids`."""
         if items:
             lengths = [0] * batch
             for item in items:
@@ -459,39 +512,38 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             memory_lengths = torch.tensor(lengths, device=device)
         elif isinstance(past_key_values, CrossLMMCache) and past_key_values.memory_lengths is not None:
             memory_lengths = past_key_values.memory_lengths
+            lengths = memory_lengths.tolist()
         else:
             return None
+        layout_device = input_ids.device if input_ids is not None else torch.device("cpu")
         if isinstance(past_key_values, CrossLMMCache) and items:
             past_key_values.memory_lengths = memory_lengths
 
-        attended = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
-        if self.config.use_v2v:
-            for item in items:
-                attended[item.sample, item.positions] = True
         t2v_groups = []
         if self.config.use_t2v:
-            visual = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+            visual = torch.zeros(batch, seq_len, dtype=torch.bool, device=layout_device)
             for item in items:
                 visual[item.sample, item.positions] = True
             text = ~visual
             if attention_mask is not None:
-                text &= attention_mask[:, -seq_len:].bool()
+                text &= attention_mask[:, -seq_len:].to(layout_device).bool()
             for sample in range(batch):
                 sample_items = [i for i in items if i.sample == sample]
                 if items:  # prefill: a text token sees the items that end before it
-                    ends = torch.tensor([int(i.positions[-1]) for i in sample_items], device=device, dtype=torch.long)
+                    ends = torch.tensor([int(i.positions[-1]) for i in sample_items], dtype=torch.long)
                     sizes = [i.original_tokens.shape[0] * i.original_tokens.shape[1] for i in sample_items]
                     visible_after = [0] + torch.tensor(sizes).cumsum(0).tolist()
-                    seen = torch.searchsorted(ends, torch.arange(seq_len, device=device))
+                    seen = torch.searchsorted(ends.to(layout_device), torch.arange(seq_len, device=layout_device))
                 else:  # decode: every item is before the new tokens
-                    visible_after = [0, int(memory_lengths[sample])]
-                    seen = torch.ones(seq_len, dtype=torch.long, device=device)
+                    visible_after = [0, lengths[sample]]
+                    seen = torch.ones(seq_len, dtype=torch.long, device=layout_device)
                 for count in range(1, len(visible_after)):
                     positions = (text[sample] & (seen == count)).nonzero(as_tuple=True)[0]
                     if positions.numel() and visible_after[count] > 0:
                         t2v_groups.append((sample, positions, visible_after[count]))
-                        attended[sample, positions] = True
-        return VisualContext(items, t2v_groups, memory_lengths, attended)
+        items = [VisualItem(item.sample, item.positions.to(device), item.original_tokens) for item in items]
+        t2v_groups = [(sample, positions.to(device), visible) for sample, positions, visible in t2v_groups]
+        return VisualContext(items, t2v_groups, memory_lengths)
 
     # ---- forward ---------------------------------------------------------------------------------------------------
 
@@ -519,7 +571,10 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         past_key_values = self._prepare_cache(past_key_values, use_cache, has_visual)
 
         if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
+            embed_tokens = self.get_input_embeddings()
+            inputs_embeds = embed_tokens(input_ids.to(embed_tokens.weight.device))
+        if input_ids is not None:  # where the visual tokens go is read on the CPU (see _visual_context)
+            input_ids = input_ids.cpu()
         batch, seq_len = inputs_embeds.shape[:2]
         items = []
         if has_visual:

@@ -116,9 +116,7 @@ def test_v2v_scope(scope):
     changed[1] += 1.0
 
     def run(tokens):
-        attended = torch.zeros(hidden.shape[:2], dtype=torch.bool)
-        attended[0, positions] = True
-        context = VisualContext([VisualItem(0, positions, tokens)], [], torch.tensor([tokens[0].numel()]), attended)
+        context = VisualContext([VisualItem(0, positions, tokens)], [], torch.tensor([tokens[0].numel()]))
         with torch.no_grad():
             return dcal(hidden, context)[0]
 
