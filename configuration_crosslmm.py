@@ -1,6 +1,16 @@
 """CrossLMM configuration (arXiv 2505.17020): SigLIP vision tower + pooler + projector + Qwen2 with DCALs."""
 
+from typing import TYPE_CHECKING
+
 from transformers import AutoConfig, PretrainedConfig
+
+
+# --- issue 3: the video-text-to-text pipeline travels with the config ------------------------------------------------
+# transformers copies a config's relative imports next to it on save_pretrained/push_to_hub and fetches them with it
+# under trust_remote_code, so naming the pipeline module here ships pipeline_crosslmm.py in every checkpoint folder.
+if TYPE_CHECKING:
+    from .pipeline_crosslmm import CrossLMMVideoTextToTextPipeline  # noqa: F401
+# --- end issue 3 -----------------------------------------------------------------------------------------------------
 
 
 VISION_MODEL_TYPES = ("siglip_vision_model", "siglip2_vision_model")
@@ -42,6 +52,17 @@ AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_crosslmm.CrossLMMForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_crosslmm.CrossLMMForConditionalGeneration",
 }
+# --- issue 3 ---------------------------------------------------------------------------------------------------------
+# What `pipeline("video-text-to-text", model=..., trust_remote_code=True)` reads from `config.json` (the format of
+# transformers' `Pipeline.save_pretrained`): the pipeline class in the repository and the Auto class loading the model.
+CUSTOM_PIPELINES = {
+    "video-text-to-text": {
+        "impl": "pipeline_crosslmm.CrossLMMVideoTextToTextPipeline",
+        "pt": ["AutoModelForImageTextToText"],
+        "type": "multimodal",
+    }
+}
+# --- end issue 3 -----------------------------------------------------------------------------------------------------
 
 
 def _sub_config(value, default):
@@ -128,6 +149,7 @@ class CrossLMMConfig(PretrainedConfig):
         self.video_token_id = video_token_id
         self.projector_hidden_act = projector_hidden_act
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        kwargs.setdefault("custom_pipelines", {task: dict(info) for task, info in CUSTOM_PIPELINES.items()})  # issue 3
         if tie_word_embeddings is None:
             tie_word_embeddings = getattr(self.text_config, "tie_word_embeddings", False)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -6,6 +6,17 @@ prefill, generate. The building blocks (`build_tokenizer`, `build_sample_checkpo
 what the tests use to get a realistic checkpoint without downloading anything.
 """
 
+import argparse
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX
@@ -72,3 +83,392 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         model_max_length=32768,
         clean_up_tokenization_spaces=False,
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The sample checkpoint and video
+# --------------------------------------------------------------------------------------------------------------------
+# SigLIP-shaped: 384 px, patch 14, so each frame has the real 27 x 27 = 729 original visual tokens, only narrow and
+# shallow. A Qwen2-shaped LLM of 8 layers with a DCAL after every 2nd, 3 x 3 pooled tokens per frame.
+SAMPLE_VISION_CONFIG = {
+    "model_type": "siglip_vision_model",
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "image_size": 384,
+    "patch_size": 14,
+    "vision_use_head": False,
+}
+SAMPLE_TEXT_CONFIG = {
+    "model_type": "qwen2",
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
+}
+SAMPLE_GATE = 0.5  # opened gates, so that the DCALs take part as in a trained checkpoint
+
+
+def build_sample_checkpoint(folder, vision: dict | None = None, text: dict | None = None, seed: int = 0, **overrides):
+    """Save a random-weight CrossLMM plus its processor (the tokenizer of `build_tokenizer`) into `folder`, as a
+    Hub repository would hold it: config, safetensors weights, processor files and the model code. Returns the folder.
+
+    `vision`/`text` update `SAMPLE_VISION_CONFIG`/`SAMPLE_TEXT_CONFIG` and `overrides` the CrossLMM config fields, so
+    tests can build smaller ones. The vocabulary is the tokenizer's.
+    """
+    from configuration_crosslmm import CrossLMMConfig
+    from modeling_crosslmm import CrossLMMForConditionalGeneration
+    from processing_crosslmm import CrossLMMImageProcessor, CrossLMMProcessor, CrossLMMVideoProcessor
+
+    tokenizer = build_tokenizer()
+    vision_config = {**SAMPLE_VISION_CONFIG, **(vision or {})}
+    text_config = {**SAMPLE_TEXT_CONFIG, **(text or {}), "vocab_size": len(tokenizer)}
+    config_kwargs = dict(
+        pool_size=3,
+        cross_attention_interval=2,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+    )
+    config_kwargs.update(overrides)
+    config = CrossLMMConfig(vision_config=vision_config, text_config=text_config, **config_kwargs)
+
+    torch.manual_seed(seed)
+    model = CrossLMMForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("v2v_gate", "t2v_gate", "mlp_gate"):
+                param.fill_(SAMPLE_GATE)
+    generation = model.generation_config
+    generation.eos_token_id = tokenizer.convert_tokens_to_ids([IM_END, ENDOFTEXT])
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.do_sample = False
+
+    size = {"height": config.image_size, "width": config.image_size}  # whole patches only: 378 px for 384 / 14
+    processor = CrossLMMProcessor(
+        image_processor=CrossLMMImageProcessor(size=size),
+        video_processor=CrossLMMVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        pool_size=config.pool_size,
+    )
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def build_sample_video(path, seconds: float = 4.0, fps: int = 24, width: int = 320, height: int = 240):
+    """Encode a short H.264/MP4 clip with PyAV: a red disc crossing left to right, a blue square rising, and a green
+    bar turning around the centre, on a dark gradient. Returns the path."""
+    import av
+
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    background = np.zeros((height, width, 3), dtype=np.uint8)
+    background[..., 2] = (40 + 40 * ys / height).astype(np.uint8)
+    num_frames = int(round(seconds * fps))
+    path = Path(path)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(num_frames):
+            t = i / max(num_frames - 1, 1)
+            frame = background.copy()
+            cx, cy = 30 + t * (width - 60), height / 3
+            frame[(xs - cx) ** 2 + (ys - cy) ** 2 < 20**2] = (230, 40, 40)
+            sx, sy = 2 * width / 3, (height - 30) - t * (height - 60)
+            frame[(abs(xs - sx) < 18) & (abs(ys - sy) < 18)] = (40, 80, 230)
+            angle = 2 * math.pi * t
+            along = (xs - width / 2) * math.cos(angle) + (ys - height / 2) * math.sin(angle)
+            across = -(xs - width / 2) * math.sin(angle) + (ys - height / 2) * math.cos(angle)
+            frame[(abs(along) < 40) & (abs(across) < 5)] = (40, 200, 60)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def cache_folder() -> Path:
+    """Where the sample checkpoint and video are built once: $CROSSLMM_CACHE, else ~/.cache/crosslmm."""
+    return Path(os.environ.get("CROSSLMM_CACHE") or Path.home() / ".cache" / "crosslmm")
+
+
+def _build_once(target: Path, build) -> Path:
+    """Build `target` (a folder or file) with `build(tmp_path)` unless it exists; rename into place at the end, so an
+    interrupted build never leaves a half-written sample behind."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        built = build(work / target.name)
+        os.replace(built, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def sample_checkpoint() -> Path:
+    return _build_once(cache_folder() / "sample-checkpoint", build_sample_checkpoint)
+
+
+def sample_video() -> Path:
+    return _build_once(cache_folder() / "sample-video.mp4", build_sample_video)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Timing one pipeline call
+# --------------------------------------------------------------------------------------------------------------------
+class StageTimer:
+    """Splits one pipeline call into its stages, without changing what runs.
+
+    Forward hooks on the model: its first call is the prefill, every later call one generated token. Inside the
+    prefill, the model's `encode_visual_inputs` (vision tower, pooler, projector) is timed on its own. Everything
+    before the prefill is reading, sampling and resizing the frames, and tokenizing. On CUDA each mark waits for the
+    device, so the times are the work's, not the kernel launches'.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+        self.calls = []  # [start, end] of every forward of the model
+        self.vision_seconds = 0.0
+        self.prefill_inputs = None
+        self.hooks = [
+            model.register_forward_pre_hook(self._model_start, with_kwargs=True),
+            model.register_forward_hook(self._model_end),
+        ]
+        encode = model.model.encode_visual_inputs
+
+        def timed_encode(*args, **kwargs):
+            start = self._now()
+            result = encode(*args, **kwargs)
+            self.vision_seconds += self._now() - start
+            return result
+
+        model.model.encode_visual_inputs = timed_encode  # on this instance only; removed again in `run`
+
+    def _now(self):
+        self.sync()
+        return time.perf_counter()
+
+    def _model_start(self, module, args, kwargs):
+        if not self.calls:
+            self.prefill_inputs = kwargs.get("input_ids")
+        self.calls.append([self._now(), None])
+
+    def _model_end(self, module, args, output):
+        self.calls[-1][1] = self._now()
+
+    def run(self, call):
+        """Run `call()` and return its result with the stage times in seconds."""
+        start = self._now()
+        try:
+            result = call()
+        finally:
+            for hook in self.hooks:
+                hook.remove()
+            del self.model.model.encode_visual_inputs
+        end = self._now()
+        if not self.calls:
+            raise RuntimeError("The pipeline finished without running the model.")
+        (prefill_start, prefill_end), last_end = self.calls[0], self.calls[-1][1]
+        times = {
+            "decode": prefill_start - start,
+            "encode": self.vision_seconds,
+            "prefill": prefill_end - prefill_start - self.vision_seconds,
+            "generate": last_end - prefill_end,
+            "total": end - start,
+        }
+        return result, times
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# crosslmm-answer
+# --------------------------------------------------------------------------------------------------------------------
+DEFAULT_PROMPT = "What happens in this video?"
+DEFAULT_NUM_FRAMES = 8
+
+
+class UsageError(Exception):
+    """A bad command-line input: reported as one line, exit code 2."""
+
+
+def _positive(kind):
+    def parse(value):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {value!r}") from None
+        if not number > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {value!r}")
+        return number
+
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="crosslmm-answer",
+        description="Answer a question about a video with a CrossLMM checkpoint. With no arguments: a small "
+        "random-weight sample checkpoint (built once) on a sample video, to show the whole path and its costs.",
+    )
+    parser.add_argument("--model", help="checkpoint folder or Hub id (default: the built-in random sample checkpoint)")
+    parser.add_argument("--video", help="video file (default: the built-in sample video)")
+    parser.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help=f"question about the video (default: {DEFAULT_PROMPT!r})"
+    )
+    sampling = parser.add_mutually_exclusive_group()
+    sampling.add_argument(
+        "--num-frames", type=_positive(int), help=f"frames sampled uniformly (default: {DEFAULT_NUM_FRAMES})"
+    )
+    sampling.add_argument("--fps", type=_positive(float), help="sample frames at this rate instead")
+    parser.add_argument("--max-new-tokens", type=_positive(int), default=32, help="answer length limit (default: 32)")
+    parser.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="weights and activations (default: bfloat16 on CUDA, float32 elsewhere)",
+    )
+    args = parser.parse_args(argv)
+    if args.num_frames is None and args.fps is None:
+        args.num_frames = DEFAULT_NUM_FRAMES
+    return args
+
+
+def _progress(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
+def _check_video(path: str) -> str:
+    """Fail early, naming the file, when it is missing or holds no video stream (the processor reports bad frames)."""
+    import av
+
+    if not os.path.exists(path):
+        raise UsageError(f"video file not found: {path}")
+    if not os.path.isfile(path):
+        raise UsageError(f"not a file: {path}")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise UsageError(f"no video stream in {path}")
+    except av.FFmpegError as error:
+        raise UsageError(f"{path} is not a readable video ({error.strerror or error})") from None
+    return path
+
+
+def _resolve_device(device: str | None, dtype: str):
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a torch device (try cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for CUDA, but no CUDA device is available")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return device, getattr(torch, dtype)
+
+
+def _load_pipeline(model: str, device, dtype):
+    from transformers import pipeline
+
+    if (model.startswith((".", "/", "~")) or os.sep in model.rstrip(os.sep).split(os.sep, 1)[-1]) and not (
+        os.path.isdir(os.path.expanduser(model))
+    ):
+        raise UsageError(f"model folder not found: {model}")
+    model = os.path.expanduser(model)
+    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+        raise UsageError(f"{model} has no config.json: not a checkpoint folder")
+    try:
+        return pipeline("video-text-to-text", model=model, trust_remote_code=True, device=device, dtype=dtype)
+    except OSError as error:
+        raise UsageError(f"cannot load model {model!r}: {str(error).splitlines()[0]}") from None
+
+
+def _report(answer, times, pipe, visual_ids, random_weights):
+    config = pipe.model.config
+    grid = config.patch_grid_size
+    per_frame = config.tokens_per_frame
+    visual_tokens = int(visual_ids.numel())
+    frames = visual_tokens // per_frame
+    onevision_per_frame = math.ceil(grid / 2) ** 2  # LLaVA-OneVision pools each frame's patch grid 2 x 2, bilinear
+    onevision = frames * onevision_per_frame + 1  # plus one newline token per video
+    original = frames * grid * grid
+    tokens_generated = max(len(times["calls"]) - 1, 0)
+
+    print(f"Answer: {answer}")
+    if random_weights:
+        print("(Random weights: the sample checkpoint is untrained, so this answer is meaningless text. It shows that")
+        print(" the whole path runs: decode -> vision tower -> pooling -> LLM with DCALs -> generate.)")
+    print()
+    print(f"Frames: {frames}, {config.image_size} px, {grid} x {grid} patches each")
+    print(f"Visual tokens in the LLM's sequence: {visual_tokens} ({frames} frames x {per_frame} pooled)")
+    print(
+        f"LLaVA-OneVision for the same frames: {onevision} ({frames} x {onevision_per_frame} + 1 newline), "
+        f"{onevision / visual_tokens:.1f}x as many"
+    )
+    print(
+        f"Original visual tokens the DCALs attend to (after decoder layers {config.dcal_layer_indices}): "
+        f"{original} ({frames} x {grid * grid}), outside the self-attention KV cache"
+    )
+    rate = f", {tokens_generated / times['generate']:.1f} tokens/s" if times["generate"] > 0 else ""
+    print(
+        f"Times: decode frames {times['decode']:.3f} s | encode (vision tower, pooling) {times['encode']:.3f} s | "
+        f"prefill {times['prefill']:.3f} s | generate {times['generate']:.3f} s ({tokens_generated} tokens{rate}) | "
+        f"total {times['total']:.3f} s  [{pipe.model.device}, {pipe.model.dtype}]"
+    )
+
+
+def answer(args: argparse.Namespace):
+    random_weights = args.model is None
+    if random_weights:
+        if not (cache_folder() / "sample-checkpoint").exists():
+            _progress(f"Building the random-weight sample checkpoint in {cache_folder()} (once) ...")
+        model = str(sample_checkpoint())
+    else:
+        model = args.model
+    if args.video is None:
+        if not (cache_folder() / "sample-video.mp4").exists():
+            _progress(f"Encoding the sample video in {cache_folder()} (once) ...")
+        video = str(sample_video())
+    else:
+        video = _check_video(args.video)
+    device, dtype = _resolve_device(args.device, args.dtype)
+
+    _progress(f"Loading {model} on {device} ({str(dtype).removeprefix('torch.')}) ...")
+    pipe = _load_pipeline(model, device, dtype)
+    messages = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": args.prompt}]}]
+    sampling = {"num_frames": args.num_frames} if args.num_frames is not None else {"fps": args.fps}
+    _progress(f"Reading {video} and answering ({sampling}, up to {args.max_new_tokens} new tokens) ...")
+    timer = StageTimer(pipe.model)
+    try:
+        outputs, times = timer.run(
+            lambda: pipe(text=messages, max_new_tokens=args.max_new_tokens, return_full_text=False, **sampling)
+        )
+    except ValueError as error:  # the processor names bad videos, windows and placeholders
+        raise UsageError(str(error).strip().splitlines()[0]) from None
+    times["calls"] = timer.calls
+    ids = timer.prefill_inputs
+    visual_ids = ids[(ids == pipe.model.config.video_token_id) | (ids == pipe.model.config.image_token_id)]
+    _report(outputs[0]["generated_text"], times, pipe, visual_ids, random_weights)
+
+
+def main(argv=None) -> int:
+    """Console script `crosslmm-answer`."""
+    args = parse_args(argv)
+    try:
+        answer(args)
+    except UsageError as error:
+        print(f"crosslmm-answer: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

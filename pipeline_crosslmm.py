@@ -1,0 +1,69 @@
+"""`pipeline("video-text-to-text")` for CrossLMM: videos and a question in, generated text out.
+
+A checkpoint's `config.json` registers this class under `custom_pipelines`, and the file travels with every checkpoint
+folder, so `pipeline("video-text-to-text", model=folder_or_repo, trust_remote_code=True)` works wherever the model
+loads. transformers' multimodal generation pipeline (`AnyToAnyPipeline`) already does the work: chat messages or
+`text=` plus `videos=`, batching, generation options, `return_full_text`; frame sampling options (`num_frames`, `fps`,
+...) pass through to the processor. This class only points it at video models and names the mistakes it would
+otherwise report obscurely.
+"""
+
+import inspect
+
+from transformers.pipelines.any_to_any import AnyToAnyPipeline
+
+
+class CrossLMMVideoTextToTextPipeline(AnyToAnyPipeline):
+    """Answer questions about videos (and images) with a CrossLMM checkpoint.
+
+    Example:
+
+    ```python
+    >>> from transformers import pipeline
+
+    >>> pipe = pipeline("video-text-to-text", model="path/to/crosslmm", trust_remote_code=True)
+    >>> messages = [
+    ...     {
+    ...         "role": "user",
+    ...         "content": [
+    ...             {"type": "video", "path": "clip.mp4"},
+    ...             {"type": "text", "text": "What happens in this video?"},
+    ...         ],
+    ...     }
+    ... ]
+    >>> pipe(text=messages, num_frames=32, max_new_tokens=64, return_full_text=False)
+    >>> pipe(text="<video>\\nWhat happens?", videos="clip.mp4", fps=1.0, max_new_tokens=64)
+    ```
+    """
+
+    def check_model_type(self, supported_models):
+        # Remote-code models are in none of transformers' task tables; what this task needs is a model taking videos.
+        if "video" not in getattr(self.model, "input_modalities", ()):
+            raise ValueError(f"{type(self.model).__name__} does not take videos, so it cannot serve {self.task!r}.")
+
+    def _sanitize_parameters(self, processor_kwargs=None, **kwargs):
+        # Frame sampling options (`num_frames`, `fps`, `max_frames`, `start_time`, ...) belong to the video processor:
+        # hand them over inside `processor_kwargs`, where both input forms read them (loose, a chat warns, and
+        # transformers 5.17 drops them when `processor_kwargs` is also given).
+        video_options = set(self.processor.video_processor.valid_kwargs.__annotations__)
+        video_options -= set(inspect.signature(AnyToAnyPipeline._sanitize_parameters).parameters)  # `return_tensors`
+        moved = {name: kwargs.pop(name) for name in list(kwargs) if name in video_options}
+        if moved:
+            processor_kwargs = {**moved, **(processor_kwargs or {})}
+        return super()._sanitize_parameters(processor_kwargs=processor_kwargs, **kwargs)
+
+    def __call__(self, text=None, images=None, videos=None, **kwargs):
+        """Chat messages (one chat or a list of chats) as `text`, or prompt string(s) with `<video>`/`<image>`
+        placeholders plus `videos=` (paths or decoded frame arrays) and/or `images=`. Generation options
+        (`max_new_tokens`, `do_sample`, `generate_kwargs={...}`, ...) and frame sampling options (`num_frames`, `fps`,
+        ...) are keyword arguments."""
+        if text is None:
+            given = "videos" if videos is not None else "images" if images is not None else "nothing"
+            raise ValueError(
+                f"No prompt given (only {given}): pass chat messages as `text`, or a prompt string with one <video> "
+                "(or <image>) placeholder per video (image) as `text` together with `videos=`/`images=`."
+            )
+        return super().__call__(text=text, images=images, videos=videos, **kwargs)
+
+
+__all__ = ["CrossLMMVideoTextToTextPipeline"]
