@@ -1,0 +1,476 @@
+"""CrossLMM processors on videos the tests encode with PyAV: sampling, real-world files, bad inputs, placeholder
+expansion and layouts, chat template into a tiny model, and the saved folder through the Auto classes."""
+
+import json
+import os
+import subprocess
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from isolated import PRELUDE
+from tiny import IMAGE_SIZE, tiny_config
+from videos import (
+    corrupt,
+    encode_audio_only,
+    encode_empty_video,
+    encode_video,
+    has_encoder,
+    read_index,
+    truncate,
+)
+
+from crosslmm_cli import build_tokenizer
+from processing_crosslmm import (
+    CHAT_TEMPLATE,
+    CrossLMMImageProcessor,
+    CrossLMMProcessor,
+    CrossLMMVideoProcessor,
+    VideoLoadError,
+    read_video,
+)
+
+
+SMALL = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}  # keep pixel tensors tiny; the model in tests is 28 px
+VENV_517 = "/tmp/venv517/bin/python"
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory):
+    """Every test video, encoded once (64x48, 10 fps, frame i shows i)."""
+    root = tmp_path_factory.mktemp("videos")
+    paths = {
+        "h264": encode_video(root / "h264.mp4", 30),
+        "vfr": encode_video(root / "vfr.mp4", 5, pts_ms=[0, 100, 150, 700, 1000]),
+        "rotated": encode_video(root / "rotated.mp4", 6, rotation=90),
+        "odd": encode_video(root / "odd.mp4", 6, pix_fmt="yuv444p", width=63, height=47),
+        "short": encode_video(root / "short.mp4", 3),
+        "gray": encode_video(root / "gray.mkv", 6, codec="ffv1", pix_fmt="gray", gray=True),
+        "alpha_png": encode_video(root / "alpha_png.mov", 4, codec="png", pix_fmt="rgba", alpha=True),
+        "alpha_qtrle": encode_video(root / "alpha_qtrle.mov", 4, codec="qtrle", pix_fmt="argb", alpha=True),
+        "empty": encode_empty_video(root / "empty.avi", codec="mpeg4"),
+        "audio": encode_audio_only(root / "audio.wav"),
+    }
+    if has_encoder("mpeg4"):
+        paths["mpeg4"] = encode_video(root / "mpeg4.avi", 30, codec="mpeg4")
+    if has_encoder("libvpx-vp9"):
+        paths["vp9"] = encode_video(root / "vp9.webm", 30, codec="libvpx-vp9")
+    faststart = encode_video(root / "faststart.mp4", 30, options={"movflags": "faststart"})
+    paths["truncated"] = truncate(faststart, root / "truncated.mp4")
+    paths["truncated_tail"] = truncate(paths["h264"], root / "truncated_tail.mp4")  # lost its index at the end
+    paths["corrupt"] = corrupt(paths["h264"], root / "corrupt.mp4")
+    (root / "notes.mp4").write_text("not a video at all\n")
+    paths["text"] = root / "notes.mp4"
+    return {name: str(path) for name, path in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer):
+    return CrossLMMProcessor(
+        image_processor=CrossLMMImageProcessor(size=SMALL),
+        video_processor=CrossLMMVideoProcessor(size=SMALL),
+        tokenizer=tokenizer,
+        pool_size=2,
+    )
+
+
+def sample(video, **kwargs):
+    """Raw RGB frames and metadata, sampled as the video processor samples."""
+    processor = CrossLMMVideoProcessor()
+    return read_video(video, lambda metadata: processor.sample_frames(metadata, **kwargs))
+
+
+def shown(frames):
+    return [read_index(frame) for frame in frames]
+
+
+# ---- sampling -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", ["h264", "mpeg4", "vp9"])
+def test_uniform_sampling_returns_the_right_frames_in_every_codec(clips, codec):
+    if codec not in clips:
+        pytest.skip(f"the local FFmpeg has no {codec} encoder")
+    frames, metadata = sample(clips[codec], num_frames=5)
+    assert frames.shape == (5, 48, 64, 3) and frames.dtype == np.uint8
+    assert metadata.total_num_frames == 30 and metadata.duration == pytest.approx(3.0)
+    assert metadata.frames_indices == [0, 7, 14, 22, 29]  # both ends included, as LLaVA-OneVision samples
+    assert shown(frames) == metadata.frames_indices
+    assert metadata.timestamps == pytest.approx([0.0, 0.7, 1.4, 2.2, 2.9])
+    assert metadata.requested_num_frames == 5
+
+
+def test_fps_sampling_and_max_frames(clips):
+    frames, metadata = sample(clips["h264"], fps=2)
+    assert metadata.frames_indices == [0, 5, 10, 15, 20, 25] == shown(frames)
+    assert metadata.timestamps == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.5])
+    frames, metadata = sample(clips["h264"], fps=2, max_frames=3)
+    assert metadata.frames_indices == [0, 10, 25] == shown(frames)  # 3 of the 6 targets, spread evenly
+    assert metadata.requested_num_frames == 3
+
+
+def test_time_window(clips):
+    frames, metadata = sample(clips["h264"], num_frames=3, start_time=1.0, end_time=2.0)
+    assert metadata.frames_indices == [10, 14, 19] == shown(frames)
+    assert (metadata.start_time, metadata.end_time) == (1.0, 2.0)
+    _, metadata = sample(clips["h264"], fps=1, start_time=1.5)
+    assert metadata.frames_indices == [15, 25]
+    # A window running past the end is clipped to the video.
+    _, metadata = sample(clips["h264"], num_frames=2, start_time=2.0, end_time=60)
+    assert metadata.frames_indices == [20, 29] and metadata.end_time == pytest.approx(3.0)
+
+
+def test_sampling_across_many_keyframes_returns_the_right_frames(tmp_path):
+    """A keyframe every 10 frames: sparse samples are reached by seeking and must still be exactly the frames asked."""
+    path = encode_video(tmp_path / "keyframes.mp4", 120, options={"g": "10"})
+    frames, metadata = sample(str(path), num_frames=4)
+    assert metadata.frames_indices == [0, 40, 79, 119] == shown(frames)
+
+
+# ---- real-world files -----------------------------------------------------------------------------------------------
+
+
+def test_variable_frame_rate_timestamps_come_from_pts(clips):
+    frames, metadata = sample(clips["vfr"], num_frames=10)
+    assert metadata.timestamps == pytest.approx([0.0, 0.1, 0.15, 0.7, 1.0])
+    assert shown(frames) == [0, 1, 2, 3, 4]
+    frames, metadata = sample(clips["vfr"], fps=2)  # targets 0, 0.5, 1.0 s: the nearest frames
+    assert metadata.frames_indices == [0, 3, 4] == shown(frames)
+
+
+def test_rotation_metadata_is_applied(clips):
+    frames, metadata = sample(clips["rotated"], num_frames=3)
+    assert metadata.rotation == 90
+    assert frames.shape == (3, 64, 48, 3) and (metadata.height, metadata.width) == (64, 48)
+    upright = [np.rot90(frame, k=-1) for frame in frames]  # undo the counter-clockwise display rotation
+    assert shown(upright) == metadata.frames_indices == [0, 2, 5]
+
+
+def test_odd_sizes(clips, processor):
+    frames, metadata = sample(clips["odd"], num_frames=3)
+    assert frames.shape == (3, 47, 63, 3) and shown(frames) == [0, 2, 5]
+    out = processor.video_processor([clips["odd"]], num_frames=3, return_tensors="pt")
+    assert out["pixel_values_videos"].shape == (1, 3, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_grayscale_becomes_rgb(clips):
+    frames, _ = sample(clips["gray"], num_frames=6)
+    assert frames.shape == (6, 48, 64, 3)
+    assert (frames[..., 0] == frames[..., 1]).all() and (frames[..., 1] == frames[..., 2]).all()
+    assert shown(frames) == list(range(6))
+
+
+@pytest.mark.parametrize("name", ["alpha_png", "alpha_qtrle"])
+def test_alpha_is_blended_over_white(clips, name):
+    frames, _ = sample(clips[name], num_frames=4)
+    assert frames.shape == (4, 48, 64, 3)
+    assert (frames[:, :24] == 255).all()  # the transparent top half
+    assert shown(frames[:, 24:]) == [0, 1, 2, 3]  # the opaque bottom half still shows the bars
+    assert (frames[0, 24:] == 0).all()  # frame 0: all bars black
+
+
+def test_short_video_gives_what_exists_and_says_so(clips, processor):
+    frames, metadata = sample(clips["short"], num_frames=8)
+    assert len(frames) == 3 and metadata.frames_indices == [0, 1, 2]
+    assert metadata.requested_num_frames == 8
+    out = processor.video_processor([clips["short"]], num_frames=8, return_tensors="pt", return_metadata=True)
+    assert out["pixel_values_videos"].shape[1] == 3
+    assert out["video_metadata"][0].requested_num_frames == 8
+
+
+def test_frame_arrays_are_sampled_too(processor):
+    video = np.stack([np.full((48, 64, 3), i * 8, dtype=np.uint8) for i in range(20)])
+    out = processor.video_processor([video], num_frames=4, return_tensors="pt", return_metadata=True)
+    assert out["pixel_values_videos"].shape == (1, 4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert list(out["video_metadata"][0].frames_indices) == [0, 6, 13, 19]
+
+
+# ---- bad inputs -----------------------------------------------------------------------------------------------------
+
+
+def one_line_error(error_type, fn, *needles):
+    with pytest.raises(error_type) as info:
+        fn()
+    message = str(info.value)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+@pytest.mark.parametrize(
+    "name, error_type, needle",
+    [
+        ("text", VideoLoadError, "is not a video"),
+        ("audio", VideoLoadError, "has no video stream"),
+        ("truncated", VideoLoadError, "truncated"),
+        ("truncated_tail", VideoLoadError, "truncated"),
+        ("corrupt", VideoLoadError, "corrupt"),
+        ("empty", VideoLoadError, "no decodable video frames"),
+    ],
+)
+def test_unusable_files_raise_one_clear_error_naming_the_file(clips, processor, name, error_type, needle):
+    path = clips[name]
+    one_line_error(error_type, lambda: processor.video_processor([path], num_frames=4), needle, path)
+    assert issubclass(VideoLoadError, ValueError)
+
+
+def test_missing_file(processor, tmp_path):
+    missing = str(tmp_path / "nowhere.mp4")
+    one_line_error(FileNotFoundError, lambda: processor.video_processor([missing]), missing)
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"num_frames": 0}, "num_frames"),
+        ({"num_frames": -3}, "num_frames"),
+        ({"fps": 0.0}, "fps"),
+        ({"start_time": 5.0}, "outside the video"),
+        ({"start_time": 2.0, "end_time": 1.0}, "outside the video"),
+        ({"start_time": -1.0}, "outside the video"),
+    ],
+)
+def test_bad_sampling_arguments(clips, processor, kwargs, needle):
+    one_line_error(ValueError, lambda: processor.video_processor([clips["h264"]], **kwargs), needle)
+
+
+def test_placeholder_and_media_counts_must_match(clips, processor):
+    video = clips["short"]
+    one_line_error(ValueError, lambda: processor(text="<video><video> two?", videos=[video]), "<video>")
+    one_line_error(ValueError, lambda: processor(text="none here", videos=[video]), "<video>")
+    one_line_error(ValueError, lambda: processor(text="<video> where?"), "no videos")
+    one_line_error(
+        ValueError, lambda: processor(text="<image>", images=[np.zeros((8, 8, 3), np.uint8)] * 2), "<image>"
+    )
+    one_line_error(ValueError, lambda: processor(videos=[video]), "without a prompt")
+
+
+def test_tokenizer_without_placeholders_is_refused():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    bare = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1}, unk_token="<unk>")), unk_token="<unk>"
+    )
+    one_line_error(ValueError, lambda: CrossLMMProcessor(tokenizer=bare), "'<image>'")
+
+
+# ---- expansion and layouts ------------------------------------------------------------------------------------------
+
+
+def test_placeholders_expand_to_frames_times_pool_size_squared(clips, processor):
+    out = processor(
+        text="<video> and <image>?",
+        videos=[clips["h264"]],
+        images=[np.zeros((20, 30, 3), np.uint8)],
+        num_frames=5,
+        return_tensors="pt",
+    )
+    ids = out["input_ids"][0]
+    assert (ids == processor.video_token_id).sum() == 5 * 4
+    assert (ids == processor.image_token_id).sum() == 4
+    assert out["pixel_values_videos"].shape == (1, 5, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert out["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert "video_num_frames" not in out
+    # Normalised with mean/std 0.5: values in [-1, 1].
+    assert out["pixel_values_videos"].min() >= -1 and out["pixel_values_videos"].max() <= 1
+
+
+def test_batch_with_unequal_frame_counts_is_padded_with_video_num_frames(clips, processor):
+    out = processor(
+        text=["<video> first, then <video>", "<video> alone", "no media"],
+        videos=[[clips["h264"], clips["short"]], [clips["h264"]], []],
+        num_frames=4,
+        return_tensors="pt",
+    )
+    assert out["pixel_values_videos"].shape == (3, 4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert out["video_num_frames"].tolist() == [4, 3, 4]
+    assert (out["pixel_values_videos"][1, 3] == 0).all()  # padding
+    counts = (out["input_ids"] == processor.video_token_id).sum(1).tolist()
+    assert counts == [(4 + 3) * 4, 4 * 4, 0]
+    assert out["input_ids"].shape == out["attention_mask"].shape and out["input_ids"].shape[0] == 3
+
+
+def test_same_frame_counts_stack_without_video_num_frames(clips, processor):
+    out = processor(
+        text=["<video>", "<video>"], videos=[clips["h264"], clips["vfr"]], num_frames=4, return_tensors="pt"
+    )
+    assert out["pixel_values_videos"].shape == (2, 4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert "video_num_frames" not in out
+
+
+def test_processor_defaults_are_siglip_384():
+    video, image = CrossLMMVideoProcessor(), CrossLMMImageProcessor()
+    for part in (video, image):
+        assert part.size["height"] == part.size["width"] == 384
+        assert list(part.image_mean) == list(part.image_std) == [0.5, 0.5, 0.5]
+        assert part.rescale_factor == 1 / 255 and int(part.resample) == 3  # bicubic
+    assert video.do_sample_frames and video.num_frames == 32
+
+
+def test_model_input_names_and_decoding(processor, tokenizer):
+    names = processor.model_input_names
+    for name in ("input_ids", "attention_mask", "pixel_values", "pixel_values_videos", "video_num_frames"):
+        assert name in names
+    ids = tokenizer(["a cat", "the ball"], padding=True, return_tensors="pt")["input_ids"]
+    assert processor.post_process_image_text_to_text(ids) == tokenizer.batch_decode(ids, skip_special_tokens=True)
+    assert processor.batch_decode(ids, skip_special_tokens=True) == ["a cat", "the ball"]
+
+
+# ---- chat template into the model -----------------------------------------------------------------------------------
+
+
+def messages(video, text="What happens in this video?"):
+    return [{"role": "user", "content": [{"type": "video", **video}, {"type": "text", "text": text}]}]
+
+
+def test_chat_template_renders_chatml(processor):
+    text = processor.apply_chat_template(messages({"path": "x.mp4"}), add_generation_prompt=True)
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<video>\nWhat happens in this video?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert processor.chat_template == CHAT_TEMPLATE
+
+
+def test_apply_chat_template_loads_samples_tokenises_and_feeds_the_model(clips, processor, tokenizer):
+    from tiny import tiny_model
+
+    config = tiny_config(
+        text={"vocab_size": len(tokenizer)},
+        image_token_id=processor.image_token_id,
+        video_token_id=processor.video_token_id,
+    )
+    model = tiny_model(config, gates=0.3)
+    conversation = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video", "path": clips["h264"]},
+                {"type": "image", "image": np.full((20, 30, 3), 200, np.uint8)},
+                {"type": "video", "video": np.zeros((6, 48, 64, 3), np.uint8)},
+                {"type": "text", "text": "Compare them."},
+            ],
+        }
+    ]
+    inputs = processor.apply_chat_template(
+        conversation, tokenize=True, return_dict=True, add_generation_prompt=True, num_frames=3, return_tensors="pt"
+    )
+    assert inputs["pixel_values_videos"].shape == (2, 3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert (inputs["input_ids"] == processor.video_token_id).sum() == 2 * 3 * 4
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert logits.shape == (1, inputs["input_ids"].shape[1], len(tokenizer)) and torch.isfinite(logits).all()
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)
+    assert isinstance(processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])[0], str)
+
+
+def test_batched_chat_with_unequal_videos_feeds_the_model(clips, processor, tokenizer):
+    from tiny import tiny_model
+
+    config = tiny_config(
+        text={"vocab_size": len(tokenizer)},
+        image_token_id=processor.image_token_id,
+        video_token_id=processor.video_token_id,
+    )
+    model = tiny_model(config, gates=0.3)
+    batch = [messages({"path": clips["h264"]}), messages({"url": "file://" + clips["short"]}, "And this one?")]
+    inputs = processor.apply_chat_template(
+        batch, tokenize=True, return_dict=True, add_generation_prompt=True, num_frames=5, return_tensors="pt"
+    )
+    assert inputs["video_num_frames"].tolist() == [5, 3]
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+
+
+# ---- saved folder through the Auto classes --------------------------------------------------------------------------
+
+
+def save_folder(processor, tmp_path):
+    folder = tmp_path / "crosslmm-processor"
+    processor.save_pretrained(folder)
+    files = {p.name for p in folder.iterdir()}
+    assert {
+        "processor_config.json",
+        "video_preprocessor_config.json",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "processing_crosslmm.py",
+    } <= files, files
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    assert processor_config["pool_size"] == 2
+    assert processor_config["auto_map"]["AutoProcessor"] == "processing_crosslmm.CrossLMMProcessor"
+    video_config = json.loads((folder / "video_preprocessor_config.json").read_text())
+    assert video_config["auto_map"]["AutoVideoProcessor"] == "processing_crosslmm.CrossLMMVideoProcessor"
+    image_config = json.loads((folder / "preprocessor_config.json").read_text())
+    assert image_config["auto_map"]["AutoImageProcessor"] == "processing_crosslmm.CrossLMMImageProcessor"
+    return folder
+
+
+ROUND_TRIP = """
+import sys, torch, transformers
+from transformers import AutoImageProcessor, AutoProcessor, AutoVideoProcessor
+folder, video = sys.argv[1], sys.argv[2]
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+assert type(processor).__name__ == "CrossLMMProcessor", type(processor)
+assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
+assert processor.pool_size == 2 and processor.video_processor.size["height"] == 28
+assert type(AutoVideoProcessor.from_pretrained(folder, trust_remote_code=True)).__name__ == "CrossLMMVideoProcessor"
+assert type(AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)).__name__ == "CrossLMMImageProcessor"
+conversation = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": "Why?"}]}]
+inputs = processor.apply_chat_template(conversation, tokenize=True, return_dict=True, add_generation_prompt=True,
+                                       processor_kwargs={"num_frames": 4}, return_tensors="pt")
+torch.save(dict(inputs), "inputs.pt")
+print(transformers.__version__)
+"""
+
+
+def run_round_trip(python, folder, video, workdir):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "modules"), HF_HOME=str(workdir / "hf_home"))
+    result = subprocess.run(
+        [python, "-c", PRELUDE + textwrap.dedent(ROUND_TRIP), str(folder), video],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.strip(), torch.load(workdir / "inputs.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("python", ["current", "transformers-5.17"])
+def test_saved_processor_loads_through_auto_classes_without_the_repository(clips, processor, tmp_path, python):
+    if python == "transformers-5.17":
+        if not os.path.exists(VENV_517):
+            pytest.skip(f"no transformers 5.17 environment at {VENV_517}")
+        python = VENV_517
+    else:
+        import sys
+
+        python = sys.executable
+    folder = save_folder(processor, tmp_path)
+    version, loaded = run_round_trip(python, folder, clips["h264"], tmp_path)
+    expected = processor.apply_chat_template(
+        messages({"path": clips["h264"]}, "Why?"),
+        tokenize=True,
+        return_dict=True,
+        add_generation_prompt=True,
+        processor_kwargs={"num_frames": 4},
+        return_tensors="pt",
+    )
+    assert torch.equal(loaded["input_ids"], expected["input_ids"])
+    assert torch.allclose(loaded["pixel_values_videos"], expected["pixel_values_videos"], atol=1e-6)
+    if python == VENV_517:
+        assert version.startswith("5.17"), version
