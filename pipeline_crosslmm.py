@@ -36,6 +36,12 @@ class CrossLMMVideoTextToTextPipeline(AnyToAnyPipeline):
     ```
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Batched prompts are padded on the left, so that each row's answer follows its own prompt (transformers'
+        # text-generation pipeline does the same for decoder-only models).
+        self.processor.tokenizer.padding_side = "left"
+
     def check_model_type(self, supported_models):
         # Remote-code models are in none of transformers' task tables; what this task needs is a model taking videos.
         if "video" not in getattr(self.model, "input_modalities", ()):

@@ -1,0 +1,238 @@
+"""pipeline("video-text-to-text") through the config's custom_pipelines, and transformers' image-text-to-text, on a
+tiny checkpoint folder: both input forms, batches, generation and sampling options, streaming; every answer checked
+against model.generate on the processor's inputs."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from isolated import run_isolated
+from PIL import Image
+from tiny_checkpoint import VIDEO_FPS, VIDEO_SECONDS, build_tiny_checkpoint, build_tiny_video
+from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer, pipeline
+
+
+MAX_NEW_TOKENS = 6
+QUESTION = "What happens in this video?"
+
+
+def chat(video, question=QUESTION):
+    return [{"role": "user", "content": [{"type": "video", "path": str(video)}, {"type": "text", "text": question}]}]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    return build_tiny_checkpoint(root / "ckpt"), build_tiny_video(root / "clip.mp4")
+
+
+@pytest.fixture(scope="module")
+def reference(files):
+    """The checkpoint's own model and processor, outside any pipeline."""
+    folder, _ = files
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    return model, AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def pipe(files):
+    return pipeline("video-text-to-text", model=str(files[0]), trust_remote_code=True)
+
+
+def generate_answers(reference, inputs, **kwargs):
+    """New text per row of model.generate on processor inputs, greedy, as the pipeline decodes it."""
+    model, processor = reference
+    with torch.no_grad():
+        sequences = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, **kwargs)
+    return processor.batch_decode(sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def chat_inputs(reference, messages, **processor_kwargs):
+    return reference[1].apply_chat_template(
+        messages,
+        tokenize=True,
+        return_dict=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        processor_kwargs=processor_kwargs,
+    )
+
+
+def test_checkpoint_folder_registers_and_carries_the_pipeline(files, reference, tmp_path):
+    folder, _ = files
+    assert (folder / "pipeline_crosslmm.py").is_file()
+    assert json.loads((folder / "config.json").read_text())["custom_pipelines"] == {
+        "video-text-to-text": {
+            "impl": "pipeline_crosslmm.CrossLMMVideoTextToTextPipeline",
+            "pt": ["AutoModelForImageTextToText"],
+            "type": "multimodal",
+        }
+    }
+    # A model saved on its own (as push_to_hub does) carries the file too.
+    reference[0].save_pretrained(tmp_path / "model-only")
+    assert (tmp_path / "model-only" / "pipeline_crosslmm.py").is_file()
+
+
+def test_fresh_process_without_the_repository(files, reference, tmp_path):
+    folder, video = files
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    image.save(tmp_path / "image.png")
+    _, processor = reference
+    expected = {
+        "chat": generate_answers(reference, chat_inputs(reference, chat(video), num_frames=4))[0],
+        "text": generate_answers(
+            reference, processor(text="<video>\nWhat?", videos=str(video), num_frames=3, return_tensors="pt")
+        )[0],
+        "image": generate_answers(reference, processor(text="<image>\nDescribe.", images=image, return_tensors="pt"))[
+            0
+        ],
+    }
+    output = run_isolated(
+        f"""
+        import json
+        from transformers import pipeline
+        pipe = pipeline("video-text-to-text", model={str(folder)!r}, trust_remote_code=True)
+        assert type(pipe).__name__ == "CrossLMMVideoTextToTextPipeline", type(pipe)
+        assert type(pipe).__module__.startswith("transformers_modules"), type(pipe).__module__
+        messages = [{{"role": "user", "content": [{{"type": "video", "path": {str(video)!r}}},
+                                                  {{"type": "text", "text": {QUESTION!r}}}]}}]
+        answers = {{"chat": pipe(messages, num_frames=4, max_new_tokens={MAX_NEW_TOKENS}, return_full_text=False)}}
+        answers["text"] = pipe(text="<video>\\nWhat?", videos={str(video)!r}, num_frames=3,
+                               max_new_tokens={MAX_NEW_TOKENS}, return_full_text=False)
+        images = pipeline("image-text-to-text", model={str(folder)!r}, trust_remote_code=True)
+        answers["image"] = images(images="image.png", text="<image>\\nDescribe.", max_new_tokens={MAX_NEW_TOKENS},
+                                  return_full_text=False)
+        print(json.dumps({{key: value[0]["generated_text"] for key, value in answers.items()}}))
+        """,
+        tmp_path,
+    )
+    assert json.loads(output.strip().splitlines()[-1]) == expected
+
+
+def test_chat_and_text_forms_match_generate(files, reference, pipe):
+    folder, video = files
+    messages = chat(video)
+    answer = generate_answers(reference, chat_inputs(reference, messages, num_frames=4))[0]
+    assert pipe(messages, num_frames=4, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False) == [
+        {"input_text": messages, "generated_text": answer}
+    ]
+    # return_full_text (the default): the chat continued with the assistant's message.
+    full = pipe(text=messages, num_frames=4, max_new_tokens=MAX_NEW_TOKENS)[0]["generated_text"]
+    assert full == messages + [{"role": "assistant", "content": answer}]
+
+    prompt = "<video>\nWhat?"
+    processor = reference[1]
+    answer = generate_answers(reference, processor(text=prompt, videos=str(video), num_frames=3, return_tensors="pt"))
+    assert pipe(text=prompt, videos=str(video), num_frames=3, max_new_tokens=MAX_NEW_TOKENS)[0] == {
+        "input_text": prompt,
+        "generated_text": prompt + answer[0],
+    }
+    frames = np.random.default_rng(1).integers(0, 256, (5, 40, 60, 3), dtype=np.uint8)
+    answer = generate_answers(reference, processor(text=prompt, videos=frames, return_tensors="pt"))
+    assert pipe(text=prompt, videos=frames, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False)[0] == {
+        "input_text": prompt,
+        "generated_text": answer[0],
+    }
+
+
+def test_batches_match_single_answers(files, reference, pipe):
+    _, video = files
+    frames = np.random.default_rng(2).integers(0, 256, (4, 48, 64, 3), dtype=np.uint8)
+    prompts = ["<video>\nWhat?", "Look at this video, then answer.\n<video>\nHow many shapes are there?"]
+    videos = [str(video), frames]
+    singles = [
+        pipe(text=p, videos=v, num_frames=4, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False)[0]
+        for p, v in zip(prompts, videos)
+    ]
+    batched = pipe(text=prompts, videos=videos, num_frames=4, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False)
+    assert batched == singles
+    assert singles[0]["generated_text"] != singles[1]["generated_text"]  # so that the comparison means something
+
+    chats = [chat(video), chat(video, "Which shape moves fastest, and where does it end up?")]
+    singles = [pipe(c, num_frames=4, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False)[0] for c in chats]
+    assert singles[0]["generated_text"] != singles[1]["generated_text"]
+    assert pipe(chats, batch_size=2, num_frames=4, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False) == [
+        [single] for single in singles
+    ]
+
+
+def video_tokens(pipe, result):
+    return int((result[0]["generated_token_ids"] == pipe.model.config.video_token_id).sum())
+
+
+def test_generation_and_frame_sampling_options(files, reference, pipe):
+    _, video = files
+    messages = chat(video)
+    per_frame = pipe.model.config.tokens_per_frame
+    prompt_length = chat_inputs(reference, messages, num_frames=2)["input_ids"].shape[1]
+
+    result = pipe(messages, num_frames=2, max_new_tokens=3, generate_kwargs={"min_new_tokens": 3}, return_tensors=True)
+    assert len(result[0]["generated_token_ids"]) == prompt_length + 3
+    assert video_tokens(pipe, result) == 2 * per_frame
+    # fps sampling, in both input forms and through processor_kwargs.
+    expected_frames = int(VIDEO_SECONDS * 2)
+    assert (
+        video_tokens(pipe, pipe(messages, fps=2, max_new_tokens=1, return_tensors=True)) == expected_frames * per_frame
+    )
+    result = pipe(
+        text="<video>\nWhat?", videos=str(video), processor_kwargs={"fps": 2}, max_new_tokens=1, return_tensors=True
+    )
+    assert video_tokens(pipe, result) == expected_frames * per_frame
+    assert video_tokens(pipe, pipe(messages, num_frames=3, max_new_tokens=1, return_tensors=True)) == 3 * per_frame
+    assert VIDEO_FPS * VIDEO_SECONDS > 3  # so the counts above come from sampling, not from the video's length
+
+    # generate_kwargs reach generate: beam search, checked against generate.
+    answers = generate_answers(reference, chat_inputs(reference, messages, num_frames=2), num_beams=2)
+    results = pipe(
+        messages,
+        num_frames=2,
+        max_new_tokens=MAX_NEW_TOKENS,
+        generate_kwargs={"num_beams": 2},
+        return_full_text=False,
+    )
+    assert [r["generated_text"] for r in results] == answers
+
+
+def test_streaming_matches_generate(files, reference, pipe):
+    _, video = files
+    model, processor = reference
+    inputs = chat_inputs(reference, chat(video), num_frames=4)
+    answer = generate_answers(reference, inputs)[0]
+
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60)
+    kwargs = dict(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, streamer=streamer)
+    thread = threading.Thread(target=model.generate, kwargs=kwargs)
+    thread.start()
+    pieces = list(streamer)
+    thread.join()
+    assert "".join(pieces) == answer
+
+    streamer = TextIteratorStreamer(pipe.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60)
+    results = {}
+    thread = threading.Thread(
+        target=lambda: results.update(
+            out=pipe(
+                chat(video),
+                num_frames=4,
+                max_new_tokens=MAX_NEW_TOKENS,
+                return_full_text=False,
+                generate_kwargs={"streamer": streamer},
+            )
+        )
+    )
+    thread.start()
+    pieces = list(streamer)
+    thread.join()
+    assert "".join(pieces) == answer == results["out"][0]["generated_text"]
+
+
+def test_bad_inputs_name_the_problem(files, pipe):
+    _, video = files
+    with pytest.raises(ValueError, match="No prompt given"):
+        pipe(videos=str(video))
+    with pytest.raises(ValueError, match="video"):
+        pipe(text="No placeholder here.", videos=str(video), num_frames=2)
+    with pytest.raises(ValueError, match="num_frames"):
+        pipe(chat(video), num_frames=0)
