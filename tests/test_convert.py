@@ -1,0 +1,428 @@
+"""convert_checkpoint.py on tiny random sources in every layout it reads, and on each kind of bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tiny import tiny_model
+from tiny_sources import llava_next_folder, llava_onevision_folder, llava_onevision_model, qwen2_folder, siglip_folder
+from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+import convert_checkpoint
+from convert_checkpoint import ConversionError, convert, parse_args
+from modeling_crosslmm import CrossLMMForConditionalGeneration
+
+
+ROOT = Path(convert_checkpoint.__file__).parent
+TEXT_IDS = torch.tensor([[5, 17, 42, 300, 7, 99, 12, 61]])
+
+
+def run(*argv):
+    return convert(parse_args([str(a) for a in argv]))
+
+
+def load(folder):
+    return CrossLMMForConditionalGeneration.from_pretrained(folder).eval()
+
+
+def tensors(folder) -> dict:
+    out = {}
+    for path in Path(folder).glob("*.safetensors"):
+        out.update(load_file(path))
+    return out
+
+
+def assert_nothing_left(parent: Path, before: set):
+    assert {p.name for p in parent.iterdir()} == before, "a failed run left files behind"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sources that convert
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def hub_layout(state: dict) -> dict:
+    """The key layout of the Hub's llava-hf checkpoints (transformers 4.x): `vision_tower.vision_model.*`."""
+    return {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("layout", ["transformers5", "hub"])
+def test_llava_onevision_transformers_format(tmp_path, layout):
+    source = llava_onevision_folder(tmp_path / "llava-ov")
+    if layout == "hub":
+        save_file(
+            hub_layout(load_file(source / "model.safetensors")),
+            source / "model.safetensors",
+            metadata={"format": "pt"},
+        )
+    output = run(
+        "--source",
+        source,
+        "--output",
+        tmp_path / "out",
+        "--max-shard-size",
+        "300KB",
+        "--verify" if layout == "hub" else "--no-verify",
+    )
+
+    files = {p.name for p in output.iterdir()}
+    assert {
+        "config.json",
+        "generation_config.json",
+        "README.md",
+        "model.safetensors.index.json",
+        "configuration_crosslmm.py",
+        "modeling_crosslmm.py",
+        "processing_crosslmm.py",
+        "pipeline_crosslmm.py",
+        "processor_config.json",
+        "preprocessor_config.json",
+        "video_preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= files
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1  # streamed into several shards
+    index = json.loads((output / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors(output))
+    config = json.loads((output / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_crosslmm.CrossLMMForConditionalGeneration"
+    assert "video-text-to-text" in config["custom_pipelines"]
+    assert (config["image_token_id"], config["video_token_id"]) == (3, 4)  # the tokenizer's <image>/<video>
+    card = ModelCard.load(output / "README.md")
+    assert card.data.pipeline_tag == "video-text-to-text" and card.data.library_name == "transformers"
+    assert "trust_remote_code=True" in card.text
+    assert not list(tmp_path.glob(".out.converting-*"))
+
+    # Everything the source has is carried over: same LM logits, vision features and projector.
+    reference = llava_onevision_model()
+    model = load(output)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=TEXT_IDS).logits, reference(input_ids=TEXT_IDS).logits)
+        frames = torch.randn(2, 3, 28, 28)
+        expected = reference.model.vision_tower(frames, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(model.model.get_original_visual_tokens(frames), expected)
+        features = torch.randn(3, 32)
+        torch.testing.assert_close(
+            model.model.multi_modal_projector(features), reference.model.multi_modal_projector(features)
+        )
+    # New DCAL after layer 3 (interval 4): closed gates, unit norms, the preceding decoder layer's MLP.
+    dcal = model.model.cross_attention_layers["3"]
+    assert dcal.v2v_gate.item() == dcal.t2v_gate.item() == dcal.mlp_gate.item() == 0
+    assert torch.equal(dcal.v2v_norm.weight, torch.ones(64)) and torch.equal(dcal.mlp_norm.weight, torch.ones(64))
+    decoder_mlp = model.model.language_model.layers[3].mlp
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        assert torch.equal(getattr(dcal.mlp, name).weight, getattr(decoder_mlp, name).weight)
+    assert dcal.t2v_attn.k_proj.weight.shape == (32, 32)  # keys from the vision width D_v
+    assert 0.01 < dcal.t2v_attn.k_proj.weight.std() < 0.03  # initializer_range
+
+
+def test_dcal_options_pool_size_dtype_and_random_mlp(tmp_path):
+    source = llava_onevision_folder(tmp_path / "llava-ov")
+    output = run(
+        "--source",
+        source,
+        "--output",
+        tmp_path / "out",
+        "--no-verify",
+        "--dcal-init",
+        "random",
+        "--pool-size",
+        "2",
+        "--cross-attention-interval",
+        "2",
+        "--v2v-scope",
+        "frame",
+        "--dtype",
+        "bfloat16",
+    )
+    config = json.loads((output / "config.json").read_text())
+    assert (config["pool_size"], config["cross_attention_interval"], config["v2v_scope"]) == (2, 2, "frame")
+    assert config["dtype"] == "bfloat16"
+    weights = tensors(output)
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert {k.split(".")[2] for k in weights if k.startswith("model.cross_attention_layers.")} == {"1", "3"}
+    assert not torch.equal(
+        weights["model.cross_attention_layers.1.mlp.up_proj.weight"],
+        weights["model.language_model.layers.1.mlp.up_proj.weight"],
+    )
+    # Seeded: the same command gives the same random tensors.
+    again = run(
+        "--source",
+        source,
+        "--output",
+        tmp_path / "out",
+        "--overwrite",
+        "--no-verify",
+        "--dcal-init",
+        "random",
+        "--pool-size",
+        "2",
+        "--cross-attention-interval",
+        "2",
+        "--dtype",
+        "bfloat16",
+    )
+    assert torch.equal(
+        tensors(again)["model.cross_attention_layers.1.mlp.up_proj.weight"],
+        weights["model.cross_attention_layers.1.mlp.up_proj.weight"],
+    )
+
+
+def test_llava_next_format_adds_placeholder_tokens_and_grows_the_vocabulary(tmp_path):
+    reference = llava_next_folder(tmp_path / "llava-next")
+    output = run("--source", tmp_path / "llava-next", "--output", tmp_path / "out")  # verification on (tiny model)
+
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    config = json.loads((output / "config.json").read_text())
+    assert (config["image_token_id"], config["video_token_id"]) == (64, 65)
+    assert tokenizer.convert_ids_to_tokens([64, 65]) == ["<image>", "<video>"]
+    model = load(output)
+    embeddings = model.model.language_model.embed_tokens.weight
+    assert embeddings.shape == (66, 64)
+    old = reference.model.language_model.embed_tokens.weight
+    torch.testing.assert_close(embeddings[64], old.mean(0))  # new rows at the mean of the old ones
+    with torch.no_grad():
+        ids = TEXT_IDS % 64
+        torch.testing.assert_close(model(input_ids=ids).logits[..., :64], reference(input_ids=ids).logits)
+
+
+def test_siglip_and_qwen2_parts(tmp_path):
+    siglip_folder(tmp_path / "siglip")
+    qwen2_folder(tmp_path / "qwen", tie_word_embeddings=True)
+    output = run("--vision", tmp_path / "siglip", "--text", tmp_path / "qwen", "--output", tmp_path / "out")
+
+    weights = tensors(output)
+    assert "lm_head.weight" not in weights  # tied to the embeddings, as in the source
+    assert not any(".head." in k or "encoder.layers.2." in k for k in weights)  # head and last layer cut
+    assert torch.equal(weights["model.multi_modal_projector.linear_1.bias"], torch.zeros(64))
+    config = json.loads((output / "config.json").read_text())
+    assert config["vision_config"]["num_hidden_layers"] == 2 and config["tie_word_embeddings"] is True
+    model = load(output)
+    llm = Qwen2ForCausalLM.from_pretrained(tmp_path / "qwen").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=TEXT_IDS).logits, llm(input_ids=TEXT_IDS).logits)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A CrossLMM trained in the LLaVA-NeXT code base
+# --------------------------------------------------------------------------------------------------------------------
+
+# CrossLMM parameter names -> the names of convert_checkpoint.LLAVA_NEXT_DCAL_KEY_MAP
+LLAVA_NEXT_NAMES = [
+    ("v2v_attn.", "v2v_cross_attn."),
+    ("t2v_attn.", "t2v_cross_attn."),
+    ("mlp_norm.", "ffn_norm."),
+    ("mlp.", "ffn."),
+    ("mlp_gate", "ffn_gate"),
+]
+
+
+def trained_dcals(naming):
+    """The DCALs (after decoder layers 1 and 3, open gates) of a trained tiny CrossLMM, under a source naming."""
+    model = tiny_model(gates=0.5, text={"vocab_size": 64})
+    dcals = {k: v for k, v in model.state_dict().items() if k.startswith("model.cross_attention_layers.")}
+    return {naming(k): v.clone() for k, v in dcals.items()}, dcals
+
+
+def llava_next_naming(key):
+    layer, name = key.split(".")[2], ".".join(key.split(".")[3:])
+    for ours, theirs in LLAVA_NEXT_NAMES:
+        if name.startswith(ours):
+            name = theirs + name[len(ours) :]
+            break
+    return f"model.cross_attn_layers.{layer}.{name}"
+
+
+def test_trained_crosslmm_with_the_built_in_key_map(tmp_path):
+    source_dcals, dcals = trained_dcals(llava_next_naming)
+    assert "model.cross_attn_layers.1.ffn.up_proj.weight" in source_dcals
+    reference = llava_next_folder(tmp_path / "trained", dcal_tensors=source_dcals)
+    output = run("--source", tmp_path / "trained", "--output", tmp_path / "out", "--cross-attention-interval", "4")
+
+    config = json.loads((output / "config.json").read_text())
+    assert (config["cross_attention_interval"], config["cross_attention_layers"]) == (2, None)  # from the keys
+    weights = tensors(output)
+    for key, value in dcals.items():
+        assert torch.equal(weights[key], value), key
+    model = load(output)  # text only: the base LLM's logits whatever the gates
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=TEXT_IDS % 64).logits[..., :64], reference(input_ids=TEXT_IDS % 64).logits
+        )
+
+
+def test_trained_crosslmm_with_a_key_map_file(tmp_path):
+    source_dcals, dcals = trained_dcals(lambda k: k.replace("model.cross_attention_layers.", "model.dcal.", 1))
+    del source_dcals["model.dcal.3.t2v_gate"]
+    llava_next_folder(tmp_path / "trained", dcal_tensors=source_dcals)
+    before = {p.name for p in tmp_path.iterdir()}
+    with pytest.raises(ConversionError, match=r"unexpected.*\n.*model\.dcal\.1\."):  # names unknown to the default
+        run("--source", tmp_path / "trained", "--output", tmp_path / "out")
+    key_map = tmp_path / "key-map.json"
+    key_map.write_text(json.dumps({r"^model\.dcal\.(\d+)\.": r"model.cross_attention_layers.\1."}))
+    with pytest.raises(ConversionError, match=r"1 missing.*\n\s+model\.cross_attention_layers\.3\.t2v_gate"):
+        run("--source", tmp_path / "trained", "--output", tmp_path / "out", "--key-map", key_map)
+    assert_nothing_left(tmp_path, before | {"key-map.json"})
+
+    source_dcals["model.dcal.3.t2v_gate"] = dcals["model.cross_attention_layers.3.t2v_gate"]
+    llava_next_folder(tmp_path / "trained", dcal_tensors=source_dcals)
+    output = run("--source", tmp_path / "trained", "--output", tmp_path / "out", "--key-map", key_map, "--no-verify")
+    weights = tensors(output)
+    for key, value in dcals.items():
+        assert torch.equal(weights[key], value), key
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input: one clear error, nothing left behind
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_wrong_architectures(tmp_path):
+    qwen2_folder(tmp_path / "qwen")
+    siglip_folder(tmp_path / "siglip")
+    before = {p.name for p in tmp_path.iterdir()}
+    with pytest.raises(ConversionError, match="'qwen2' checkpoint.*--vision and --text"):
+        run("--source", tmp_path / "qwen", "--output", tmp_path / "out")
+    with pytest.raises(ConversionError, match="--vision .* has a 'qwen2' vision model"):
+        run("--vision", tmp_path / "qwen", "--text", tmp_path / "qwen", "--output", tmp_path / "out")
+    with pytest.raises(ConversionError, match="--text .* has a 'siglip' language model"):
+        run("--vision", tmp_path / "siglip", "--text", tmp_path / "siglip", "--output", tmp_path / "out")
+    next_config = tmp_path / "llama-next"
+    llava_next_folder(next_config)
+    config = json.loads((next_config / "config.json").read_text())
+    (next_config / "config.json").write_text(json.dumps({**config, "architectures": ["LlavaLlamaForCausalLM"]}))
+    with pytest.raises(ConversionError, match="LlavaLlamaForCausalLM.*needs a Qwen2 LLM"):
+        run("--source", next_config, "--output", tmp_path / "out")
+    assert_nothing_left(tmp_path, before | {"llama-next", "llama-next-siglip"})
+
+
+def test_missing_tensors_and_mismatched_hidden_sizes(tmp_path):
+    source = llava_onevision_folder(tmp_path / "llava-ov")
+    weights = load_file(source / "model.safetensors")
+    del weights["language_model.model.layers.2.mlp.up_proj.weight"], weights["multi_modal_projector.linear_2.bias"]
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    before = {p.name for p in tmp_path.iterdir()}
+    with pytest.raises(ConversionError) as error:
+        run("--source", source, "--output", tmp_path / "out")
+    message = str(error.value)
+    assert "2 missing" in message
+    assert "model.language_model.layers.2.mlp.up_proj.weight" in message
+    assert "model.multi_modal_projector.linear_2.bias" in message
+
+    llava_onevision_folder(source)  # intact weights, but a config whose LLM is wider than its tensors
+    config = json.loads((source / "config.json").read_text())
+    config["text_config"]["hidden_size"] = 96
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ConversionError,
+        match=r"58 shape-mismatched:\n.*\n\s+language_model\.model\.embed_tokens\.weight "
+        r"-> model\.language_model\.embed_tokens\.weight: source \(768, 64\), "
+        r"CrossLMM \(768, 96\)(.|\n)*and 38 more",
+    ):
+        run("--source", source, "--output", tmp_path / "out")
+    assert_nothing_left(tmp_path, before)
+
+
+def test_unreadable_and_pickled_weights(tmp_path):
+    source = llava_onevision_folder(tmp_path / "llava-ov")
+    before = {p.name for p in tmp_path.iterdir()}
+    (source / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    with pytest.raises(ConversionError, match=r"Cannot read the weight file .*model\.safetensors"):
+        run("--source", source, "--output", tmp_path / "out")
+
+    # Pickled weights load with weights_only=True: tensors convert, anything else is refused.
+    (source / "model.safetensors").unlink()
+    state = llava_onevision_model().state_dict()
+    torch.save({k: v for k, v in state.items()}, source / "pytorch_model.bin")
+    output = run("--source", source, "--output", tmp_path / "out", "--no-verify")
+    assert torch.equal(tensors(output)["lm_head.weight"], state["lm_head.weight"])
+    torch.save({"lm_head.weight": Path("not a tensor")}, source / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match="Cannot read the weight file .*pytorch_model.bin.*Weights only load"):
+        run("--source", source, "--output", tmp_path / "out2")
+    assert_nothing_left(tmp_path, before | {"out"})
+
+
+def test_existing_output_is_kept_without_overwrite(tmp_path):
+    source = llava_onevision_folder(tmp_path / "llava-ov")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ConversionError, match="exists; pass --overwrite"):
+        run("--source", source, "--output", tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    run("--source", source, "--output", tmp_path / "out", "--overwrite", "--no-verify")
+    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "config.json").exists()
+
+
+def test_verification_failure_leaves_nothing(tmp_path, monkeypatch):
+    source = llava_onevision_folder(tmp_path / "llava-ov")
+    before = {p.name for p in tmp_path.iterdir()}
+    make = convert_checkpoint.Recipe.make
+
+    def off_by_a_little(self, target_key, shape, seed):
+        tensor = make(self, target_key, shape, seed)
+        return tensor + 1e-3 if target_key == "model.language_model.norm.weight" else tensor
+
+    monkeypatch.setattr(convert_checkpoint.Recipe, "make", off_by_a_little)
+    with pytest.raises(ConversionError, match="Verification failed(.|\n)*Mismatched elements"):
+        run("--source", source, "--output", tmp_path / "out")
+    assert_nothing_left(tmp_path, before)
+
+
+def test_command_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    for option in (
+        "--source",
+        "--vision",
+        "--text",
+        "--output",
+        "--overwrite",
+        "--tokenizer",
+        "--key-map",
+        "--pool-size",
+        "--cross-attention-interval",
+        "--v2v-scope",
+        "--dcal-init",
+        "--dtype",
+        "--max-shard-size",
+        "--seed",
+        "--verify",
+        "--no-verify",
+        "--push-to-hub",
+    ):
+        assert option in help_text
+    result = subprocess.run(
+        [
+            sys.executable,
+            ROOT / "convert_checkpoint.py",
+            "--source",
+            tmp_path / "nowhere",
+            "--output",
+            tmp_path / "out",
+        ],
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "", "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 1
+    assert "error: --source" in result.stderr and "nowhere" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, no cache either
+
+
+def test_shards_hold_about_max_shard_size(tmp_path):
+    source = llava_onevision_folder(tmp_path / "llava-ov")
+    output = run("--source", source, "--output", tmp_path / "out", "--no-verify", "--max-shard-size", "200KB")
+    shards = sorted(output.glob("*.safetensors"))
+    assert len(shards) > 2
+    for path in shards:
+        with safe_open(path, "pt") as f:
+            sizes = [f.get_tensor(k).nbytes for k in f.keys()]
+        assert sum(sizes) <= 200_000 or len(sizes) == 1  # a tensor larger than the limit gets a shard of its own
