@@ -7,6 +7,7 @@ what the tests use to get a realistic checkpoint without downloading anything.
 """
 
 import argparse
+import hashlib
 import math
 import os
 import shutil
@@ -196,22 +197,40 @@ def build_sample_video(path, seconds: float = 4.0, fps: int = 24, width: int = 3
 
 
 def cache_folder() -> Path:
-    """Where the sample checkpoint and video are built once: $CROSSLMM_CACHE, else ~/.cache/crosslmm."""
-    return Path(os.environ.get("CROSSLMM_CACHE") or Path.home() / ".cache" / "crosslmm")
+    """Where the sample checkpoint and video are built: $CROSSLMM_CACHE (else ~/.cache/crosslmm), in a subfolder
+    named after the code that builds and runs them. A checkpoint folder carries its own copy of the model code, so
+    after an upgrade a new sample is built instead of an old one silently running old code."""
+    import configuration_crosslmm
+    import modeling_crosslmm
+    import pipeline_crosslmm
+    import processing_crosslmm
+
+    digest = hashlib.sha256()
+    for module in (
+        configuration_crosslmm,
+        modeling_crosslmm,
+        processing_crosslmm,
+        pipeline_crosslmm,
+        sys.modules[__name__],
+    ):
+        digest.update(Path(module.__file__).read_bytes())
+    root = Path(os.environ.get("CROSSLMM_CACHE") or Path.home() / ".cache" / "crosslmm")
+    return root / f"sample-{digest.hexdigest()[:12]}"
 
 
 def _build_once(target: Path, build) -> Path:
-    """Build `target` (a folder or file) with `build(tmp_path)` unless it exists; rename into place at the end, so an
-    interrupted build never leaves a half-written sample behind."""
+    """Build `target` (a folder or file) with `build(path)` unless it exists. The build goes to a scratch path renamed
+    into place at the end, so an interrupted build never leaves a half-written sample behind."""
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        built = build(work / target.name)
-        os.replace(built, target)
+        built = build(scratch / target.name)
+        if not target.exists():  # another process may have finished the same build meanwhile
+            os.replace(built, target)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 
@@ -268,7 +287,7 @@ class StageTimer:
         self.calls[-1][1] = self._now()
 
     def run(self, call):
-        """Run `call()` and return its result with the stage times in seconds."""
+        """Run `call()`; return its result and the stage times in seconds (plus the number of generated tokens)."""
         start = self._now()
         try:
             result = call()
@@ -286,6 +305,8 @@ class StageTimer:
             "prefill": prefill_end - prefill_start - self.vision_seconds,
             "generate": last_end - prefill_end,
             "total": end - start,
+            # The prefill gives the first token, each later forward one more.
+            "tokens": len(self.calls),
         }
         return result, times
 
@@ -299,6 +320,11 @@ DEFAULT_NUM_FRAMES = 8
 
 class UsageError(Exception):
     """A bad command-line input: reported as one line, exit code 2."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see crosslmm-answer --help)")
 
 
 def _positive(kind):
@@ -315,7 +341,7 @@ def _positive(kind):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="crosslmm-answer",
         description="Answer a question about a video with a CrossLMM checkpoint. With no arguments: a small "
         "random-weight sample checkpoint (built once) on a sample video, to show the whole path and its costs.",
@@ -339,6 +365,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="weights and activations (default: bfloat16 on CUDA, float32 elsewhere)",
     )
     args = parser.parse_args(argv)
+    if not args.prompt.strip():
+        parser.error("--prompt is empty")
     if args.num_frames is None and args.fps is None:
         args.num_frames = DEFAULT_NUM_FRAMES
     return args
@@ -349,7 +377,8 @@ def _progress(message: str):
 
 
 def _check_video(path: str) -> str:
-    """Fail early, naming the file, when it is missing or holds no video stream (the processor reports bad frames)."""
+    """Fail before loading the model, naming the file, when it is missing or holds no video stream; the processor
+    reports what goes wrong while decoding (corrupt or truncated data, no decodable frame)."""
     import av
 
     if not os.path.exists(path):
@@ -363,6 +392,20 @@ def _check_video(path: str) -> str:
     except av.FFmpegError as error:
         raise UsageError(f"{path} is not a readable video ({error.strerror or error})") from None
     return path
+
+
+def _check_model(model: str) -> str:
+    """A checkpoint folder (with config.json), or else a Hub id (`org/name`) left to `from_pretrained`."""
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UsageError(f"{model} has no config.json: not a checkpoint folder")
+        return path
+    if os.path.exists(path):
+        raise UsageError(f"--model {model} is a file; give a checkpoint folder or a Hub id")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise UsageError(f"model folder not found: {model}")
+    return model
 
 
 def _resolve_device(device: str | None, dtype: str):
@@ -379,32 +422,11 @@ def _resolve_device(device: str | None, dtype: str):
     return device, getattr(torch, dtype)
 
 
-def _load_pipeline(model: str, device, dtype):
-    from transformers import pipeline
-
-    if (model.startswith((".", "/", "~")) or os.sep in model.rstrip(os.sep).split(os.sep, 1)[-1]) and not (
-        os.path.isdir(os.path.expanduser(model))
-    ):
-        raise UsageError(f"model folder not found: {model}")
-    model = os.path.expanduser(model)
-    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
-        raise UsageError(f"{model} has no config.json: not a checkpoint folder")
-    try:
-        return pipeline("video-text-to-text", model=model, trust_remote_code=True, device=device, dtype=dtype)
-    except OSError as error:
-        raise UsageError(f"cannot load model {model!r}: {str(error).splitlines()[0]}") from None
-
-
-def _report(answer, times, pipe, visual_ids, random_weights):
-    config = pipe.model.config
-    grid = config.patch_grid_size
-    per_frame = config.tokens_per_frame
-    visual_tokens = int(visual_ids.numel())
+def _report(answer: str, times: dict, config, visual_tokens: int, random_weights: bool, device, dtype):
+    grid, per_frame = config.patch_grid_size, config.tokens_per_frame
     frames = visual_tokens // per_frame
-    onevision_per_frame = math.ceil(grid / 2) ** 2  # LLaVA-OneVision pools each frame's patch grid 2 x 2, bilinear
+    onevision_per_frame = math.ceil(grid / 2) ** 2  # LLaVA-OneVision pools each frame's patch grid 2 x 2 (bilinear)
     onevision = frames * onevision_per_frame + 1  # plus one newline token per video
-    original = frames * grid * grid
-    tokens_generated = max(len(times["calls"]) - 1, 0)
 
     print(f"Answer: {answer}")
     if random_weights:
@@ -419,34 +441,38 @@ def _report(answer, times, pipe, visual_ids, random_weights):
     )
     print(
         f"Original visual tokens the DCALs attend to (after decoder layers {config.dcal_layer_indices}): "
-        f"{original} ({frames} x {grid * grid}), outside the self-attention KV cache"
+        f"{frames * grid * grid} ({frames} x {grid * grid}), kept out of the self-attention KV cache"
     )
-    rate = f", {tokens_generated / times['generate']:.1f} tokens/s" if times["generate"] > 0 else ""
+    steps = times["tokens"] - 1  # tokens after the first, which the prefill gives
+    rate = f", {steps / times['generate']:.1f} tokens/s" if steps and times["generate"] > 0 else ""
     print(
         f"Times: decode frames {times['decode']:.3f} s | encode (vision tower, pooling) {times['encode']:.3f} s | "
-        f"prefill {times['prefill']:.3f} s | generate {times['generate']:.3f} s ({tokens_generated} tokens{rate}) | "
-        f"total {times['total']:.3f} s  [{pipe.model.device}, {pipe.model.dtype}]"
+        f"prefill {times['prefill']:.3f} s | generate {times['generate']:.3f} s ({times['tokens']} tokens{rate}) | "
+        f"total {times['total']:.3f} s  [{device}, {str(dtype).removeprefix('torch.')}]"
     )
 
 
 def answer(args: argparse.Namespace):
-    random_weights = args.model is None
-    if random_weights:
+    """Check the inputs, build the samples if needed, load the pipeline, answer and report."""
+    video = _check_video(args.video) if args.video is not None else None
+    model = _check_model(args.model) if args.model is not None else None
+    device, dtype = _resolve_device(args.device, args.dtype)
+    if model is None:
         if not (cache_folder() / "sample-checkpoint").exists():
             _progress(f"Building the random-weight sample checkpoint in {cache_folder()} (once) ...")
         model = str(sample_checkpoint())
-    else:
-        model = args.model
-    if args.video is None:
+    if video is None:
         if not (cache_folder() / "sample-video.mp4").exists():
             _progress(f"Encoding the sample video in {cache_folder()} (once) ...")
         video = str(sample_video())
-    else:
-        video = _check_video(args.video)
-    device, dtype = _resolve_device(args.device, args.dtype)
+
+    from transformers import pipeline
 
     _progress(f"Loading {model} on {device} ({str(dtype).removeprefix('torch.')}) ...")
-    pipe = _load_pipeline(model, device, dtype)
+    try:
+        pipe = pipeline("video-text-to-text", model=model, trust_remote_code=True, device=device, dtype=dtype)
+    except OSError as error:
+        raise UsageError(f"cannot load model {model!r}: {str(error).strip().splitlines()[0]}") from None
     messages = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": args.prompt}]}]
     sampling = {"num_frames": args.num_frames} if args.num_frames is not None else {"fps": args.fps}
     _progress(f"Reading {video} and answering ({sampling}, up to {args.max_new_tokens} new tokens) ...")
@@ -455,19 +481,18 @@ def answer(args: argparse.Namespace):
         outputs, times = timer.run(
             lambda: pipe(text=messages, max_new_tokens=args.max_new_tokens, return_full_text=False, **sampling)
         )
-    except ValueError as error:  # the processor names bad videos, windows and placeholders
+    except ValueError as error:  # the processor names bad videos, time windows and placeholders
         raise UsageError(str(error).strip().splitlines()[0]) from None
-    times["calls"] = timer.calls
+    config = pipe.model.config
     ids = timer.prefill_inputs
-    visual_ids = ids[(ids == pipe.model.config.video_token_id) | (ids == pipe.model.config.image_token_id)]
-    _report(outputs[0]["generated_text"], times, pipe, visual_ids, random_weights)
+    visual_tokens = int(((ids == config.video_token_id) | (ids == config.image_token_id)).sum())
+    _report(outputs[0]["generated_text"], times, config, visual_tokens, args.model is None, device, dtype)
 
 
 def main(argv=None) -> int:
-    """Console script `crosslmm-answer`."""
-    args = parse_args(argv)
+    """Console script `crosslmm-answer`: 0 on success, 2 (with one error line on stderr) on bad input."""
     try:
-        answer(args)
+        answer(parse_args(argv))
     except UsageError as error:
         print(f"crosslmm-answer: error: {error}", file=sys.stderr)
         return 2

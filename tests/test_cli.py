@@ -1,0 +1,124 @@
+"""crosslmm-answer: answers through the pipeline and reports tokens and times; bad inputs give one error line, exit 2;
+with no arguments it builds the sample checkpoint and video once and answers."""
+
+import re
+
+import pytest
+import torch
+from tiny_checkpoint import build_tiny_checkpoint, build_tiny_video
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import crosslmm_cli
+from crosslmm_cli import main
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return build_tiny_checkpoint(root / "ckpt"), build_tiny_video(root / "clip.mp4")
+
+
+def expected_answer(folder, video, prompt, num_frames, max_new_tokens):
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "video", "path": str(video)}, {"type": "text", "text": prompt}]}]
+    inputs = processor.apply_chat_template(
+        messages,
+        tokenize=True,
+        return_dict=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        processor_kwargs={"num_frames": num_frames},
+    )
+    with torch.no_grad():
+        new_ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[
+            0, inputs["input_ids"].shape[1] :
+        ]
+    return processor.decode(new_ids, skip_special_tokens=True), len(new_ids)
+
+
+def test_answers_and_reports_tokens_and_times(files, capsys):
+    folder, video = files
+    argv = ["--model", str(folder), "--video", str(video), "--prompt", "What moves?", "--num-frames", "4"]
+    assert main(argv + ["--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    answer, generated = expected_answer(folder, video, "What moves?", num_frames=4, max_new_tokens=5)
+    assert f"Answer: {answer}\n" in out
+    assert "Random weights" not in out  # only said of the built-in sample checkpoint
+    # 4 frames, a 4 x 4 patch grid pooled to 3 x 3; LLaVA-OneVision would pool it to 2 x 2 and add a newline.
+    assert "Visual tokens in the LLM's sequence: 36 (4 frames x 9 pooled)" in out
+    assert "LLaVA-OneVision for the same frames: 17 (4 x 4 + 1 newline)" in out
+    assert "(after decoder layers [1, 3]): 64 (4 x 16)" in out
+    times = re.search(
+        r"decode frames ([\d.]+) s \| encode \(vision tower, pooling\) ([\d.]+) s \| prefill ([\d.]+) s \| "
+        r"generate ([\d.]+) s \((\d+) tokens.*\| total ([\d.]+) s",
+        out,
+    )
+    assert times, out
+    decode, encode, prefill, generate, tokens, total = map(float, times.groups())
+    assert tokens == generated  # one forward of the model per generated token
+    assert min(decode, encode, prefill) > 0
+    assert decode + encode + prefill + generate <= total + 0.002  # parts of the total (printed to the millisecond)
+
+    assert main(["--model", str(folder), "--video", str(video), "--fps", "2", "--max-new-tokens", "1"]) == 0
+    assert "Visual tokens in the LLM's sequence: 18 (2 frames x 9 pooled)" in capsys.readouterr().out
+
+
+def write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_argv, message",
+    [
+        (lambda d, v, t: ["--video", str(t / "missing.mp4")], "video file not found: .*missing.mp4"),
+        (lambda d, v, t: ["--video", str(t)], "not a file"),
+        (lambda d, v, t: ["--video", str(write(t / "notes.mp4", b"just some text\n" * 50))], "notes.mp4"),
+        (lambda d, v, t: ["--video", str(write(t / "cut.mp4", v.read_bytes()[:2000]))], "cut.mp4"),
+        (lambda d, v, t: ["--num-frames", "0"], "--num-frames: must be > 0"),
+        (lambda d, v, t: ["--num-frames", "two"], "--num-frames: expected a positive int"),
+        (lambda d, v, t: ["--fps", "-1"], "--fps: must be > 0"),
+        (lambda d, v, t: ["--num-frames", "4", "--fps", "1"], "not allowed with argument"),
+        (lambda d, v, t: ["--max-new-tokens", "0"], "--max-new-tokens: must be > 0"),
+        (lambda d, v, t: ["--prompt", "  "], "--prompt is empty"),
+        (lambda d, v, t: ["--model", str(t / "nowhere")], "model folder not found"),
+        (lambda d, v, t: ["--model", str(t)], "has no config.json"),
+        (lambda d, v, t: ["--device", "toaster"], "--device 'toaster' is not a torch device"),
+        (lambda d, v, t: ["--prompt", "Compare <video> with this one."], "video"),
+    ],
+)
+def test_bad_inputs_give_one_error_line_and_exit_2(files, tmp_path, capsys, make_argv, message):
+    folder, video = files
+    argv = ["--model", str(folder), "--video", str(video), "--max-new-tokens", "1"] + make_argv(
+        folder, video, tmp_path
+    )
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert lines[-1].startswith("crosslmm-answer: error: ") and re.search(message, lines[-1]), captured.err
+    assert "Traceback" not in captured.err
+    assert sum("error" in line.lower() for line in lines) == 1, captured.err  # the rest is progress
+
+
+def test_no_arguments_builds_the_samples_once_and_answers(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CROSSLMM_CACHE", str(tmp_path))
+    assert main(["--max-new-tokens", "3"]) == 0  # everything else at its default
+    captured = capsys.readouterr()
+    assert "Building the random-weight sample checkpoint" in captured.err
+    assert "Answer: " in captured.out and "Random weights" in captured.out
+    assert "Visual tokens in the LLM's sequence: 72 (8 frames x 9 pooled)" in captured.out
+    assert "LLaVA-OneVision for the same frames: 1569 (8 x 196 + 1 newline), 21.8x as many" in captured.out
+
+    checkpoint = crosslmm_cli.sample_checkpoint()
+    assert checkpoint.parent.parent == tmp_path
+    assert {"config.json", "model.safetensors", "pipeline_crosslmm.py", "tokenizer.json"} <= {
+        p.name for p in checkpoint.iterdir()
+    }
+    built = (checkpoint / "model.safetensors").stat().st_mtime_ns
+    video = crosslmm_cli.sample_video()
+    assert video.stat().st_size > 0
+    assert crosslmm_cli.sample_checkpoint() == checkpoint
+    assert (checkpoint / "model.safetensors").stat().st_mtime_ns == built  # reused, not rebuilt
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["sample-checkpoint", "sample-video.mp4"]
