@@ -1,18 +1,29 @@
 """Fine-tuning: the collator's labels, Trainer, gradient checkpointing, the paper's two stages, LoRA, bad inputs."""
 
+import os
+import sys
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tiny import frames, prompt, set_gates, tiny_model
 from transformers import AutoModelForImageTextToText
 
+from crosslmm_cli import build_tokenizer
+from processing_crosslmm import CrossLMMProcessor, CrossLMMVideoProcessor
 from training_crosslmm import (
+    ASSISTANT_HEADER,
     LORA_TARGET_MODULES,
     STAGE2_LEARNING_RATES,
+    CrossLMMDataCollator,
     parameter_groups,
     setup_stage1,
     setup_stage2,
 )
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import finetune_tiny  # noqa: E402
 
 
 def video_batch(config, seed=0):
@@ -24,6 +35,73 @@ def video_batch(config, seed=0):
     labels[:, :-4] = -100
     videos = torch.stack([frames(2, seed=seed), frames(2, seed=seed + 1)])
     return dict(input_ids=ids, pixel_values_videos=videos, labels=labels)
+
+
+# ---- the collator and Trainer -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def processor():
+    size = {"height": 56, "width": 56}
+    video_processor = CrossLMMVideoProcessor(size=size, do_sample_frames=False)
+    return CrossLMMProcessor(tokenizer=build_tokenizer(), video_processor=video_processor, pool_size=2)
+
+
+def chat(turns):
+    """A sample from (question, answer) turns; the first question comes with a video."""
+    messages = []
+    for i, (question, answer) in enumerate(turns):
+        content = ([{"type": "video"}] if i == 0 else []) + [{"type": "text", "text": question}]
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, "videos": [finetune_tiny.moving_square("red", "left", num_frames=2 + len(turns))]}
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_collator_labels_exactly_the_assistant_turns(processor, padding_side):
+    processor.tokenizer.padding_side = padding_side
+    tokenizer = processor.tokenizer
+    samples = [
+        chat([("What colour is it?", "Red."), ("Which way does it go?", "It goes to the left.")]),
+        chat([("Describe the video.", "A red square moves left.")]),
+    ]
+    batch = CrossLMMDataCollator(processor)(samples)
+    processor.tokenizer.padding_side = "right"
+    assert batch["pixel_values_videos"].shape[:2] == (2, 4) and batch["video_num_frames"].tolist() == [4, 3]
+    header = tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)
+    answers = [["Red.", "It goes to the left."], ["A red square moves left."]]
+    for row, row_answers in enumerate(answers):
+        ids = batch["input_ids"][row].tolist()
+        starts = [i + len(header) for i in range(len(ids)) if ids[i : i + len(header)] == header]
+        assert len(starts) == len(row_answers)
+        expected = torch.full((len(ids),), -100)
+        for start, answer in zip(starts, row_answers):
+            answer_ids = tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
+            assert ids[start : start + len(answer_ids)] == answer_ids
+            expected[start : start + len(answer_ids)] = torch.tensor(answer_ids)
+        assert torch.equal(batch["labels"][row], expected)
+    # The shorter row is padded on the requested side, and padding is never labelled.
+    padding = batch["attention_mask"][1] == 0
+    assert padding.any() and bool(padding[0] if padding_side == "left" else padding[-1])
+
+
+def test_collator_refuses_bad_samples(processor):
+    collator = CrossLMMDataCollator(processor)
+    no_answer = chat([("What colour is it?", "Red.")])
+    no_answer["messages"] = no_answer["messages"][:1]
+    with pytest.raises(ValueError, match="Sample 1 has no assistant turn"):
+        collator([chat([("Describe the video.", "A red square.")]), no_answer])
+    no_frames = chat([("What colour is it?", "Red.")])
+    del no_frames["videos"]
+    with pytest.raises(ValueError, match=r"<video>.* but (0|no) video"):
+        collator([no_frames])
+
+
+def test_trainer_with_the_collator_and_gradient_checkpointing_lowers_the_loss(tmp_path):
+    losses = finetune_tiny.main(
+        ["--output-dir", str(tmp_path), "--steps", "8", "--log-every", "1", "--gradient-checkpointing"]
+    )
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] - 0.5, losses
 
 
 # ---- gradient checkpointing ----------------------------------------------------------------------------------------

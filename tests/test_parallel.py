@@ -1,0 +1,153 @@
+"""CrossLMM on several devices, as far as one CPU machine can show it.
+
+- device_map: accelerate's `infer_auto_device_map` with `_no_split_modules` never cuts a decoder layer, a DCAL or a
+  vision encoder layer; a checkpoint loaded with `device_map="auto"` and a CPU budget too small for it runs its later
+  layers from disk offload and gives the same logits and generations. What this cannot show: CPU and disk are one
+  compute device, so moving the DCALs' original visual tokens between two accelerators is not exercised here.
+- tensor parallelism: `DistributedConfig(tp_plan="auto")` under torchrun with two CPU processes (gloo) shards the
+  DCAL and decoder projections and gives the same logits and generations as one process.
+- FSDP2: two CPU processes shard the same units accelerate's FSDP wraps (`_no_split_modules`) and train two steps;
+  the weights equal single-process training on both processes' samples.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import infer_auto_device_map
+from accelerate.utils import compute_module_sizes
+from tiny import frames, prompt, tiny_model
+from transformers import AutoModelForImageTextToText
+
+from training_crosslmm import parameter_groups, setup_stage2
+
+
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+
+
+def sample_inputs(config, seed=0):
+    ids = prompt(config, [1, 2], ("video", 2), [3], ("image",), [4, 5])
+    return dict(input_ids=ids, pixel_values_videos=frames(2, seed=seed)[None], pixel_values=frames(1, seed=seed + 7))
+
+
+def no_split_units(model):
+    return {name for name, module in model.named_modules() if type(module).__name__ in model._no_split_modules}
+
+
+# ---- device_map --------------------------------------------------------------------------------------------------
+
+
+def test_auto_device_map_never_cuts_a_layer():
+    model = tiny_model()
+    units = no_split_units(model)
+    assert any(".cross_attention_layers." in u for u in units) and any(".language_model.layers." in u for u in units)
+    total = compute_module_sizes(model)[""]
+    placements = set()
+    for budget in range(total // 20, total, total // 20):
+        device_map = infer_auto_device_map(
+            model, max_memory={"cpu": budget, "disk": 10 * total}, no_split_module_classes=model._no_split_modules
+        )
+        for key in device_map:
+            assert not any(key.startswith(unit + ".") for unit in units), f"{key} cuts a layer (budget {budget})"
+        placements.add(tuple(sorted(device_map.items())))
+    assert len(placements) > 5  # the budgets really produce different splits
+
+
+def test_device_map_offload_gives_the_same_logits_and_generation(tmp_path):
+    model = tiny_model(gates=0.4)
+    model.save_pretrained(tmp_path / "model")
+    inputs = sample_inputs(model.config)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    expected_generation = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+
+    # A CPU budget a little short of the whole model: with the room kept for loading an offloaded layer, the last
+    # DCAL and the LM head go to disk offload, the first DCAL stays on the CPU.
+    sizes = compute_module_sizes(model)
+    budget = sizes[""] - sizes["lm_head"] // 2
+    split = AutoModelForImageTextToText.from_pretrained(
+        tmp_path / "model",
+        trust_remote_code=True,
+        device_map="auto",
+        max_memory={"cpu": budget},
+        offload_folder=tmp_path / "offload",
+    )
+    device_map = split.hf_device_map
+    assert device_map["model.cross_attention_layers.1"] == "cpu", device_map
+    assert device_map["model.cross_attention_layers.3"] == "disk", device_map
+    assert all(not key.startswith(unit + ".") for key in device_map for unit in no_split_units(split))
+    with torch.no_grad():
+        torch.testing.assert_close(split(**inputs).logits, expected, rtol=0, atol=1e-6)
+    assert torch.equal(split.generate(**inputs, max_new_tokens=4, do_sample=False), expected_generation)
+
+
+# ---- torchrun: tensor parallelism and FSDP2 on two CPU processes ----------------------------------------------------
+
+
+def torchrun(mode, folder):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*command, str(WORKER), mode, str(folder)], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def test_tensor_parallel_plan_on_two_cpu_processes(tmp_path):
+    model = tiny_model(gates=0.4)
+    model.save_pretrained(tmp_path / "model")
+    inputs = sample_inputs(model.config)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    expected_generation = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+
+    torchrun("tp", tmp_path)
+    result = torch.load(tmp_path / "tp.pt", weights_only=True)
+    width = model.config.text_config.hidden_size
+    kv_width = model.config.text_config.num_key_value_heads * width // model.config.text_config.num_attention_heads
+    assert result["shards"] == {
+        "dcal.v2v_attn.q_proj": (width // 2, width),
+        "dcal.t2v_attn.k_proj": (kv_width // 2, model.config.vision_config.hidden_size),
+        "dcal.t2v_attn.o_proj": (width, width // 2),
+        "dcal.mlp.down_proj": (width, model.config.text_config.intermediate_size // 2),
+        "decoder.self_attn.q_proj": (width // 2, width),
+    }
+    torch.testing.assert_close(result["logits"], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(result["generated"], expected_generation)
+
+
+def test_fsdp2_on_two_cpu_processes_equals_one_process_training(tmp_path):
+    model = tiny_model(gates=0.4)
+    model.save_pretrained(tmp_path / "model")
+    batches = []
+    for rank in range(2):
+        batch = sample_inputs(model.config, seed=rank)
+        batch["labels"] = batch["input_ids"]
+        batches.append(batch)
+    torch.save(batches, tmp_path / "inputs.pt")
+
+    # One process, both samples: FSDP averages the two processes' gradients, so the loss is the mean of theirs.
+    reference = tiny_model(gates=0.4).train()
+    learning_rates = setup_stage2(reference, vision_tower_lr=0.1, connector_lr=0.5, llm_lr=0.5)
+    # SGD, not Adam: Adam turns the rounding noise of gradients that are zero in exact arithmetic (the key biases
+    # of softmax attention) into full-size steps, which would differ between the sharded and the single run.
+    optimizer = torch.optim.SGD(parameter_groups(reference, learning_rates))
+    for _ in range(2):
+        loss = sum(reference(**batch).loss for batch in batches) / len(batches)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    torchrun("fsdp", tmp_path)
+    result = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    assert result["units"] == len(no_split_units(reference))
+    vocab, width = reference.lm_head.weight.shape
+    assert result["local_shape"] == (vocab // 2, width)  # each process holds half of every weight
+    assert result["losses"][1] < result["losses"][0]
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(result["state"][name], param.detach(), rtol=1e-4, atol=1e-5, msg=name)
+    initial = tiny_model(gates=0.4).state_dict()
+    assert not torch.equal(result["state"]["lm_head.weight"], initial["lm_head.weight"])  # it did train
