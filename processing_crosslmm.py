@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers import BatchFeature
+from transformers.image_utils import make_flat_list_of_images
 from transformers.models.siglip.image_processing_siglip import SiglipImageProcessor
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, VideosKwargs
 from transformers.utils import logging
@@ -157,7 +158,7 @@ def _decode_at(container, stream, targets: list[int], keyframes: list[int], vide
     try:
         for target in targets:
             keyframe = keyframes[np.searchsorted(keyframes, target, side="right") - 1]
-            if decoder is None or keyframe > position:
+            if decoder is None or position is None or keyframe > position:
                 container.seek(keyframe, stream=stream, backward=True)
                 decoder = container.decode(stream)
             for frame in decoder:
@@ -395,7 +396,8 @@ class CrossLMMImageProcessor(SiglipImageProcessor):
 
 class CrossLMMProcessorKwargs(ProcessingKwargs, total=False):
     videos_kwargs: CrossLMMVideosKwargs
-    _defaults = {"text_kwargs": {"padding": True}}  # batches of prompts come out as one padded tensor
+    # PyTorch tensors, batches padded: what apply_chat_template(..., return_dict=True) returns feeds the model as is.
+    _defaults = {"text_kwargs": {"padding": True}, "common_kwargs": {"return_tensors": "pt"}}
 
 
 class CrossLMMProcessor(ProcessorMixin):
@@ -435,11 +437,26 @@ class CrossLMMProcessor(ProcessorMixin):
         return self.pool_size**2
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
-        if text is None and (images is not None or videos is not None):
-            raise ValueError(
-                "Videos or images were given without a prompt: pass text with one <video>/<image> placeholder per "
-                "video/image (or use apply_chat_template)."
-            )
+        """One placeholder per video/image, and no media without a prompt (the model could not place them)."""
+        if text is None:
+            if images is not None or videos is not None:
+                raise ValueError(
+                    "Videos or images were given without a prompt: pass text with one <video>/<image> placeholder "
+                    "per video/image (or use apply_chat_template)."
+                )
+        else:
+            texts = [text] if isinstance(text, str) else list(text)
+            given = {
+                "video": 0 if videos is None else len(make_batched_videos(videos)),
+                "image": 0 if images is None else len(make_flat_list_of_images(images)),
+            }
+            for name, token in (("video", self.video_token), ("image", self.image_token)):
+                placeholders = sum(sample.count(token) for sample in texts)
+                if placeholders != given[name]:
+                    raise ValueError(
+                        f"The prompt has {placeholders} {token} placeholder(s) but {given[name]} {name}(s) were "
+                        f"given: give one {name} per {token}, in the order of the placeholders."
+                    )
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
@@ -455,19 +472,13 @@ class CrossLMMProcessor(ProcessorMixin):
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """processor_config.json, tokenizer and chat template (transformers), plus video_preprocessor_config.json and
         preprocessor_config.json so that AutoVideoProcessor/AutoImageProcessor load the parts on their own."""
-        files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        repo_id = kwargs.pop("repo_id", None)
+        files = super().save_pretrained(save_directory)
         files += self.video_processor.save_pretrained(save_directory)
         files += self.image_processor.save_pretrained(save_directory)
+        if push_to_hub:  # push_to_hub saves again (through this method) into a fresh folder and uploads all of it
+            self.push_to_hub(repo_id or os.path.basename(os.path.normpath(save_directory)), **kwargs)
         return files
-
-    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
-        """Decode generated ids (batch) to text."""
-        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
-
-    @property
-    def model_input_names(self) -> list[str]:
-        names = self.tokenizer.model_input_names + ["pixel_values", "pixel_values_videos", "video_num_frames"]
-        return list(dict.fromkeys(names))
 
 
 CrossLMMProcessor.register_for_auto_class("AutoProcessor")

@@ -43,7 +43,6 @@ def clips(tmp_path_factory):
     paths = {
         "h264": encode_video(root / "h264.mp4", 30),
         "vfr": encode_video(root / "vfr.mp4", 5, pts_ms=[0, 100, 150, 700, 1000]),
-        "rotated": encode_video(root / "rotated.mp4", 6, rotation=90),
         "odd": encode_video(root / "odd.mp4", 6, pix_fmt="yuv444p", width=63, height=47),
         "short": encode_video(root / "short.mp4", 3),
         "gray": encode_video(root / "gray.mkv", 6, codec="ffv1", pix_fmt="gray", gray=True),
@@ -144,11 +143,15 @@ def test_variable_frame_rate_timestamps_come_from_pts(clips):
     assert metadata.frames_indices == [0, 3, 4] == shown(frames)
 
 
-def test_rotation_metadata_is_applied(clips):
-    frames, metadata = sample(clips["rotated"], num_frames=3)
-    assert metadata.rotation == 90
-    assert frames.shape == (3, 64, 48, 3) and (metadata.height, metadata.width) == (64, 48)
-    upright = [np.rot90(frame, k=-1) for frame in frames]  # undo the counter-clockwise display rotation
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_rotation_metadata_is_applied(tmp_path, rotation):
+    """The display matrix says how far to turn the stored picture counter-clockwise (phones record portrait as -90)."""
+    path = encode_video(tmp_path / "rotated.mp4", 6, rotation=rotation)
+    frames, metadata = sample(str(path), num_frames=3)
+    assert metadata.rotation == rotation % 360
+    expected_shape = (48, 64, 3) if rotation == 180 else (64, 48, 3)
+    assert frames.shape[1:] == expected_shape and (metadata.height, metadata.width) == expected_shape[:2]
+    upright = [np.rot90(frame, k=-rotation // 90) for frame in frames]  # undo the turn: the bars read again
     assert shown(upright) == metadata.frames_indices == [0, 2, 5]
 
 
@@ -241,11 +244,18 @@ def test_bad_sampling_arguments(clips, processor, kwargs, needle):
     one_line_error(ValueError, lambda: processor.video_processor([clips["h264"]], **kwargs), needle)
 
 
+def test_time_sampling_of_frame_arrays_needs_their_frame_rate(processor):
+    video = np.zeros((20, 48, 64, 3), np.uint8)
+    one_line_error(ValueError, lambda: processor.video_processor([video], fps=2), "frame rate")
+    out = processor.video_processor([video], fps=2, video_metadata=[{"total_num_frames": 20, "fps": 10.0}])
+    assert len(out["pixel_values_videos"][0]) == 4  # 2 s at 2 fps
+
+
 def test_placeholder_and_media_counts_must_match(clips, processor):
     video = clips["short"]
     one_line_error(ValueError, lambda: processor(text="<video><video> two?", videos=[video]), "<video>")
     one_line_error(ValueError, lambda: processor(text="none here", videos=[video]), "<video>")
-    one_line_error(ValueError, lambda: processor(text="<video> where?"), "no videos")
+    one_line_error(ValueError, lambda: processor(text="<video> where?"), "1 <video> placeholder(s) but 0 video(s)")
     one_line_error(
         ValueError, lambda: processor(text="<image>", images=[np.zeros((8, 8, 3), np.uint8)] * 2), "<image>"
     )
@@ -361,7 +371,7 @@ def test_apply_chat_template_loads_samples_tokenises_and_feeds_the_model(clips, 
         }
     ]
     inputs = processor.apply_chat_template(
-        conversation, tokenize=True, return_dict=True, add_generation_prompt=True, num_frames=3, return_tensors="pt"
+        conversation, tokenize=True, return_dict=True, add_generation_prompt=True, num_frames=3
     )
     assert inputs["pixel_values_videos"].shape == (2, 3, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert (inputs["input_ids"] == processor.video_token_id).sum() == 2 * 3 * 4
