@@ -4,10 +4,13 @@ against model.generate on the processor's inputs."""
 
 import json
 import threading
+from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import HfApi
 from isolated import run_isolated
 from PIL import Image
 from tiny_checkpoint import VIDEO_FPS, VIDEO_SECONDS, build_tiny_checkpoint, build_tiny_video
@@ -20,6 +23,12 @@ QUESTION = "What happens in this video?"
 
 def chat(video, question=QUESTION):
     return [{"role": "user", "content": [{"type": "video", "path": str(video)}, {"type": "text", "text": question}]}]
+
+
+def image_chat(image):
+    return [
+        {"role": "user", "content": [{"type": "image", "path": str(image)}, {"type": "text", "text": "Describe."}]}
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -70,41 +79,58 @@ def test_checkpoint_folder_registers_and_carries_the_pipeline(files, reference, 
             "type": "multimodal",
         }
     }
-    # A model saved on its own (as push_to_hub does) carries the file too.
-    reference[0].save_pretrained(tmp_path / "model-only")
+    # A model loaded from the folder (its code from transformers' module cache) and saved or pushed on its own
+    # carries the file too; the Hub calls of push_to_hub are intercepted.
+    model = reference[0]
+    model.save_pretrained(tmp_path / "model-only")
     assert (tmp_path / "model-only" / "pipeline_crosslmm.py").is_file()
+    pushed = []
+    with (
+        mock.patch.object(HfApi, "create_repo", lambda self, repo_id, **kwargs: SimpleNamespace(repo_id=repo_id)),
+        mock.patch.object(
+            HfApi, "create_commit", lambda self, repo_id, operations, **kwargs: pushed.extend(operations)
+        ),
+    ):
+        model.push_to_hub("someone/crosslmm-tiny")
+    assert {"pipeline_crosslmm.py", "config.json", "model.safetensors"} <= {op.path_in_repo for op in pushed}
 
 
 def test_fresh_process_without_the_repository(files, reference, tmp_path):
     folder, video = files
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8))
-    image.save(tmp_path / "image.png")
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(image)
     _, processor = reference
     expected = {
-        "chat": generate_answers(reference, chat_inputs(reference, chat(video), num_frames=4))[0],
+        "chat": generate_answers(reference, chat_inputs(reference, chat(video), num_frames=4)),
         "text": generate_answers(
             reference, processor(text="<video>\nWhat?", videos=str(video), num_frames=3, return_tensors="pt")
-        )[0],
-        "image": generate_answers(reference, processor(text="<image>\nDescribe.", images=image, return_tensors="pt"))[
-            0
-        ],
+        ),
+        "image": generate_answers(
+            reference, processor(text="<image>\nDescribe.", images=str(image), return_tensors="pt")
+        ),
+        "image_chat": generate_answers(reference, chat_inputs(reference, image_chat(image))),
     }
+    request = {"folder": str(folder), "video": str(video), "image": str(image), "chat": chat(video)}
+    request.update(image_chat=image_chat(image), max_new_tokens=MAX_NEW_TOKENS)
+    (tmp_path / "request.json").write_text(json.dumps(request))
     output = run_isolated(
-        f"""
+        """
         import json
         from transformers import pipeline
-        pipe = pipeline("video-text-to-text", model={str(folder)!r}, trust_remote_code=True)
-        assert type(pipe).__name__ == "CrossLMMVideoTextToTextPipeline", type(pipe)
-        assert type(pipe).__module__.startswith("transformers_modules"), type(pipe).__module__
-        messages = [{{"role": "user", "content": [{{"type": "video", "path": {str(video)!r}}},
-                                                  {{"type": "text", "text": {QUESTION!r}}}]}}]
-        answers = {{"chat": pipe(messages, num_frames=4, max_new_tokens={MAX_NEW_TOKENS}, return_full_text=False)}}
-        answers["text"] = pipe(text="<video>\\nWhat?", videos={str(video)!r}, num_frames=3,
-                               max_new_tokens={MAX_NEW_TOKENS}, return_full_text=False)
-        images = pipeline("image-text-to-text", model={str(folder)!r}, trust_remote_code=True)
-        answers["image"] = images(images="image.png", text="<image>\\nDescribe.", max_new_tokens={MAX_NEW_TOKENS},
-                                  return_full_text=False)
-        print(json.dumps({{key: value[0]["generated_text"] for key, value in answers.items()}}))
+
+        request = json.load(open("request.json"))
+        options = dict(max_new_tokens=request["max_new_tokens"], return_full_text=False)
+        videos = pipeline("video-text-to-text", model=request["folder"], trust_remote_code=True)
+        assert type(videos).__name__ == "CrossLMMVideoTextToTextPipeline", type(videos)
+        assert type(videos).__module__.startswith("transformers_modules"), type(videos).__module__
+        images = pipeline("image-text-to-text", model=request["folder"], trust_remote_code=True)
+        answers = {
+            "chat": videos(request["chat"], num_frames=4, **options),
+            "text": videos(text="<video>\\nWhat?", videos=request["video"], num_frames=3, **options),
+            "image": images(images=request["image"], text="<image>\\nDescribe.", **options),
+            "image_chat": images(request["image_chat"], **options),
+        }
+        print(json.dumps({key: [row["generated_text"] for row in rows] for key, rows in answers.items()}))
         """,
         tmp_path,
     )
