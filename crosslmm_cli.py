@@ -150,7 +150,6 @@ def build_sample_checkpoint(folder, vision: dict | None = None, text: dict | Non
     generation = model.generation_config
     generation.eos_token_id = tokenizer.convert_tokens_to_ids([IM_END, ENDOFTEXT])
     generation.pad_token_id = tokenizer.pad_token_id
-    generation.do_sample = False
 
     size = {"height": config.image_size, "width": config.image_size}  # whole patches only: 378 px for 384 / 14
     processor = CrossLMMProcessor(
@@ -167,7 +166,7 @@ def build_sample_checkpoint(folder, vision: dict | None = None, text: dict | Non
 
 def build_sample_video(path, seconds: float = 4.0, fps: int = 24, width: int = 320, height: int = 240):
     """Encode a short H.264/MP4 clip with PyAV: a red disc crossing left to right, a blue square rising, and a green
-    bar turning around the centre, on a dark gradient. Returns the path."""
+    bar making half a turn around the centre, on a dark gradient. Returns the path."""
     import av
 
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -185,7 +184,7 @@ def build_sample_video(path, seconds: float = 4.0, fps: int = 24, width: int = 3
             frame[(xs - cx) ** 2 + (ys - cy) ** 2 < 20**2] = (230, 40, 40)
             sx, sy = 2 * width / 3, (height - 30) - t * (height - 60)
             frame[(abs(xs - sx) < 18) & (abs(ys - sy) < 18)] = (40, 80, 230)
-            angle = 2 * math.pi * t
+            angle = math.pi * t  # half a turn
             along = (xs - width / 2) * math.cos(angle) + (ys - height / 2) * math.sin(angle)
             across = -(xs - width / 2) * math.sin(angle) + (ys - height / 2) * math.cos(angle)
             frame[(abs(along) < 40) & (abs(across) < 5)] = (40, 200, 60)
