@@ -344,6 +344,13 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
+    def post_init(self):
+        super().post_init()
+        # post_init gathers the children's `_no_split_modules`; the SigLIP tower's list names text-model classes that
+        # a vision-only tower lacks, and accelerate's FSDP wrap policy refuses a class it cannot find: keep those present.
+        present = {type(module).__name__ for module in self.modules()}
+        self._no_split_modules = {name for name in self._no_split_modules if name in present}
+
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
         """Reentrant checkpointing differentiates only through a layer's tensor arguments; a DCAL reads the original
         visual tokens from its VisualContext argument, so it needs the non-reentrant kind (transformers' default)."""
