@@ -1,18 +1,18 @@
-"""Run by tests/test_parallel.py under `torchrun --nproc_per_node 2` on CPU (gloo): tensor parallelism and FSDP2.
+"""Run by tests/test_parallel.py in two CPU processes (gloo): tensor parallelism (torchrun) and FSDP2 (accelerate).
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py tp FOLDER
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py fsdp FOLDER
+    accelerate launch --config_file examples/accelerate_fsdp.yaml --num_processes 2 --mixed_precision no \
+        tests/distributed_worker.py fsdp FOLDER
 
 FOLDER holds a saved tiny CrossLMM (`model/`) and the inputs (`inputs.pt`); rank 0 writes its results there.
 """
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForImageTextToText, DistributedConfig
 
@@ -43,17 +43,31 @@ def tensor_parallel(folder: Path):
 
 
 def fsdp(folder: Path):
-    """Shard every decoder layer, DCAL and vision encoder layer (`_no_split_modules`, the units accelerate's FSDP2
-    wraps by default), then the root, and take two SGD steps on this rank's sample; save the full weights."""
+    """Shard the model as accelerate's FSDP2 does from examples/accelerate_fsdp.yaml (this process is started by
+    `accelerate launch` with that file, which turns it into the FSDP_* variables the plugin reads), then take two
+    SGD steps on this rank's sample and save the full weights.
+
+    accelerate's `Accelerator` only enables FSDP on accelerators (on CPU it falls back to DDP), so its sharding
+    function `fsdp2_prepare_model` is called with a stand-in holding what that function reads from an Accelerator.
+    """
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from torch.distributed.fsdp import FSDPModule
+
     from training_crosslmm import parameter_groups, setup_stage2
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    plugin = FullyShardedDataParallelPlugin()
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin),
+        device=torch.device("cpu"),
+        is_main_process=dist.get_rank() == 0,
+        mixed_precision="no",
+        torch_device_mesh=None,
+    )
     model = AutoModelForImageTextToText.from_pretrained(folder / "model", trust_remote_code=True).train()
     learning_rates = setup_stage2(model, vision_tower_lr=0.1, connector_lr=0.5, llm_lr=0.5)
-    units = [module for module in model.modules() if type(module).__name__ in model._no_split_modules]
-    for module in units:
-        fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = fsdp2_prepare_model(accelerator, model)
+    units = sorted(name for name, module in model.named_modules() if isinstance(module, FSDPModule))
     optimizer = torch.optim.SGD(parameter_groups(model, learning_rates))
     batch = torch.load(folder / "inputs.pt", weights_only=True)[dist.get_rank()]
     losses = []
@@ -66,7 +80,7 @@ def fsdp(folder: Path):
     local = tuple(model.lm_head.weight.to_local().shape)
     state = {name: param.full_tensor() for name, param in model.named_parameters()}
     if dist.get_rank() == 0:
-        torch.save({"state": state, "losses": losses, "units": len(units), "local_shape": local}, folder / "fsdp.pt")
+        torch.save({"state": state, "losses": losses, "units": units, "local_shape": local}, folder / "fsdp.pt")
 
 
 if __name__ == "__main__":

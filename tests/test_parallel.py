@@ -6,8 +6,10 @@
   compute device, so moving the DCALs' original visual tokens between two accelerators is not exercised here.
 - tensor parallelism: `DistributedConfig(tp_plan="auto")` under torchrun with two CPU processes (gloo) shards the
   DCAL and decoder projections and gives the same logits and generations as one process.
-- FSDP2: two CPU processes shard the same units accelerate's FSDP wraps (`_no_split_modules`) and train two steps;
-  the weights equal single-process training on both processes' samples.
+- FSDP2: `accelerate launch` with examples/accelerate_fsdp.yaml starts two CPU processes, accelerate's own FSDP2
+  preparation shards the model from that config (accelerate's `Accelerator` turns FSDP off on CPU, so its sharding
+  function is driven directly), two SGD steps run, and the weights equal single-process training on both
+  processes' samples. Trainer's FSDP integration itself (and bf16 mixed precision) needs GPUs and is not run here.
 """
 
 import os
@@ -24,7 +26,8 @@ from transformers import AutoModelForImageTextToText
 from training_crosslmm import parameter_groups, setup_stage2
 
 
-WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "distributed_worker.py"
 
 
 def sample_inputs(config, seed=0):
@@ -86,13 +89,19 @@ def test_device_map_offload_gives_the_same_logits_and_generation(tmp_path):
 # ---- torchrun: tensor parallelism and FSDP2 on two CPU processes ----------------------------------------------------
 
 
-def torchrun(mode, folder):
+def run_two_processes(launcher, mode, folder):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = subprocess.run(
-        [*command, str(WORKER), mode, str(folder)], env=env, capture_output=True, text=True, timeout=180
+        [*launcher, str(WORKER), mode, str(folder)], env=env, capture_output=True, text=True, timeout=180, cwd=ROOT
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ACCELERATE_FSDP = [sys.executable, "-m", "accelerate.commands.launch"] + [
+    *("--config_file", str(ROOT / "examples" / "accelerate_fsdp.yaml")),
+    *("--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"),
+]
 
 
 def test_tensor_parallel_plan_on_two_cpu_processes(tmp_path):
@@ -104,7 +113,7 @@ def test_tensor_parallel_plan_on_two_cpu_processes(tmp_path):
         expected = model(**inputs).logits
     expected_generation = model.generate(**inputs, max_new_tokens=4, do_sample=False)
 
-    torchrun("tp", tmp_path)
+    run_two_processes(TORCHRUN, "tp", tmp_path)
     result = torch.load(tmp_path / "tp.pt", weights_only=True)
     width = model.config.text_config.hidden_size
     kv_width = model.config.text_config.num_key_value_heads * width // model.config.text_config.num_attention_heads
@@ -119,7 +128,7 @@ def test_tensor_parallel_plan_on_two_cpu_processes(tmp_path):
     assert torch.equal(result["generated"], expected_generation)
 
 
-def test_fsdp2_on_two_cpu_processes_equals_one_process_training(tmp_path):
+def test_accelerate_fsdp2_config_on_two_cpu_processes_equals_one_process_training(tmp_path):
     model = tiny_model(gates=0.4)
     model.save_pretrained(tmp_path / "model")
     batches = []
@@ -141,9 +150,9 @@ def test_fsdp2_on_two_cpu_processes_equals_one_process_training(tmp_path):
         optimizer.step()
         optimizer.zero_grad()
 
-    torchrun("fsdp", tmp_path)
+    run_two_processes(ACCELERATE_FSDP, "fsdp", tmp_path)
     result = torch.load(tmp_path / "fsdp.pt", weights_only=True)
-    assert result["units"] == len(no_split_units(reference))
+    assert no_split_units(reference) <= set(result["units"])  # each decoder layer, DCAL, encoder layer: a unit
     vocab, width = reference.lm_head.weight.shape
     assert result["local_shape"] == (vocab // 2, width)  # each process holds half of every weight
     assert result["losses"][1] < result["losses"][0]
