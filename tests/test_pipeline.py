@@ -123,6 +123,8 @@ def test_fresh_process_without_the_repository(files, reference, tmp_path):
         videos = pipeline("video-text-to-text", model=request["folder"], trust_remote_code=True)
         assert type(videos).__name__ == "CrossLMMVideoTextToTextPipeline", type(videos)
         assert type(videos).__module__.startswith("transformers_modules"), type(videos).__module__
+        # The config registers one custom task, so pipeline() infers it.
+        assert type(pipeline(model=request["folder"], trust_remote_code=True)) is type(videos)
         images = pipeline("image-text-to-text", model=request["folder"], trust_remote_code=True)
         answers = {
             "chat": videos(request["chat"], num_frames=4, **options),
