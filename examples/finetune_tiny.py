@@ -7,7 +7,9 @@ checkpoint) the same code fine-tunes a real model; bring your own samples in the
 
     python examples/finetune_tiny.py
     python examples/finetune_tiny.py --steps 40 --gradient-checkpointing
-    accelerate launch --config_file examples/accelerate_fsdp.yaml examples/finetune_tiny.py --model <checkpoint>
+    accelerate launch --config_file examples/accelerate_fsdp.yaml examples/finetune_tiny.py --model <checkpoint> --bf16
+    torchrun --nproc_per_node 8 examples/finetune_tiny.py --model <checkpoint> --bf16 \
+        --deepspeed examples/deepspeed_zero3.json
 """
 
 import argparse
@@ -71,6 +73,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--log-every", type=int, default=5, help="log the training loss every this many steps")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (GPUs)")
+    parser.add_argument("--deepspeed", help="DeepSpeed config file, e.g. examples/deepspeed_zero3.json")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -82,15 +86,7 @@ def main(argv=None) -> list[float]:
     checkpoint = args.model or build_sample_checkpoint(
         output_dir / "tiny-checkpoint", vision=TINY_VISION, text=TINY_TEXT, seed=args.seed, **TINY_OVERRIDES
     )
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
-    processor.video_processor.do_sample_frames = False  # the generated videos are already the frames to use
-    if args.gradient_checkpointing:  # the decoder layers, the DCALs and the vision tower's layers
-        model.gradient_checkpointing_enable()
-
-    # Stage 2 of the paper (everything CrossLMM runs trains, one learning rate per component), at rates that move a
-    # tiny random model within a few steps; the paper's are the defaults of setup_stage2 (2e-6 / 1e-5 / 1e-5).
-    learning_rates = setup_stage2(model, vision_tower_lr=2e-4, connector_lr=1e-3, llm_lr=1e-3)
+    # Made before loading the model: under DeepSpeed ZeRO-3 this lets from_pretrained load each GPU's shard only.
     training_args = TrainingArguments(
         output_dir=str(output_dir / "trainer"),
         max_steps=args.steps,
@@ -101,7 +97,20 @@ def main(argv=None) -> list[float]:
         save_strategy="no",
         report_to="none",
         seed=args.seed,
+        bf16=args.bf16,
+        deepspeed=args.deepspeed,  # its config has no optimizer: Trainer's, with the per-component groups, is used
     )
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    processor.video_processor.do_sample_frames = False  # the generated videos are already the frames to use
+    if args.gradient_checkpointing:  # the decoder layers, the DCALs and the vision tower's layers
+        model.gradient_checkpointing_enable()
+
+    # Stage 2 of the paper: everything CrossLMM runs trains, one learning rate per component. A real checkpoint gets
+    # the paper's rates (setup_stage2's defaults, 2e-6 / 1e-5 / 1e-5); a tiny random model needs larger ones to move
+    # within a few steps.
+    tiny_rates = {"vision_tower_lr": 2e-4, "connector_lr": 1e-3, "llm_lr": 1e-3}
+    learning_rates = setup_stage2(model, **({} if args.model else tiny_rates))
     trainer = CrossLMMTrainer(
         model=model,
         args=training_args,
