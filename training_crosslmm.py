@@ -1,11 +1,12 @@
 """Fine-tuning CrossLMM: a data collator for video chat samples, the paper's two training stages and per-component
 learning rates.
 
-The paper (appendix A.1, table 3) trains in two stages:
+The paper (appendix A.1 and table 3) trains in two stages:
 
 * Stage 1, vision-language pretraining: only the projector and the V2V branches of the DCALs learn; T2V is off
-  (pretraining captions are too noisy for it) and the vision tower and the LLM are frozen. Table 3 counts 43M trainable
-  parameters for CrossLMM-2B, which is the projector plus the DCALs' V2V attention, without their feed-forward blocks.
+  (pretraining captions are too noisy for it) and the vision tower and the LLM are frozen. Table 3's "Projector & T2V
+  Cross Attention" contradicts the text and the T2V ablation (table 2c); its 43M trainable parameters for CrossLMM-2B
+  are close to the projector plus the DCALs' V2V attention (4.1M + 7 x 5.3M = 41M), without their feed-forward blocks.
 * Stage 2, instruction tuning: everything learns, the vision tower at 2e-6 and the connector (projector and DCALs)
   and the LLM at 1e-5.
 
