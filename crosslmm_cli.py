@@ -465,10 +465,15 @@ def answer(args: argparse.Namespace):
             _progress(f"Encoding the sample video in {cache_folder()} (once) ...")
         video = str(sample_video())
 
-    from transformers import pipeline
+    from transformers import AutoConfig, pipeline
 
     _progress(f"Loading {model} on {device} ({str(dtype).removeprefix('torch.')}) ...")
     try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=True)
+        if "video-text-to-text" not in (getattr(config, "custom_pipelines", None) or {}):
+            raise UsageError(
+                f"{model} is a {config.model_type!r} checkpoint, which has no video-text-to-text pipeline"
+            )
         pipe = pipeline("video-text-to-text", model=model, trust_remote_code=True, device=device, dtype=dtype)
     except OSError as error:
         raise UsageError(f"cannot load model {model!r}: {str(error).strip().splitlines()[0]}") from None

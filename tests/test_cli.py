@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 from tiny_checkpoint import build_tiny_checkpoint, build_tiny_video
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, BertConfig, BertModel
 
 import crosslmm_cli
 from crosslmm_cli import main
@@ -64,6 +64,12 @@ def test_answers_and_reports_tokens_and_times(files, capsys):
     assert "Visual tokens in the LLM's sequence: 18 (2 frames x 9 pooled)" in capsys.readouterr().out
 
 
+def bert_checkpoint(folder):
+    config = BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8, vocab_size=10)
+    BertModel(config).save_pretrained(folder / "bert")
+    return folder / "bert"
+
+
 def write(path, data: bytes):
     path.write_bytes(data)
     return path
@@ -84,6 +90,7 @@ def write(path, data: bytes):
         (lambda d, v, t: ["--prompt", "  "], "--prompt is empty"),
         (lambda d, v, t: ["--model", str(t / "nowhere")], "model folder not found"),
         (lambda d, v, t: ["--model", str(t)], "has no config.json"),
+        (lambda d, v, t: ["--model", str(bert_checkpoint(t))], "'bert' checkpoint, which has no video-text-to-text"),
         (lambda d, v, t: ["--device", "toaster"], "--device 'toaster' is not a torch device"),
         (lambda d, v, t: ["--prompt", "Compare <video> with this one."], "video"),
     ],
@@ -99,7 +106,7 @@ def test_bad_inputs_give_one_error_line_and_exit_2(files, tmp_path, capsys, make
     lines = captured.err.strip().splitlines()
     assert lines[-1].startswith("crosslmm-answer: error: ") and re.search(message, lines[-1]), captured.err
     assert "Traceback" not in captured.err
-    assert sum("error" in line.lower() for line in lines) == 1, captured.err  # the rest is progress
+    assert sum("error:" in line.lower() for line in lines) == 1, captured.err  # the rest is progress
 
 
 def test_no_arguments_builds_the_samples_once_and_answers(tmp_path, monkeypatch, capsys):
