@@ -129,7 +129,7 @@ def _list_frames(container, stream, video: str):
     except av.FFmpegError as error:
         raise VideoLoadError(f"{video} is corrupt or truncated (reading its packets failed: {error})") from None
     if not packets:
-        raise VideoLoadError(f"{video} has no decodable video frames.")
+        raise VideoLoadError(f"{video} has no decodable video frames (an empty stream, or a corrupt file).")
     if stream.frames and len(packets) < stream.frames:
         raise VideoLoadError(
             f"{video} is truncated or corrupt: its header lists {stream.frames} frames but only {len(packets)} are "
@@ -151,16 +151,25 @@ def _to_rgb(frame) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, k=quarter_turns)) if quarter_turns else image
 
 
+def _decoded_frames(container, stream, wanted: set):
+    """Frames decoded from the current position on. Packets of frames nobody asked for are decoded with
+    `skip_frame="NONREF"`: frames no other frame refers to (most B-frames) are then skipped, not decoded."""
+    codec = stream.codec_context
+    for packet in container.demux(stream):
+        codec.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in wanted else "NONREF"
+        yield from codec.decode(packet)
+
+
 def _decode_at(container, stream, targets: list[int], keyframes: list[int], video: str) -> list:
     """Decode the frames whose pts are `targets` (ascending). Seeks to the keyframe before a target only when that
     keyframe lies past the current position, so dense samples decode straight through and sparse ones skip ahead."""
-    frames, position, decoder = [], None, None
+    frames, position, decoder, wanted = [], None, None, set(targets)
     try:
         for target in targets:
             keyframe = keyframes[np.searchsorted(keyframes, target, side="right") - 1]
             if decoder is None or position is None or keyframe > position:
                 container.seek(keyframe, stream=stream, backward=True)
-                decoder = container.decode(stream)
+                decoder = _decoded_frames(container, stream, wanted)
             for frame in decoder:
                 if frame.pts is None:
                     continue
@@ -173,7 +182,7 @@ def _decode_at(container, stream, targets: list[int], keyframes: list[int], vide
     except av.FFmpegError as error:
         raise VideoLoadError(f"{video} is corrupt or truncated (decoding failed: {error})") from None
     if not frames:
-        raise VideoLoadError(f"{video} has no decodable video frames.")
+        raise VideoLoadError(f"{video} has no decodable video frames (an empty stream, or a corrupt file).")
     if len(frames) < len(targets):
         raise VideoLoadError(
             f"{video} is truncated or corrupt: only {len(frames)} of the {len(targets)} sampled frames decode."

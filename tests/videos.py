@@ -47,13 +47,15 @@ def encode_video(
     gray: bool = False,
     alpha: bool = False,
     options: dict | None = None,
+    container_options: dict | None = None,
 ):
     """Encode `num_frames` index frames into `path` (container from the extension).
 
     `pts_ms` gives each frame's presentation time in milliseconds (variable frame rate); `rotation` writes a display
-    matrix (counter-clockwise degrees, as phones record it); `gray`/`alpha` feed gray or RGBA frames.
+    matrix (counter-clockwise degrees, as phones record it); `gray`/`alpha` feed gray or RGBA frames; `options` go
+    to the encoder and `container_options` to the muxer (e.g. {"movflags": "faststart"}: the MP4 index up front).
     """
-    container = av.open(str(path), mode="w")
+    container = av.open(str(path), mode="w", options=container_options or {})
     stream = container.add_stream(codec, rate=fps, options=options or {})
     stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
     if pts_ms is not None:
