@@ -1,11 +1,16 @@
 """What the benchmarks share: CrossLMM and LLaVA-OneVision built from the same parts, prompts laid out the same way,
 and the record (machine, command, date, versions) every result file carries."""
 
+import ctypes
+import ctypes.util
 import datetime
+import gc
 import json
 import math
+import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -127,9 +132,14 @@ def build(config, device="cpu", dtype=torch.float32, seed=0):
         else LlavaOnevisionForConditionalGeneration
     )
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = cls(config)
-    return model.to(dtype).eval()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # made in `dtype` on `device` directly: no float32 copy of a 7B model on the GPU
+    try:
+        with torch.device(device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return model.eval()
 
 
 def video_tokens(config, num_frames):
@@ -159,7 +169,8 @@ def environment():
     machine = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
-        "cpu_count": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],  # other work on the machine while this ran
     }
     if torch.cuda.is_available():
         machine["gpu"] = torch.cuda.get_device_name()
@@ -201,3 +212,104 @@ def write_json(path, results):
     with open(path, "w") as f:
         json.dump({**environment(), "results": results}, f, indent=2)
     print(f"\nwrote {path}")
+
+
+# ---- measuring ----------------------------------------------------------------------------------------------------
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def timed(fn, device):
+    """(seconds, result) of one call; on CUDA the device is synchronised only around it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def peak_memory(fn, device):
+    """Bytes `fn()` allocates at its peak above what was allocated before (weights, inputs) in a run of its own.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: the resident set's high-water mark (VmHWM, reset through
+    /proc/self/clear_refs), with glibc's mmap threshold fixed at 64 KiB during the run so that every tensor above it
+    gets its own mapping, returned when freed, and the resident set follows the live tensors rather than the
+    allocator's caches (too slow for timing: hence a run of its own)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallopt(M_MMAP_THRESHOLD, 64 * 2**10)
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        before = _proc_status_bytes("VmRSS")
+        fn()
+        return _proc_status_bytes("VmHWM") - before
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)  # glibc's largest dynamic threshold, where it usually settles
+
+
+def _proc_status_bytes(field):
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def is_out_of_memory(error):
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def weights_bytes(model):
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def random_video(config, num_frames, device, dtype, seed=0):
+    """(1, T, 3, S, S) normalised-looking pixels at the size the model takes."""
+    size = frame_size(config)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(1, num_frames, 3, size, size, generator=generator).to(device, dtype)
+
+
+def add_model_arguments(parser):
+    """The options prefill.py and decode.py share."""
+    parser.add_argument("--size", default="small", choices=list(SIZES), help="tiny/small: CPU; 2b/7b: GPU")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="default: bfloat16 on CUDA, float32 on the CPU",
+    )
+    parser.add_argument(
+        "--attn", default="sdpa", help="attention backend of both models (sdpa, flash_attention_2, ...)"
+    )
+    parser.add_argument("--pool-size", type=int, default=3)
+    parser.add_argument("--v2v-scope", default="video", choices=["video", "frame"])
+    parser.add_argument(
+        "--vision-batch-size", type=int, default=64, help="CrossLMM: frames the vision tower encodes at once"
+    )
+
+
+def models_from_arguments(args):
+    """(device, dtype, {"CrossLMM": model, "LLaVA-OV": model}) as the options ask, random weights."""
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    crosslmm = crosslmm_config(args.size, args.pool_size, args.v2v_scope, args.attn, args.vision_batch_size)
+    models = {
+        "CrossLMM": build(crosslmm, device, dtype),
+        "LLaVA-OV": build(llava_config(args.size, args.attn), device, dtype),
+    }
+    return device, dtype, models
