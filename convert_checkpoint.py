@@ -16,7 +16,8 @@ Sources (local folders or Hub ids; Hub files come through huggingface_hub and it
    LLaVA-OneVision cuts it (its last encoder layer and the attention-pooling head dropped, so that the original visual
    tokens are the penultimate layer's output); the projector is random.
 3. A CrossLMM trained in the LLaVA-NeXT code base (a LLaVA-NeXT checkpoint whose keys also hold DCALs), with the DCAL
-   names of `LLAVA_NEXT_DCAL_KEY_MAP` below, or those of a `--key-map` JSON file.
+   names of this file's `LLAVA_NEXT_DCAL_KEY_MAP` (`model.cross_attn_layers.N.{v2v,t2v}_cross_attn`, `ffn`, ...), or
+   those of a `--key-map` JSON file.
 
 Every source tensor is either placed, or dropped on purpose with a reason that the run prints; any other tensor, any
 CrossLMM tensor left without a source and any shape mismatch fails the run, naming each key. Tensors stream from the
@@ -108,8 +109,8 @@ LLAVA_NEXT_ARCHITECTURES = ("LlavaQwenForCausalLM",)
 # The files a checkpoint carries for trust_remote_code (found, not imported: the pipeline pulls in all of
 # transformers.pipelines).
 CODE_MODULES = ("configuration_crosslmm", "modeling_crosslmm", "processing_crosslmm", "pipeline_crosslmm")
-TOKENIZER_FILES = ["tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.jinja"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 VERIFY_MAX_PARAMETERS = 3_000_000_000
 MAX_LISTED = 20  # keys named per kind of problem; a wrong config would otherwise list every tensor
 
@@ -184,12 +185,7 @@ class WeightSource:
         handle = self._handle(self.key_to_file[key])
         if isinstance(handle, dict):
             return handle[key].dtype
-        return getattr(
-            torch,
-            {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}.get(
-                handle.get_slice(key).get_dtype(), "float32"
-            ),
-        )
+        return SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype(), torch.float32)
 
     def read(self, key: str) -> torch.Tensor:
         handle = self._handle(self.key_to_file[key])
@@ -480,14 +476,8 @@ def build_config(source: Source, tokenizer, args, dtype: torch.dtype) -> CrossLM
     text_config.tie_word_embeddings = source.tie_word_embeddings
     dcal_layers = None
     if source.kind == "crosslmm_llava_next":  # where the trained DCALs are, from their keys
-        dcal_layers = sorted(
-            {
-                int(rename(k, key_map).split(".")[2])
-                for ws, key_map in source.weights
-                for k in ws.keys()
-                if (rename(k, key_map) or "").startswith("model.cross_attention_layers.")
-            }
-        )
+        targets = [rename(key, key_map) or "" for weights, key_map in source.weights for key in weights.keys()]
+        dcal_layers = sorted({int(t.split(".")[2]) for t in targets if t.startswith("model.cross_attention_layers.")})
     try:
         config = CrossLMMConfig(
             vision_config=source.vision_config.to_dict(),
@@ -509,6 +499,13 @@ def build_config(source: Source, tokenizer, args, dtype: torch.dtype) -> CrossLM
         config.cross_attention_layers, config.cross_attention_interval = None, dcal_layers[0] + 1  # a regular layout
     config.dtype = str(dtype).removeprefix("torch.")
     return config
+
+
+def source_dtype(source: Source) -> torch.dtype:
+    """The dtype of the source LLM's token embeddings (float32 if it has none)."""
+    llm_weights = source.weights[-1][0]
+    embed_key = next((k for k in llm_weights.keys() if k.endswith("embed_tokens.weight")), None)
+    return llm_weights.dtype(embed_key) if embed_key else torch.float32
 
 
 def expected_tensors(config: CrossLMMConfig) -> dict[str, tuple[int, ...]]:
@@ -859,13 +856,7 @@ def convert(args) -> Path:
         raise ConversionError(f"{output} exists; pass --overwrite to replace it.")
     source = load_source(args)
     tokenizer = load_tokenizer(resolve(args.tokenizer, "--tokenizer") if args.tokenizer else source.tokenizer_folder)
-    first_weights = source.weights[-1][0]  # the LLM's checkpoint
-    embed_key = next((k for k in first_weights.keys() if k.endswith("embed_tokens.weight")), None)
-    dtype = (
-        DTYPES[args.dtype]
-        if args.dtype != "auto"
-        else (first_weights.dtype(embed_key) if embed_key else torch.float32)
-    )
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else source_dtype(source)
     config = build_config(source, tokenizer, args, dtype)
     plan = plan_conversion(source, config, args.dcal_init)
     shapes = expected_tensors(config)
