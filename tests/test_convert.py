@@ -243,9 +243,8 @@ def test_trained_crosslmm_with_the_built_in_key_map(tmp_path):
     source_dcals, dcals = trained_dcals(llava_next_naming)
     assert "model.cross_attn_layers.1.ffn.up_proj.weight" in source_dcals
     reference = llava_next_folder(tmp_path / "trained", dcal_tensors=source_dcals)
-    output = run(
-        "--source", tmp_path / "trained", "--output", tmp_path / "out", "--cross-attention-interval", "4", "--no-verify"
-    )  # fmt: skip
+    output = run("--source", tmp_path / "trained", "--output", tmp_path / "out", "--no-verify",
+                 "--cross-attention-interval", "4")  # fmt: skip
 
     config = json.loads((output / "config.json").read_text())
     assert (config["cross_attention_interval"], config["cross_attention_layers"]) == (2, None)  # from the keys
