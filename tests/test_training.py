@@ -10,7 +10,7 @@ from tiny import frames, prompt, set_gates, tiny_model
 from transformers import AutoModelForImageTextToText
 
 from crosslmm_cli import build_tokenizer
-from processing_crosslmm import CrossLMMProcessor, CrossLMMVideoProcessor
+from processing_crosslmm import CrossLMMImageProcessor, CrossLMMProcessor, CrossLMMVideoProcessor
 from training_crosslmm import (
     ASSISTANT_HEADER,
     LORA_TARGET_MODULES,
@@ -44,7 +44,10 @@ def video_batch(config, seed=0):
 def processor():
     size = {"height": 56, "width": 56}
     video_processor = CrossLMMVideoProcessor(size=size, do_sample_frames=False)
-    return CrossLMMProcessor(tokenizer=build_tokenizer(), video_processor=video_processor, pool_size=2)
+    image_processor = CrossLMMImageProcessor(size=size)
+    return CrossLMMProcessor(
+        tokenizer=build_tokenizer(), video_processor=video_processor, image_processor=image_processor, pool_size=2
+    )
 
 
 def chat(turns):
@@ -82,6 +85,28 @@ def test_collator_labels_exactly_the_assistant_turns(processor, padding_side):
     # The shorter row is padded on the requested side, and padding is never labelled.
     padding = batch["attention_mask"][1] == 0
     assert padding.any() and bool(padding[0] if padding_side == "left" else padding[-1])
+
+
+def test_collator_batches_images_and_videos_for_the_model(processor):
+    image_sample = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
+            {"role": "assistant", "content": "Blue."},
+        ],
+        "images": [finetune_tiny.moving_square("blue", "left")[0]],
+    }
+    batch = CrossLMMDataCollator(processor)([image_sample, chat([("Describe the video.", "A red square.")])])
+    assert batch["pixel_values"].shape == (1, 3, 56, 56) and batch["pixel_values_videos"].shape == (1, 3, 3, 56, 56)
+    model = tiny_model(
+        vision={"image_size": 56, "patch_size": 8},
+        text={"vocab_size": len(processor.tokenizer)},
+        image_token_id=processor.image_token_id,
+        video_token_id=processor.video_token_id,
+        gates=0.5,
+    ).train()
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
 
 
 def test_collator_refuses_bad_samples(processor):
