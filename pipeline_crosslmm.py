@@ -3,13 +3,14 @@
 A checkpoint's `config.json` registers this class under `custom_pipelines`, and the file travels with every checkpoint
 folder, so `pipeline("video-text-to-text", model=folder_or_repo, trust_remote_code=True)` works wherever the model
 loads. transformers' multimodal generation pipeline (`AnyToAnyPipeline`) already does the work: chat messages or
-`text=` plus `videos=`, batching, generation options, `return_full_text`; frame sampling options (`num_frames`, `fps`,
-...) pass through to the processor. This class only points it at video models and names the mistakes it would
-otherwise report obscurely.
+`text=` plus `videos=`, batching, `max_new_tokens`, `return_full_text`. This class points it at video models, sends
+loose frame sampling options (`num_frames`, `fps`, ...) to the processor and generation options (`do_sample`,
+`num_beams`, ...) to `generate`, and names the mistake of a video without a prompt.
 """
 
 import inspect
 
+from transformers import GenerationConfig, GenerationMixin
 from transformers.pipelines.any_to_any import AnyToAnyPipeline
 
 
@@ -47,22 +48,33 @@ class CrossLMMVideoTextToTextPipeline(AnyToAnyPipeline):
         if "video" not in getattr(self.model, "input_modalities", ()):
             raise ValueError(f"{type(self.model).__name__} does not take videos, so it cannot serve {self.task!r}.")
 
-    def _sanitize_parameters(self, processor_kwargs=None, **kwargs):
-        # Frame sampling options (`num_frames`, `fps`, `max_frames`, `start_time`, ...) belong to the video processor:
-        # hand them over inside `processor_kwargs`, where both input forms read them (loose, a chat warns, and
-        # transformers 5.17 drops them when `processor_kwargs` is also given).
-        video_options = set(self.processor.video_processor.valid_kwargs.__annotations__)
-        video_options -= set(inspect.signature(AnyToAnyPipeline._sanitize_parameters).parameters)  # `return_tensors`
-        moved = {name: kwargs.pop(name) for name in list(kwargs) if name in video_options}
-        if moved:
-            processor_kwargs = {**moved, **(processor_kwargs or {})}
-        return super()._sanitize_parameters(processor_kwargs=processor_kwargs, **kwargs)
+    def _sanitize_parameters(self, processor_kwargs=None, generate_kwargs=None, **kwargs):
+        """Send loose options where they belong. Frame sampling options (`num_frames`, `fps`, `max_frames`,
+        `start_time`, ...) go to the processor inside `processor_kwargs`, where both input forms read them (loose, a
+        chat warns, and transformers 5.17 drops them when `processor_kwargs` is also given). Generation options
+        (`do_sample`, `temperature`, `num_beams`, `streamer`, ...) go to `generate`, as in the text-generation
+        pipeline; the processor would ignore them."""
+        pipeline_options = set(inspect.signature(AnyToAnyPipeline._sanitize_parameters).parameters)
+        video_options = set(self.processor.video_processor.valid_kwargs.__annotations__) - pipeline_options
+        generation_options = set(GenerationConfig().to_dict()) | set(
+            inspect.signature(GenerationMixin.generate).parameters
+        )
+        generation_options -= pipeline_options | {"self", "inputs", "kwargs"}
+        to_processor = {name: kwargs.pop(name) for name in list(kwargs) if name in video_options}
+        to_generate = {name: kwargs.pop(name) for name in list(kwargs) if name in generation_options}
+        if to_processor:
+            processor_kwargs = {**to_processor, **(processor_kwargs or {})}
+        if to_generate:
+            generate_kwargs = {**to_generate, **(generate_kwargs or {})}
+        return super()._sanitize_parameters(
+            processor_kwargs=processor_kwargs, generate_kwargs=generate_kwargs, **kwargs
+        )
 
     def __call__(self, text=None, images=None, videos=None, **kwargs):
         """Chat messages (one chat or a list of chats) as `text`, or prompt string(s) with `<video>`/`<image>`
         placeholders plus `videos=` (paths or decoded frame arrays) and/or `images=`. Generation options
-        (`max_new_tokens`, `do_sample`, `generate_kwargs={...}`, ...) and frame sampling options (`num_frames`, `fps`,
-        ...) are keyword arguments."""
+        (`max_new_tokens`, `do_sample`, `num_beams`, ..., or `generate_kwargs={...}`) and frame sampling options
+        (`num_frames`, `fps`, ..., or `processor_kwargs={...}`) are keyword arguments."""
         if text is None:
             given = "videos" if videos is not None else "images" if images is not None else "nothing"
             raise ValueError(

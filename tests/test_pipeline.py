@@ -196,8 +196,9 @@ def test_generation_and_frame_sampling_options(files, reference, pipe):
     per_frame = pipe.model.config.tokens_per_frame
     prompt_length = chat_inputs(reference, messages, num_frames=2)["input_ids"].shape[1]
 
-    result = pipe(messages, num_frames=2, max_new_tokens=3, generate_kwargs={"min_new_tokens": 3}, return_tensors=True)
-    assert len(result[0]["generated_token_ids"]) == prompt_length + 3
+    for options in ({"min_new_tokens": 3}, {"generate_kwargs": {"min_new_tokens": 3}}):
+        result = pipe(messages, num_frames=2, max_new_tokens=3, return_tensors=True, **options)
+        assert len(result[0]["generated_token_ids"]) == prompt_length + 3
     assert video_tokens(pipe, result) == 2 * per_frame
     # fps sampling, in both input forms and through processor_kwargs.
     expected_frames = int(VIDEO_SECONDS * 2)
@@ -211,16 +212,12 @@ def test_generation_and_frame_sampling_options(files, reference, pipe):
     assert video_tokens(pipe, pipe(messages, num_frames=3, max_new_tokens=1, return_tensors=True)) == 3 * per_frame
     assert VIDEO_FPS * VIDEO_SECONDS > 3  # so the counts above come from sampling, not from the video's length
 
-    # generate_kwargs reach generate: beam search, checked against generate.
+    # Generation options reach generate, loose or in generate_kwargs: beam search, checked against generate.
     answers = generate_answers(reference, chat_inputs(reference, messages, num_frames=2), num_beams=2)
-    results = pipe(
-        messages,
-        num_frames=2,
-        max_new_tokens=MAX_NEW_TOKENS,
-        generate_kwargs={"num_beams": 2},
-        return_full_text=False,
-    )
-    assert [r["generated_text"] for r in results] == answers
+    assert answers != generate_answers(reference, chat_inputs(reference, messages, num_frames=2))  # not greedy's
+    for options in ({"num_beams": 2}, {"generate_kwargs": {"num_beams": 2}}):
+        results = pipe(messages, num_frames=2, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False, **options)
+        assert [r["generated_text"] for r in results] == answers
 
 
 def test_streaming_matches_generate(files, reference, pipe):
