@@ -1,6 +1,7 @@
 """convert_checkpoint.py on tiny random sources in every layout it reads, and on each kind of bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,7 +69,7 @@ def test_llava_onevision_transformers_format(tmp_path, layout):
         tmp_path / "out",
         "--max-shard-size",
         "300KB",
-        "--verify" if layout == "hub" else "--no-verify",
+        "--no-verify",  # verification: test_command_line (this format), the other formats' tests
     )
 
     files = {p.name for p in output.iterdir()}
@@ -379,43 +380,32 @@ def test_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     help_text = capsys.readouterr().out
-    for option in (
-        "--source",
-        "--vision",
-        "--text",
-        "--output",
-        "--overwrite",
-        "--tokenizer",
-        "--key-map",
-        "--pool-size",
-        "--cross-attention-interval",
-        "--v2v-scope",
-        "--dcal-init",
-        "--dtype",
-        "--max-shard-size",
-        "--seed",
-        "--verify",
-        "--no-verify",
-        "--push-to-hub",
-    ):
-        assert option in help_text
-    result = subprocess.run(
-        [
-            sys.executable,
-            ROOT / "convert_checkpoint.py",
-            "--source",
-            tmp_path / "nowhere",
-            "--output",
-            tmp_path / "out",
-        ],
-        capture_output=True,
-        text=True,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "", "HOME": str(tmp_path)},
+    options = (
+        "--source --vision --text --output --overwrite --tokenizer --key-map --pool-size --cross-attention-interval"
     )
-    assert result.returncode == 1
-    assert "error: --source" in result.stderr and "nowhere" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, no cache either
+    options += " --v2v-scope --dcal-init --dtype --max-shard-size --seed --verify --no-verify --push-to-hub"
+    for option in options.split():
+        assert option in help_text
+
+    with pytest.raises(SystemExit) as exit_info:  # bad input: one line on stderr, exit status 1, no traceback
+        convert_checkpoint.main(["--source", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.startswith("error: --source")
+
+    # The real command, verification included, writes its folder and nothing else: not even in HOME's caches.
+    source = llava_onevision_folder(tmp_path / "llava-ov")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "HF_HUB_OFFLINE": "1", "PATH": os.environ["PATH"], "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, ROOT / "convert_checkpoint.py", "--source", source, "--output", tmp_path / "out"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Writing shards" in result.stderr and "Verified" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "llava-ov", "out"]
+    assert list(home.iterdir()) == []
+    assert not (tmp_path / "out" / ".verify_modules").exists()
 
 
 def test_shards_hold_about_max_shard_size(tmp_path):
