@@ -10,8 +10,12 @@ loose frame sampling options (`num_frames`, `fps`, ...) to the processor and gen
 
 import inspect
 
-from transformers import GenerationConfig, GenerationMixin
+from transformers import AutoModelForImageTextToText, GenerationConfig, GenerationMixin
+from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.any_to_any import AnyToAnyPipeline
+
+
+TASK = "video-text-to-text"
 
 
 class CrossLMMVideoTextToTextPipeline(AnyToAnyPipeline):
@@ -23,6 +27,8 @@ class CrossLMMVideoTextToTextPipeline(AnyToAnyPipeline):
     >>> from transformers import pipeline
 
     >>> pipe = pipeline("video-text-to-text", model="path/to/crosslmm", trust_remote_code=True)
+    >>> # or, with a model and its processor in memory:
+    >>> # pipe = pipeline("video-text-to-text", model=model, processor=processor)
     >>> messages = [
     ...     {
     ...         "role": "user",
@@ -83,5 +89,13 @@ class CrossLMMVideoTextToTextPipeline(AnyToAnyPipeline):
             )
         return super().__call__(text=text, images=images, videos=videos, **kwargs)
 
+
+# Checkpoints loaded by name find this class through their config's `custom_pipelines`. Registering the task as well
+# (once this module is imported, from a checkpoint or a checkout) lets `pipeline(TASK, model=..., processor=...)` take
+# a model already in memory. A task transformers itself defines keeps precedence.
+if TASK not in PIPELINE_REGISTRY.get_supported_tasks():
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK, pipeline_class=CrossLMMVideoTextToTextPipeline, pt_model=AutoModelForImageTextToText, type="multimodal"
+    )
 
 __all__ = ["CrossLMMVideoTextToTextPipeline"]

@@ -139,6 +139,19 @@ def test_fresh_process_without_the_repository(files, reference, tmp_path):
     assert json.loads(output.strip().splitlines()[-1]) == expected
 
 
+def test_model_in_memory(files, reference):
+    import pipeline_crosslmm  # noqa: F401  (importing the module registers the task, if no checkpoint did yet)
+
+    model, processor = reference
+    _, video = files
+    in_memory = pipeline("video-text-to-text", model=model, processor=processor)
+    assert type(in_memory).__name__ == "CrossLMMVideoTextToTextPipeline"
+    answer = generate_answers(reference, chat_inputs(reference, chat(video), num_frames=2))
+    assert in_memory(chat(video), num_frames=2, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False) == [
+        {"input_text": chat(video), "generated_text": answer[0]}
+    ]
+
+
 def test_chat_and_text_forms_match_generate(files, reference, pipe):
     folder, video = files
     messages = chat(video)
