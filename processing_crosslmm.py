@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers import BatchFeature
-from transformers.image_utils import make_flat_list_of_images
+from transformers.image_utils import PILImageResampling, make_flat_list_of_images
 from transformers.models.siglip.image_processing_siglip import SiglipImageProcessor
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, VideosKwargs
 from transformers.utils import logging
@@ -253,7 +253,7 @@ class CrossLMMVideoProcessor(BaseVideoProcessor):
     """SigLIP-normalised frames for CrossLMM. Samples `num_frames` frames uniformly over the video (or the
     `start_time`/`end_time` window), or, when `fps` is set, one frame every 1/fps seconds capped at `max_frames`."""
 
-    resample = 3  # PILImageResampling.BICUBIC
+    resample = PILImageResampling.BICUBIC
     image_mean = SIGLIP_MEAN
     image_std = SIGLIP_STD
     size = SIGLIP_SIZE
@@ -361,6 +361,8 @@ class CrossLMMVideoProcessor(BaseVideoProcessor):
             if isinstance(video, (str, os.PathLike)):
                 video, metadata = read_video(video, sample_indices_fn)
             else:
+                if len(video) == 0:
+                    raise ValueError("A video given as an array of frames has no frames.")
                 if metadata is None:
                     height, width = get_video_size(video)
                     metadata = CrossLMMVideoMetadata(total_num_frames=len(video), height=height, width=width)

@@ -261,6 +261,7 @@ def test_bad_sampling_arguments(clips, processor, kwargs, needle):
 def test_time_sampling_of_frame_arrays_needs_their_frame_rate(processor):
     video = np.zeros((20, 48, 64, 3), np.uint8)
     one_line_error(ValueError, lambda: processor.video_processor([video], fps=2), "frame rate")
+    one_line_error(ValueError, lambda: processor.video_processor([video[:0]]), "has no frames")
     out = processor.video_processor([video], fps=2, video_metadata=[{"total_num_frames": 20, "fps": 10.0}])
     assert len(out["pixel_values_videos"][0]) == 4  # 2 s at 2 fps
 
