@@ -139,11 +139,23 @@ def test_seeking_gives_the_exact_pixels_of_a_full_sequential_decode(tmp_path):
     assert np.array_equal(frames, np.stack([everything[i] for i in picked]))
 
 
-def test_sampling_across_many_keyframes_returns_the_right_frames(tmp_path):
-    """A keyframe every 10 frames: sparse samples are reached by seeking and must still be exactly the frames asked."""
+def test_sparse_sampling_seeks_instead_of_decoding_everything(tmp_path, monkeypatch):
+    """A keyframe every 10 frames: 4 samples out of 120 decode at most a GOP each, and are exactly the frames asked."""
+    import processing_crosslmm
+
+    decoded = []
+    original = processing_crosslmm._decoded_frames
+
+    def counting(*args):
+        for frame in original(*args):
+            decoded.append(frame.pts)
+            yield frame
+
+    monkeypatch.setattr(processing_crosslmm, "_decoded_frames", counting)
     path = encode_video(tmp_path / "keyframes.mp4", 120, options={"g": "10"})
     frames, metadata = sample(str(path), num_frames=4)
     assert metadata.frames_indices == [0, 40, 79, 119] == shown(frames)
+    assert len(decoded) <= 4 * 10, len(decoded)
 
 
 # ---- real-world files -----------------------------------------------------------------------------------------------
