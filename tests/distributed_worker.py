@@ -1,8 +1,9 @@
-"""Run by tests/test_parallel.py in two CPU processes (gloo): tensor parallelism (torchrun) and FSDP2 (accelerate).
+"""Run by tests/test_parallel.py in two CPU processes (gloo): tensor parallelism, FSDP2 (accelerate), DeepSpeed ZeRO-3.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py tp FOLDER
     accelerate launch --config_file examples/accelerate_fsdp.yaml --num_processes 2 --mixed_precision no \
         tests/distributed_worker.py fsdp FOLDER
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py zero3 FOLDER
 
 FOLDER holds a saved tiny CrossLMM (`model/`) and the inputs (`inputs.pt`); rank 0 writes its results there.
 """
@@ -83,8 +84,43 @@ def fsdp(folder: Path):
         torch.save({"state": state, "losses": losses, "units": units, "local_shape": local}, folder / "fsdp.pt")
 
 
+def zero3(folder: Path):
+    """DeepSpeed ZeRO-3 with examples/deepspeed_zero3.json, its "auto" values filled as Trainer fills them for one
+    sample per process in float32 (Trainer itself cannot run DeepSpeed on CPU: accelerate counts one process there);
+    two SGD steps on this rank's sample; save the full weights."""
+    import json
+
+    import deepspeed
+
+    from training_crosslmm import parameter_groups, setup_stage2
+
+    config = json.loads((Path(__file__).resolve().parent.parent / "examples" / "deepspeed_zero3.json").read_text())
+    config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    config.update(train_batch_size=dist.get_world_size())
+    config.update(gradient_clipping=0.0, bf16={"enabled": False}, zero_allow_untested_optimizer=True)
+    config["zero_optimization"].update(
+        reduce_bucket_size=4096, stage3_prefetch_bucket_size=4096, stage3_param_persistence_threshold=0
+    )
+    model = AutoModelForImageTextToText.from_pretrained(folder / "model", trust_remote_code=True).train()
+    learning_rates = setup_stage2(model, vision_tower_lr=0.1, connector_lr=0.5, llm_lr=0.5)
+    optimizer = torch.optim.SGD(parameter_groups(model, learning_rates))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    partitioned = engine.module.lm_head.weight.numel() == 0  # ZeRO-3 keeps only this process's shard
+    batch = torch.load(folder / "inputs.pt", weights_only=True)[dist.get_rank()]
+    losses = []
+    for _ in range(2):
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        state = {name: param.detach().clone() for name, param in engine.module.named_parameters()}
+    if dist.get_rank() == 0:
+        torch.save({"state": state, "losses": losses, "partitioned": partitioned}, folder / "zero3.pt")
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     dist.init_process_group("gloo")
-    {"tp": tensor_parallel, "fsdp": fsdp}[sys.argv[1]](Path(sys.argv[2]))
+    {"tp": tensor_parallel, "fsdp": fsdp, "zero3": zero3}[sys.argv[1]](Path(sys.argv[2]))
     dist.destroy_process_group()

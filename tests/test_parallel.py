@@ -10,6 +10,8 @@
   preparation shards the model from that config (accelerate's `Accelerator` turns FSDP off on CPU, so its sharding
   function is driven directly), two SGD steps run, and the weights equal single-process training on both
   processes' samples. Trainer's FSDP integration itself (and bf16 mixed precision) needs GPUs and is not run here.
+- DeepSpeed ZeRO-3 (only where deepspeed is installed): examples/deepspeed_zero3.json on two CPU processes, same
+  comparison.
 """
 
 import os
@@ -17,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from accelerate import infer_auto_device_map
 from accelerate.utils import compute_module_sizes
@@ -128,17 +131,18 @@ def test_tensor_parallel_plan_on_two_cpu_processes(tmp_path):
     assert torch.equal(result["generated"], expected_generation)
 
 
-def test_accelerate_fsdp2_config_on_two_cpu_processes_equals_one_process_training(tmp_path):
+def sharded_training_setup(folder):
+    """Save a tiny model and one sample per process; return the weights after training one process on both samples
+    (data-parallel training averages the processes' gradients, so the loss is the mean of theirs)."""
     model = tiny_model(gates=0.4)
-    model.save_pretrained(tmp_path / "model")
+    model.save_pretrained(folder / "model")
     batches = []
     for rank in range(2):
         batch = sample_inputs(model.config, seed=rank)
         batch["labels"] = batch["input_ids"]
         batches.append(batch)
-    torch.save(batches, tmp_path / "inputs.pt")
+    torch.save(batches, folder / "inputs.pt")
 
-    # One process, both samples: FSDP averages the two processes' gradients, so the loss is the mean of theirs.
     reference = tiny_model(gates=0.4).train()
     learning_rates = setup_stage2(reference, vision_tower_lr=0.1, connector_lr=0.5, llm_lr=0.5)
     # SGD, not Adam: Adam turns the rounding noise of gradients that are zero in exact arithmetic (the key biases
@@ -149,14 +153,31 @@ def test_accelerate_fsdp2_config_on_two_cpu_processes_equals_one_process_trainin
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    return reference
 
-    run_two_processes(ACCELERATE_FSDP, "fsdp", tmp_path)
-    result = torch.load(tmp_path / "fsdp.pt", weights_only=True)
-    assert no_split_units(reference) <= set(result["units"])  # each decoder layer, DCAL, encoder layer: a unit
-    vocab, width = reference.lm_head.weight.shape
-    assert result["local_shape"] == (vocab // 2, width)  # each process holds half of every weight
+
+def assert_same_training(result, reference):
     assert result["losses"][1] < result["losses"][0]
     for name, param in reference.named_parameters():
         torch.testing.assert_close(result["state"][name], param.detach(), rtol=1e-4, atol=1e-5, msg=name)
     initial = tiny_model(gates=0.4).state_dict()
     assert not torch.equal(result["state"]["lm_head.weight"], initial["lm_head.weight"])  # it did train
+
+
+def test_accelerate_fsdp2_config_on_two_cpu_processes_equals_one_process_training(tmp_path):
+    reference = sharded_training_setup(tmp_path)
+    run_two_processes(ACCELERATE_FSDP, "fsdp", tmp_path)
+    result = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    assert no_split_units(reference) <= set(result["units"])  # each decoder layer, DCAL, encoder layer: a unit
+    vocab, width = reference.lm_head.weight.shape
+    assert result["local_shape"] == (vocab // 2, width)  # each process holds half of every weight
+    assert_same_training(result, reference)
+
+
+def test_deepspeed_zero3_config_on_two_cpu_processes_equals_one_process_training(tmp_path):
+    pytest.importorskip("deepspeed")  # not a dependency of the project: installed, this runs
+    reference = sharded_training_setup(tmp_path)
+    run_two_processes(TORCHRUN, "zero3", tmp_path)
+    result = torch.load(tmp_path / "zero3.pt", weights_only=True)
+    assert result["partitioned"]
+    assert_same_training(result, reference)
