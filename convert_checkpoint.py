@@ -660,18 +660,18 @@ def write_generation_config(folder: Path, source: Source, tokenizer):
 
 def write_model_card(folder: Path, source: Source, config: CrossLMMConfig, repo_id: str | None):
     described = {
-        "llava_onevision": "LLaVA-OneVision (transformers format); DCALs added with gates at 0",
-        "llava_next": "LLaVA-OneVision (LLaVA-NeXT format); DCALs added with gates at 0",
+        "llava_onevision": "LLaVA-OneVision (transformers format)",
+        "llava_next": "LLaVA-OneVision (LLaVA-NeXT format)",
         "crosslmm_llava_next": "a CrossLMM trained in the LLaVA-NeXT code base",
-        "parts": "a SigLIP vision tower and a Qwen2.5 LLM; projector and DCALs new (gates at 0)",
+        "parts": "a SigLIP vision tower and a Qwen2.5 LLM, with a new (random) projector",
     }[source.kind]
     name = repo_id or "path/to/this/folder"
     from_models = f" ({', '.join(source.base_models)})" if source.base_models else ""
     untrained = (
         ""
         if source.kind == "crosslmm_llava_next"
-        else "\nIts DCALs are untrained (gates at 0): it computes what its base model computes, and needs CrossLMM "
-        "training\nbefore it makes use of the original visual tokens."
+        else "Its DCALs are untrained (gates at 0): it computes what its base model computes, and needs CrossLMM "
+        "training before it makes use of the original visual tokens."
     )
     data = ModelCardData(
         library_name="transformers",
@@ -687,7 +687,8 @@ def write_model_card(folder: Path, source: Source, config: CrossLMMConfig, repo_
         ({config.pool_size}x{config.pool_size} tokens per frame), an MLP projector and a Qwen2 LLM with dual
         cross-attention layers (DCALs) after decoder layers {config.dcal_layer_indices}.
 
-        Converted with `convert_checkpoint.py` from {described}{from_models}.{untrained}
+        Converted with `convert_checkpoint.py` from {described}{from_models}.
+        {untrained}
 
         ## Usage
 
@@ -701,13 +702,15 @@ def write_model_card(folder: Path, source: Source, config: CrossLMMConfig, repo_
             {{"type": "text", "text": "What happens in this video?"}},
         ]}}]
         inputs = processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", num_frames=32
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+            processor_kwargs={{"num_frames": 32}},
         )
         output = model.generate(**inputs, max_new_tokens=64)
         print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 
-        # or
-        answer = pipeline("video-text-to-text", model="{name}", trust_remote_code=True)
+        # or, with the pipeline
+        pipe = pipeline("video-text-to-text", model="{name}", trust_remote_code=True)
+        print(pipe(text=messages, num_frames=32, max_new_tokens=64, return_full_text=False)[0]["generated_text"])
         ```
         """
     )

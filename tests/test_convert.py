@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny import tiny_model
 from tiny_sources import llava_next_folder, llava_onevision_folder, llava_onevision_model, qwen2_folder, siglip_folder
-from transformers import AutoTokenizer, Qwen2ForCausalLM
+from transformers import AutoTokenizer, Qwen2ForCausalLM, SiglipVisionModel
 
 import convert_checkpoint
 from convert_checkpoint import ConversionError, convert, parse_args
@@ -97,7 +97,9 @@ def test_llava_onevision_transformers_format(tmp_path, layout):
     assert (config["image_token_id"], config["video_token_id"]) == (3, 4)  # the tokenizer's <image>/<video>
     card = ModelCard.load(output / "README.md")
     assert card.data.pipeline_tag == "video-text-to-text" and card.data.library_name == "transformers"
-    assert "trust_remote_code=True" in card.text
+    usage = card.text.split("```python\n")[1].split("```")[0]
+    compile(usage, "README.md", "exec")
+    assert "trust_remote_code=True" in usage and 'pipeline("video-text-to-text"' in usage
     assert not list(tmp_path.glob(".out.converting-*"))
 
     # Everything the source has is carried over: same LM logits, vision features and projector.
@@ -193,21 +195,30 @@ def test_llava_next_format_adds_placeholder_tokens_and_grows_the_vocabulary(tmp_
         torch.testing.assert_close(model(input_ids=ids).logits[..., :64], reference(input_ids=ids).logits)
 
 
-def test_siglip_and_qwen2_parts(tmp_path):
-    siglip_folder(tmp_path / "siglip")
+@pytest.mark.parametrize("tower", ["siglip", "siglip2"])
+def test_siglip_and_qwen2_parts(tmp_path, tower):
+    siglip_folder(tmp_path / "vision", siglip2=tower == "siglip2")
     qwen2_folder(tmp_path / "qwen", tie_word_embeddings=True)
-    output = run("--vision", tmp_path / "siglip", "--text", tmp_path / "qwen", "--output", tmp_path / "out")
+    # SigLIP2 takes patches, not images: verification (on) compares its own forward with CrossLMM's tower.
+    verify = "--verify" if tower == "siglip2" else "--no-verify"
+    output = run("--vision", tmp_path / "vision", "--text", tmp_path / "qwen", "--output", tmp_path / "out", verify)
 
     weights = tensors(output)
     assert "lm_head.weight" not in weights  # tied to the embeddings, as in the source
     assert not any(".head." in k or "encoder.layers.2." in k for k in weights)  # head and last layer cut
     assert torch.equal(weights["model.multi_modal_projector.linear_1.bias"], torch.zeros(64))
     config = json.loads((output / "config.json").read_text())
+    assert config["vision_config"]["model_type"] == f"{tower}_vision_model"
     assert config["vision_config"]["num_hidden_layers"] == 2 and config["tie_word_embeddings"] is True
     model = load(output)
     llm = Qwen2ForCausalLM.from_pretrained(tmp_path / "qwen").eval()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=TEXT_IDS).logits, llm(input_ids=TEXT_IDS).logits)
+        if tower == "siglip":  # the penultimate layer of the full tower, as LLaVA-OneVision takes it
+            frames = torch.randn(2, 3, 28, 28)
+            full = SiglipVisionModel.from_pretrained(tmp_path / "vision").eval()
+            expected = full(frames, output_hidden_states=True).hidden_states[-2]
+            torch.testing.assert_close(model.model.get_original_visual_tokens(frames), expected)
 
 
 # --------------------------------------------------------------------------------------------------------------------

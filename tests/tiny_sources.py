@@ -4,7 +4,7 @@
 - `llava_next_folder`: the same weights under LLaVA-NeXT's original names with a LLaVA-NeXT-like config.json (Qwen2
   fields at the top, `mm_vision_tower` naming a SigLIP config folder) and a tokenizer without <image>/<video>, as
   LLaVA-NeXT's Qwen2 tokenizer; optional DCAL tensors make it a "CrossLMM trained in LLaVA-NeXT".
-- `siglip_folder` / `qwen2_folder`: a SigLIP dual encoder and a Qwen2 LLM, for --vision/--text.
+- `siglip_folder` / `qwen2_folder`: a SigLIP or SigLIP2 dual encoder and a Qwen2 LLM, for --vision/--text.
 """
 
 import json
@@ -18,6 +18,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Siglip2Config,
+    Siglip2Model,
     SiglipConfig,
     SiglipModel,
 )
@@ -149,16 +151,21 @@ def llava_next_folder(folder, dcal_tensors=None, vocab_size=64):
     return model
 
 
-def siglip_folder(folder):
+def siglip_folder(folder, siglip2=False):
+    """A SigLIP (or SigLIP2) dual encoder whose vision tower has 3 layers: the conversion keeps 2."""
     torch.manual_seed(2)
     vision = {k: v for k, v in VISION.items() if k not in ("model_type", "vision_use_head")}
-    config = SiglipConfig(
-        vision_config={**vision, "num_hidden_layers": 3},
-        text_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100
-        ),
-    )
-    SiglipModel(config).save_pretrained(folder)
+    vision["num_hidden_layers"] = 3
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100)
+    if siglip2:  # NaFlex: the patch grid comes from num_patches
+        vision = {k: v for k, v in vision.items() if k != "image_size"} | {"num_patches": 49}
+        model = Siglip2Model(Siglip2Config(vision_config=vision, text_config=text))
+    else:
+        model = SiglipModel(SiglipConfig(vision_config=vision, text_config=text))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
+    model.save_pretrained(folder)
     return folder
 
 
