@@ -614,7 +614,10 @@ def _new_tensor(target: str, config, source: Source, plan: Plan, dcal_init: str,
 def write_weights(plan: Plan, folder: Path, dtype: torch.dtype, max_shard_size: str, seed: int, shapes: dict):
     """Shards laid out up front from the shapes, then filled one at a time: peak memory is about one shard."""
     meta = {key: torch.empty(shapes[key], dtype=dtype, device="meta") for key in plan.recipes}
-    split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
+    try:
+        split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
+    except ValueError as error:
+        raise ConversionError(f"--max-shard-size {max_shard_size!r}: {error}") from error
     total = sum(t.numel() * t.element_size() for t in meta.values())
     sources = {id(r.source): r.source for r in plan.recipes.values() if r.source is not None}
     with tqdm(total=total, unit="B", unit_scale=True, desc="Writing shards", file=sys.stderr) as progress:
@@ -747,6 +750,7 @@ def verify_folder(folder: str, reference: dict, dtype: str = "float32"):
     ids = torch.randint(0, vocab, (2, 12), generator=generator)
     ids[torch.isin(ids, placeholders)] = 0
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # two prompts of different lengths
     text = tokenizer(
         ["Describe the video in detail.", "How many objects can you see?"], return_tensors="pt", padding=True
     )
