@@ -1,5 +1,6 @@
-"""Write a LLaVA-OneVision checkpoint of a real model's shapes (uninitialised values) to disk, shard by shard, without
-ever holding it in memory: the source for measuring convert_checkpoint.py's peak memory on full-size models.
+"""Write a LLaVA-OneVision checkpoint of a real model's shapes (random values, std 0.02) to disk, shard by shard,
+without ever holding it in memory: the source for measuring convert_checkpoint.py's memory and time on full-size
+models (and, below 3B parameters, its verification).
 
     PYTHONPATH=. python tests/full_size_source.py /data/llava-ov-7b-shaped --size 7b
     /usr/bin/time -v python convert_checkpoint.py --source /data/llava-ov-7b-shaped --output /data/out --no-verify
@@ -60,7 +61,8 @@ def write(folder: Path, size: str, dtype=torch.bfloat16, max_shard_size="4GB"):
     meta = {k: torch.empty(s, dtype=dtype, device="meta") for k, s in shapes.items()}
     split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
     for filename, keys in split.filename_to_tensors.items():
-        save_file({k: torch.empty(shapes[k], dtype=dtype) for k in keys}, folder / filename, metadata={"format": "pt"})
+        shard = {k: (torch.randn(shapes[k]) * 0.02).to(dtype) for k in keys}
+        save_file(shard, folder / filename, metadata={"format": "pt"})
         print(filename, flush=True)
     total_size = sum(t.numel() * t.element_size() for t in meta.values())
     index = {"metadata": {"total_size": total_size}, "weight_map": split.tensor_to_filename}
