@@ -5,10 +5,10 @@
 `<video>` placeholder to frames x pool_size**2 video tokens (each `<image>` to pool_size**2 image tokens) and carries
 the Qwen2 ChatML chat template with video/image content.
 
-Videos are read with PyAV on top of what transformers offers: transformers' own PyAV reader decodes every frame up to
-the last sampled one and trusts the container's frame count (0 for WebM), so this file lists the frames from the
-packets (exact timestamps, also for variable frame rate), seeks to the keyframe before each sampled frame, applies
-rotation metadata and blends alpha over white.
+Videos are read with PyAV on top of what transformers offers: the base video processor decodes paths with torchcodec
+only, and transformers' PyAV reader decodes every frame up to the last sampled one and trusts the container's frame
+count (0 for WebM). So this file lists the frames from the packets (exact timestamps, also for variable frame rate),
+seeks to the keyframe before each sampled frame, applies rotation metadata and blends alpha over white.
 """
 
 import io
