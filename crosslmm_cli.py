@@ -165,8 +165,8 @@ def build_sample_checkpoint(folder, vision: dict | None = None, text: dict | Non
 
 
 def build_sample_video(path, seconds: float = 4.0, fps: int = 24, width: int = 320, height: int = 240):
-    """Encode a short H.264/MP4 clip with PyAV: a red disc crossing left to right, a blue square rising, and a green
-    bar making half a turn around the centre, on a dark gradient. Returns the path."""
+    """Encode a short, lossless H.264/MP4 clip with PyAV: a red disc crossing left to right, a blue square rising,
+    and a green bar making half a turn around the centre, on a dark gradient. Returns the path."""
     import av
 
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -175,7 +175,9 @@ def build_sample_video(path, seconds: float = 4.0, fps: int = 24, width: int = 3
     num_frames = int(round(seconds * fps))
     path = Path(path)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
+        # Lossless (qp 0): the decoded frames are then exactly the drawn ones, wherever and however x264 runs (its
+        # lossy output was seen to vary between runs), so the sample's answers are reproducible.
+        stream = container.add_stream("libx264", rate=fps, options={"qp": "0"})
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for i in range(num_frames):
             t = i / max(num_frames - 1, 1)
@@ -188,7 +190,9 @@ def build_sample_video(path, seconds: float = 4.0, fps: int = 24, width: int = 3
             along = (xs - width / 2) * math.cos(angle) + (ys - height / 2) * math.sin(angle)
             across = -(xs - width / 2) * math.sin(angle) + (ys - height / 2) * math.cos(angle)
             frame[(abs(along) < 40) & (abs(across) < 5)] = (40, 200, 60)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            video_frame.pts = i  # in 1/fps units
+            for packet in stream.encode(video_frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

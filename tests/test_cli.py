@@ -3,6 +3,8 @@ with no arguments it builds the sample checkpoint and video once and answers."""
 
 import re
 
+import av
+import numpy as np
 import pytest
 import torch
 from tiny_checkpoint import build_tiny_checkpoint, build_tiny_video
@@ -129,3 +131,22 @@ def test_no_arguments_builds_the_samples_once_and_answers(tmp_path, monkeypatch,
     assert crosslmm_cli.sample_checkpoint() == checkpoint
     assert (checkpoint / "model.safetensors").stat().st_mtime_ns == built  # reused, not rebuilt
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["sample-checkpoint", "sample-video.mp4"]
+
+
+def test_tokenizer_and_sample_video_are_reproducible(tmp_path):
+    """Built twice, the same: the sample checkpoint and its answers do not change from one run to the next."""
+    first, second = crosslmm_cli.build_tokenizer(), crosslmm_cli.build_tokenizer()
+    assert first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str()
+    assert first.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+    assert first.pad_token == first.eos_token == "<|endoftext|>" and first.padding_side == "left"
+    text = "<|im_start|>user\n<video>\nWhat happens in this video? Ünïcödé 日本<|im_end|>\n"
+    assert first.decode(first(text).input_ids) == text
+    videos = [crosslmm_cli.build_sample_video(tmp_path / f"{i}.mp4", seconds=1.0) for i in range(2)]
+    decoded = [[frame.to_ndarray(format="rgb24") for frame in av.open(str(video)).decode(video=0)] for video in videos]
+    assert len(decoded[0]) == 24 and all(np.array_equal(a, b) for a, b in zip(*decoded))
