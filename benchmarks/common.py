@@ -216,8 +216,6 @@ def write_json(path, results):
 
 # ---- measuring ----------------------------------------------------------------------------------------------------
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
 
 def timed(fn, device):
     """(seconds, result) of one call; on CUDA the device is synchronised only around it."""
@@ -231,12 +229,11 @@ def timed(fn, device):
 
 
 def peak_memory(fn, device):
-    """Bytes `fn()` allocates at its peak above what was allocated before (weights, inputs) in a run of its own.
+    """Bytes `fn()` allocates at its peak above what was allocated before it (weights, inputs), in a run of its own.
 
-    CUDA: torch.cuda.max_memory_allocated. CPU: the resident set's high-water mark (VmHWM, reset through
-    /proc/self/clear_refs), with glibc's mmap threshold fixed at 64 KiB during the run so that every tensor above it
-    gets its own mapping, returned when freed, and the resident set follows the live tensors rather than the
-    allocator's caches (too slow for timing: hence a run of its own)."""
+    CUDA: torch.cuda.max_memory_allocated. CPU: the growth of the resident set's high-water mark (VmHWM, reset through
+    /proc/self/clear_refs), after glibc's malloc_trim has handed the pages of freed memory back to the system, so that
+    memory the allocator reuses is counted again when touched."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -244,16 +241,13 @@ def peak_memory(fn, device):
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    libc.mallopt(M_MMAP_THRESHOLD, 64 * 2**10)
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        before = _proc_status_bytes("VmRSS")
-        fn()
-        return _proc_status_bytes("VmHWM") - before
-    finally:
-        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)  # glibc's largest dynamic threshold, where it usually settles
+    gc.collect()
+    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    before = _proc_status_bytes("VmRSS")
+    fn()
+    return _proc_status_bytes("VmHWM") - before
 
 
 def _proc_status_bytes(field):
@@ -285,6 +279,8 @@ def random_video(config, num_frames, device, dtype, seed=0):
 
 def add_model_arguments(parser):
     """The options prefill.py and decode.py share."""
+    parser.add_argument("--models", nargs="+", default=["LLaVA-OV", "CrossLMM"], choices=["LLaVA-OV", "CrossLMM"])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's); 1 on a shared box")
     parser.add_argument("--size", default="small", choices=list(SIZES), help="tiny/small: CPU; 2b/7b: GPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -304,12 +300,11 @@ def add_model_arguments(parser):
 
 
 def models_from_arguments(args):
-    """(device, dtype, {"CrossLMM": model, "LLaVA-OV": model}) as the options ask, random weights."""
+    """(device, dtype, {"LLaVA-OV": model, "CrossLMM": model}) as the options ask, random weights."""
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     crosslmm = crosslmm_config(args.size, args.pool_size, args.v2v_scope, args.attn, args.vision_batch_size)
-    models = {
-        "CrossLMM": build(crosslmm, device, dtype),
-        "LLaVA-OV": build(llava_config(args.size, args.attn), device, dtype),
-    }
-    return device, dtype, models
+    configs = {"LLaVA-OV": llava_config(args.size, args.attn), "CrossLMM": crosslmm}
+    return device, dtype, {name: build(configs[name], device, dtype) for name in args.models}

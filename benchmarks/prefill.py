@@ -80,11 +80,11 @@ def main():
         for name, model in models.items():
             row = {"frames": num_frames, "model": name, "weights_mb": weights_bytes(model) / MB}
             rows[name] = row | run(model, num_frames, device, dtype, args.repeats)
-        ours, baseline = rows["CrossLMM"], rows["LLaVA-OV"]
-        if ours["seconds"] and baseline["seconds"]:
+        ours, baseline = rows.get("CrossLMM", {}), rows.get("LLaVA-OV", {})
+        if ours.get("seconds") and baseline.get("seconds"):
             ours["speedup"] = baseline["seconds"] / ours["seconds"]
             ours["memory_ratio"] = ours["peak_mb"] / baseline["peak_mb"] if baseline["peak_mb"] else None
-        results += [baseline, ours]
+        results += list(rows.values())
 
     print(
         f"Prefill, {args.size}, {device.type}, {str(dtype).removeprefix('torch.')}, attention {args.attn}, "
