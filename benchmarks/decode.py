@@ -71,6 +71,8 @@ def run(model, num_frames, device, dtype, new_tokens, repeats):
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
             raise
+        timings = None
+    if timings is None:  # out of memory: freed here, where the traceback no longer holds the activations
         free_memory(device)
         return {"context_tokens": input_ids.shape[1], "tokens_per_s": None, "cache_mb": "OOM"}
     return {

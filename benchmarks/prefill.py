@@ -54,6 +54,8 @@ def run(model, num_frames, device, dtype, repeats):
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
             raise
+        timings = None
+    if timings is None:  # out of memory: freed here, where the traceback no longer holds the activations
         free_memory(device)
         return {"llm_tokens": input_ids.shape[1], "seconds": None, "peak_mb": "OOM"}
     seconds = statistics.median(timings)
