@@ -58,16 +58,22 @@ def eager_model(request):
     return model
 
 
-def test_setting_the_backend_reaches_every_attention(eager_model):
-    model = with_backend(eager_model, "sdpa")
-    implementations = {
+def attention_implementations(model):
+    """The backend of every attention: configs, LLM, vision tower, each DCAL branch."""
+    return {
         model.config._attn_implementation,
         model.model.language_model.config._attn_implementation,
         model.model.vision_tower.config._attn_implementation,
         *(layer.v2v_attn.config._attn_implementation for layer in model.model.cross_attention_layers.values()),
         *(layer.t2v_attn.config._attn_implementation for layer in model.model.cross_attention_layers.values()),
     }
-    assert implementations == {"sdpa"}
+
+
+def test_setting_the_backend_reaches_every_attention(eager_model, tmp_path):
+    assert attention_implementations(with_backend(eager_model, "sdpa")) == {"sdpa"}
+    eager_model.save_pretrained(tmp_path)
+    loaded = type(eager_model).from_pretrained(tmp_path, attn_implementation="sdpa")
+    assert attention_implementations(loaded) == {"sdpa"}
 
 
 @pytest.mark.parametrize("implementation", BACKENDS)
