@@ -7,11 +7,11 @@ original tokens of its own video (or frame), and T2V lets each text token attend
 video/image placed before it. Gates start at 0, so a fresh CrossLMM computes exactly what its base LLM computes.
 """
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-
 from transformers import AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -27,6 +27,18 @@ try:  # inside a Hub repository, loaded by transformers' dynamic-module loader
     from .configuration_crosslmm import CrossLMMConfig
 except ImportError:  # imported from a checkout
     from configuration_crosslmm import CrossLMMConfig
+
+
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`. CrossLMM takes either
+# name and hands its cache to transformers' decoder layers, masks and outputs under the installed release's name.
+CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def _one_cache(cache, past_key_values):
+    """The cache passed under either of its names."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the cache as `cache` or as `past_key_values`, not both.")
+    return cache if cache is not None else past_key_values
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -214,7 +226,7 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         visual: VisualContext,
-        past_key_values: CrossLMMCache | None = None,
+        cache: CrossLMMCache | None = None,
     ) -> torch.Tensor:
         """Adds the gated V2V and T2V outputs, then the gated MLP, at the positions they concern.
 
@@ -236,7 +248,7 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
                 cols.append(positions)
                 updates.append(self._v2v(hidden_states[samples, positions], bucket))
         if self.use_t2v and visual.t2v_groups:
-            keys, values = self._t2v_memory(visual, past_key_values, device)
+            keys, values = self._t2v_memory(visual, cache, device)
             buckets: dict[int, list[tuple[int, torch.Tensor]]] = {}
             for sample, positions, visible in visual.t2v_groups:
                 buckets.setdefault(visible, []).append((sample, positions.to(device)))
@@ -285,7 +297,7 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
         out = self.v2v_attn(queries, keys, values).reshape(pooled.shape)
         return torch.tanh(self.v2v_gate) * out
 
-    def _t2v_memory(self, visual: VisualContext, past_key_values: CrossLMMCache | None, device: torch.device):
+    def _t2v_memory(self, visual: VisualContext, cache: CrossLMMCache | None, device: torch.device):
         """T2V keys/values (batch, kv_heads, M, head_dim) of every sample's memory, its items' original tokens in
         reading order, padded along M: projected item by item at prefill (and cached), read from the cache after."""
         if visual.items:
@@ -305,12 +317,12 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
                 keys[item.sample, :, start:end] = item_keys[0]
                 values[item.sample, :, start:end] = item_values[0]
                 filled[item.sample] = end
-            if past_key_values is not None:
-                past_key_values.visual_memory[self.layer_idx] = (keys, values)
+            if cache is not None:
+                cache.visual_memory[self.layer_idx] = (keys, values)
             return keys, values
-        if past_key_values is None or self.layer_idx not in past_key_values.visual_memory:
+        if cache is None or self.layer_idx not in cache.visual_memory:
             raise ValueError("T2V has no visual memory: pass the videos/images in the first forward pass.")
-        return past_key_values.visual_memory[self.layer_idx]
+        return cache.visual_memory[self.layer_idx]
 
 
 def _rows(tensor: torch.Tensor, samples: list[int]) -> torch.Tensor:
@@ -337,7 +349,7 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
         "Siglip2EncoderLayer",
         "CrossLMMDualCrossAttentionLayer",
     ]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -347,7 +359,8 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
     def post_init(self):
         super().post_init()
         # post_init gathers the children's `_no_split_modules`; the SigLIP tower's list names text-model classes that
-        # a vision-only tower lacks, and accelerate's FSDP wrap policy refuses a class it cannot find: keep those present.
+        # a vision-only tower lacks, and accelerate's FSDP wrap policy refuses a class it cannot find: keep those
+        # present.
         present = {type(module).__name__ for module in self.modules()}
         self._no_split_modules = {name for name in self._no_split_modules if name in present}
 
@@ -402,7 +415,8 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         size = self.config.image_size
         if frames.ndim != 4 or frames.shape[1:] != (3, size, size):
             raise ValueError(
-                f"frames must have shape (frames, 3, {size}, {size}) to match the vision tower, got {tuple(frames.shape)}."
+                f"frames must have shape (frames, 3, {size}, {size}) to match the vision tower, "
+                f"got {tuple(frames.shape)}."
             )
         if not frames.is_floating_point():
             raise ValueError(
@@ -457,7 +471,9 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                 videos = [video[:n] for video, n in zip(videos, counts)]
         for i, video in enumerate(videos):
             if video.ndim != 4 or video.shape[0] == 0:
-                raise ValueError(f"video {i} must be a non-empty (frames, 3, H, W) tensor, got shape {tuple(video.shape)}.")
+                raise ValueError(
+                    f"video {i} must be a non-empty (frames, 3, H, W) tensor, got shape {tuple(video.shape)}."
+                )
         return videos
 
     def encode_visual_inputs(self, pixel_values=None, pixel_values_videos=None, video_num_frames=None):
@@ -506,7 +522,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             start = end
         return items
 
-    def _visual_context(self, input_ids, attention_mask, items, past_key_values, batch, seq_len, device):
+    def _visual_context(self, input_ids, attention_mask, items, cache, batch, seq_len, device):
         """The VisualContext of this pass, or None when no DCAL has anything to attend to.
 
         The layout is worked out on the CPU, where `input_ids` and the items' positions are (read once from the
@@ -517,14 +533,14 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             for item in items:
                 lengths[item.sample] += item.original_tokens.shape[0] * item.original_tokens.shape[1]
             memory_lengths = torch.tensor(lengths, device=device)
-        elif isinstance(past_key_values, CrossLMMCache) and past_key_values.memory_lengths is not None:
-            memory_lengths = past_key_values.memory_lengths
+        elif isinstance(cache, CrossLMMCache) and cache.memory_lengths is not None:
+            memory_lengths = cache.memory_lengths
             lengths = memory_lengths.tolist()
         else:
             return None
         layout_device = input_ids.device if input_ids is not None else torch.device("cpu")
-        if isinstance(past_key_values, CrossLMMCache) and items:
-            past_key_values.memory_lengths = memory_lengths
+        if isinstance(cache, CrossLMMCache) and items:
+            cache.memory_lengths = memory_lengths
 
         t2v_groups = []
         if self.config.use_t2v:
@@ -562,6 +578,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         video_num_frames: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
@@ -575,7 +592,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             raise ValueError("Videos and images need input_ids, whose placeholder tokens say where they go.")
         use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
         output_hidden_states = output_hidden_states if output_hidden_states is not None else False
-        past_key_values = self._prepare_cache(past_key_values, use_cache, has_visual)
+        cache = self._prepare_cache(_one_cache(cache, past_key_values), use_cache, has_visual)
 
         if inputs_embeds is None:
             embed_tokens = self.get_input_embeddings()
@@ -596,44 +613,44 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             items.sort(key=lambda item: (item.sample, int(item.positions[0])))  # memory is in reading order
         elif input_ids is not None:
             placeholders = (input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)
-            if placeholders.any() and (past_key_values is None or past_key_values.get_seq_length() == 0):
-                raise ValueError("The prompt has <video>/<image> placeholder tokens but no videos or images were given.")
+            if placeholders.any() and (cache is None or cache.get_seq_length() == 0):
+                raise ValueError(
+                    "The prompt has <video>/<image> placeholder tokens but no videos or images were given."
+                )
 
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_seen = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:  # left padding: count real tokens only
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
             else:
                 position_ids = torch.arange(past_seen, past_seen + seq_len, device=inputs_embeds.device)[None]
 
-        visual = self._visual_context(
-            input_ids, attention_mask, items, past_key_values, batch, seq_len, inputs_embeds.device
+        visual = self._visual_context(input_ids, attention_mask, items, cache, batch, seq_len, inputs_embeds.device)
+        return self._decode(
+            inputs_embeds, attention_mask, position_ids, cache, use_cache, visual, output_hidden_states, **kwargs
         )
-        return self._decode(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, visual,
-                            output_hidden_states, **kwargs)
 
-    def _prepare_cache(self, past_key_values, use_cache, has_visual):
+    def _prepare_cache(self, cache, use_cache, has_visual):
         """CrossLMM keeps its visual memory in a CrossLMMCache; an empty DynamicCache (as `generate` makes) is
         swapped for one."""
-        if isinstance(past_key_values, CrossLMMCache):
-            if has_visual and past_key_values.get_seq_length() > 0:
+        if isinstance(cache, CrossLMMCache):
+            if has_visual and cache.get_seq_length() > 0:
                 raise ValueError(
                     "Videos and images can only be given in the first forward pass of a cached sequence (prefill)."
                 )
-            return past_key_values
-        if past_key_values is not None and (
-            type(past_key_values) is not DynamicCache or past_key_values.get_seq_length() > 0
-        ):
+            return cache
+        if cache is not None and (type(cache) is not DynamicCache or cache.get_seq_length() > 0):
             raise ValueError(
                 f"CrossLMM keeps the DCALs' visual memory in a CrossLMMCache and cannot use a "
-                f"{type(past_key_values).__name__}; pass past_key_values=None (or the cache a previous call returned)."
+                f"{type(cache).__name__}; pass no cache (or the cache a previous call returned)."
             )
-        if use_cache or past_key_values is not None:
+        if use_cache or cache is not None:
             return CrossLMMCache(config=self.config.text_config)
         return None
 
-    def _decode(self, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, visual,
-                output_hidden_states, **kwargs):
+    def _decode(
+        self, inputs_embeds, attention_mask, position_ids, cache, use_cache, visual, output_hidden_states, **kwargs
+    ):
         """Qwen2Model.forward's loop, with a DCAL after the chosen decoder layers."""
         llm = self.language_model
         text_config = self.config.text_config
@@ -644,7 +661,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                 "config": text_config,
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
-                "past_key_values": past_key_values,
+                CACHE_ARG: cache,
                 "position_ids": position_ids,
             }
             mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -660,18 +677,18 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                 attention_mask=mask_mapping[text_config.layer_types[idx]],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **{CACHE_ARG: cache},
                 **kwargs,
             )
             if visual is not None and str(idx) in self.cross_attention_layers:
-                hidden_states = self.cross_attention_layers[str(idx)](hidden_states, visual, past_key_values)
+                hidden_states = self.cross_attention_layers[str(idx)](hidden_states, visual, cache)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = llm.norm(hidden_states)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_ARG: cache if use_cache else None},
             hidden_states=all_hidden_states,
         )
 
@@ -680,14 +697,19 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
     """CrossLMMModel with the LM head: the class `AutoModelForImageTextToText` loads."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
-    # Tensor parallelism (`tp_plan="auto"`): the Qwen2 decoder brings its own plan (`base_model_tp_plan`); the DCALs are
-    # split the same way, heads column-wise and output projections row-wise. The vision tower is replicated.
+    # Tensor parallelism (`tp_plan="auto"`): the Qwen2 decoder brings its own plan (`base_model_tp_plan`); the DCALs
+    # are split the same way, heads column-wise and output projections row-wise. The vision tower is replicated.
     _tp_plan = {
         "lm_head": "colwise_gather_output",
         **{
             f"model.cross_attention_layers.*.{branch}.{proj}": style
             for branch in ("v2v_attn", "t2v_attn")
-            for proj, style in (("q_proj", "colwise"), ("k_proj", "colwise"), ("v_proj", "colwise"), ("o_proj", "rowwise"))
+            for proj, style in (
+                ("q_proj", "colwise"),
+                ("k_proj", "colwise"),
+                ("v_proj", "colwise"),
+                ("o_proj", "rowwise"),
+            )
         },
         "model.cross_attention_layers.*.mlp.gate_proj": "colwise",
         "model.cross_attention_layers.*.mlp.up_proj": "colwise",
@@ -720,6 +742,7 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
         video_num_frames: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -742,7 +765,7 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
             video_num_frames=video_num_frames,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -769,7 +792,7 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
             hidden_states=outputs.hidden_states,
         )
 
@@ -803,7 +826,9 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
                     input_ids, self.config.video_token_id, videos, expand_size
                 )
             if images is not None:
-                images = self._repeat_per_sample(input_ids, self.config.image_token_id, list(images[:, None]), expand_size)
+                images = self._repeat_per_sample(
+                    input_ids, self.config.image_token_id, list(images[:, None]), expand_size
+                )
                 model_kwargs["pixel_values"] = torch.cat(images)
         return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
 

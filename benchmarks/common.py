@@ -21,7 +21,7 @@ from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGener
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: the model's own files
 
 from configuration_crosslmm import CrossLMMConfig  # noqa: E402
-from modeling_crosslmm import CrossLMMForConditionalGeneration  # noqa: E402
+from modeling_crosslmm import CACHE_ARG, CrossLMMForConditionalGeneration  # noqa: E402, F401
 
 
 SIGLIP_SO400M_384 = {  # as LLaVA-OneVision runs it: 26 of the 27 layers (its last layer is dropped), no head

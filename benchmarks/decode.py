@@ -16,7 +16,9 @@ import copy
 import statistics
 
 import torch
+
 from common import (
+    CACHE_ARG,
     add_model_arguments,
     free_memory,
     is_out_of_memory,
@@ -38,7 +40,7 @@ MB = 2**20
 def decode(model, cache, token, steps):
     """`steps` greedy steps from `token`, growing `cache`."""
     for _ in range(steps):
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=token, use_cache=True, **{CACHE_ARG: cache}).logits
         token = logits[:, -1:].argmax(-1)
     return token
 
@@ -56,7 +58,7 @@ def run(model, num_frames, device, dtype, new_tokens, repeats):
     try:
         with torch.no_grad():
             out = model(input_ids=input_ids, pixel_values_videos=video, use_cache=True, logits_to_keep=1)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = getattr(out, CACHE_ARG), out.logits[:, -1:].argmax(-1)
         del out, video
         free_memory(device)
         size = cache_bytes(cache)

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from test_backends import padded_batch
-from tiny import tiny_model
 from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
+
+from modeling_crosslmm import CACHE_ARG
+from tiny import tiny_model
 
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -53,13 +55,13 @@ def prefill_and_forced_steps(model, inputs, steps=3):
     """Logits of the prefill and of `steps` decode steps fed fixed tokens through the cache (fixed, not sampled, so
     that a near-tie in bfloat16 cannot send two backends down different continuations)."""
     out = model(**inputs, use_cache=True)
-    logits, cache, mask = [out.logits], out.past_key_values, inputs["attention_mask"]
+    logits, cache, mask = [out.logits], getattr(out, CACHE_ARG), inputs["attention_mask"]
     for step in range(steps):
         token = torch.full((mask.shape[0], 1), 20 + step, device=mask.device)
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-        out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, attention_mask=mask, use_cache=True, **{CACHE_ARG: cache})
         logits.append(out.logits)
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_ARG)
     return logits
 
 

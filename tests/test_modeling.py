@@ -3,10 +3,9 @@
 import pytest
 import torch
 from torch import nn
-
 from transformers import Qwen2ForCausalLM, SiglipVisionModel
 
-from modeling_crosslmm import CrossLMMForConditionalGeneration, VisualContext, VisualItem
+from modeling_crosslmm import CACHE_ARG, CrossLMMForConditionalGeneration, VisualContext, VisualItem
 from tiny import IMAGE_SIZE, frames, prompt, set_gates, tiny_config, tiny_model
 
 
@@ -86,7 +85,7 @@ def dcal_update(model, ids, video, gates):
 def test_v2v_changes_visual_positions_only_and_t2v_text_after_video_only():
     model = tiny_model()
     ids = prompt(model.config, [1, 2, 3], ("video", 2), [4, 5, 6])
-    visual = (ids[0] == model.config.video_token_id)
+    visual = ids[0] == model.config.video_token_id
     after = torch.arange(ids.shape[1]) > visual.nonzero().max()
 
     v2v = dcal_update(model, ids, frames(2), {"v2v_gate": 0.5})
@@ -183,11 +182,12 @@ def test_cached_generation_equals_recomputing_and_never_reencodes():
 
     # Step by step: each cached step's logits equal recomputing the whole sequence.
     out = model(**inputs, use_cache=True)
-    cache, sequence = out.past_key_values, ids
-    for _ in range(3):
+    cache, sequence = getattr(out, CACHE_ARG), ids
+    for step in range(3):
         token = out.logits[:, -1:].argmax(-1)
         sequence = torch.cat([sequence, token], dim=1)
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        # The cache goes in under either name: `cache` (transformers >= 5.24) or `past_key_values` (before).
+        out = model(input_ids=token, use_cache=True, **{("cache", "past_key_values")[step % 2]: cache})
         full = model(**{**inputs, "input_ids": sequence}).logits[:, -1]
         torch.testing.assert_close(out.logits[:, -1], full, rtol=1e-4, atol=1e-5)
 
@@ -279,7 +279,10 @@ def test_vision_tower_runs_in_chunks():
             lambda c: dict(input_ids=prompt(c, [1], ("video", 2)), pixel_values_videos=torch.randn(1, 2, 3, 32, 32)),
             "match the vision tower",
         ),
-        (lambda c: dict(input_ids=prompt(c, [1], ("video", 2)), pixel_values_videos=torch.randn(2, 3, 28, 28)), "shape"),
+        (
+            lambda c: dict(input_ids=prompt(c, [1], ("video", 2)), pixel_values_videos=torch.randn(2, 3, 28, 28)),
+            "shape",
+        ),
         (
             lambda c: dict(
                 input_ids=prompt(c, [1], ("video", 2)), pixel_values_videos=frames(2)[None], video_num_frames=[3]
@@ -298,16 +301,20 @@ def test_mismatched_inputs_raise_clear_errors(build, message):
 def test_visual_inputs_after_prefill_are_refused():
     model = tiny_model()
     ids = prompt(model.config, [1], ("video", 1), [2])
-    cache = model(input_ids=ids, pixel_values_videos=frames(1)[None], use_cache=True).past_key_values
+    cache = getattr(model(input_ids=ids, pixel_values_videos=frames(1)[None], use_cache=True), CACHE_ARG)
     with pytest.raises(ValueError, match="first forward pass"):
-        model(input_ids=ids, pixel_values_videos=frames(1)[None], past_key_values=cache)
+        model(input_ids=ids, pixel_values_videos=frames(1)[None], cache=cache)
+    with pytest.raises(ValueError, match="not both"):
+        model(input_ids=ids[:, -1:], cache=cache, past_key_values=cache)
 
 
 @torch.no_grad()
 def test_beam_search_repeats_each_samples_own_videos():
     model = tiny_model(gates=0.5)
     config = model.config
-    ids = torch.cat([prompt(config, [1], ("video", 1), [2], ("video", 2), [3]), prompt(config, [4], ("video", 3), [5, 6])])
+    ids = torch.cat(
+        [prompt(config, [1], ("video", 1), [2], ("video", 2), [3]), prompt(config, [4], ("video", 3), [5, 6])]
+    )
     videos = [frames(1, seed=1), frames(2, seed=2), frames(3, seed=3)]
     kwargs = dict(max_new_tokens=4, min_new_tokens=4, num_beams=3, do_sample=False)
     beams = model.generate(input_ids=ids, pixel_values_videos=videos, **kwargs)
