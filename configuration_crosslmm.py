@@ -5,12 +5,11 @@ from typing import TYPE_CHECKING
 from transformers import AutoConfig, PretrainedConfig
 
 
-# --- issue 3: the video-text-to-text pipeline travels with the config ------------------------------------------------
+# The video-text-to-text pipeline travels with the config:
 # transformers copies a config's relative imports next to it on save_pretrained/push_to_hub and fetches them with it
 # under trust_remote_code, so naming the pipeline module here ships pipeline_crosslmm.py in every checkpoint folder.
 if TYPE_CHECKING:
     from .pipeline_crosslmm import CrossLMMVideoTextToTextPipeline  # noqa: F401
-# --- end issue 3 -----------------------------------------------------------------------------------------------------
 
 
 VISION_MODEL_TYPES = ("siglip_vision_model", "siglip2_vision_model")
@@ -52,7 +51,6 @@ AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_crosslmm.CrossLMMForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_crosslmm.CrossLMMForConditionalGeneration",
 }
-# --- issue 3 ---------------------------------------------------------------------------------------------------------
 # What `pipeline("video-text-to-text", model=..., trust_remote_code=True)` reads from `config.json` (the format of
 # transformers' `Pipeline.save_pretrained`): the pipeline class in the repository and the Auto class loading the model.
 CUSTOM_PIPELINES = {
@@ -62,7 +60,6 @@ CUSTOM_PIPELINES = {
         "type": "multimodal",
     }
 }
-# --- end issue 3 -----------------------------------------------------------------------------------------------------
 
 
 def _sub_config(value, default):
@@ -96,7 +93,8 @@ class CrossLMMConfig(PretrainedConfig):
         cross_attention_mlp (`bool`, defaults to `True`):
             Whether each DCAL ends with a gated feed-forward block.
         v2v_scope (`str`, defaults to `"video"`):
-            Which original tokens a pooled token sees in V2V: all of its video (`"video"`) or its own frame (`"frame"`).
+            Which original tokens a pooled token sees in V2V: all of its video (`"video"`) or its own frame
+            (`"frame"`).
         use_v2v / use_t2v (`bool`, default `True`):
             Switch the visual-to-visual / text-to-visual branches on or off.
         vision_feature_layer (`int`, defaults to -1):
@@ -149,7 +147,7 @@ class CrossLMMConfig(PretrainedConfig):
         self.video_token_id = video_token_id
         self.projector_hidden_act = projector_hidden_act
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
-        kwargs.setdefault("custom_pipelines", {task: dict(info) for task, info in CUSTOM_PIPELINES.items()})  # issue 3
+        kwargs.setdefault("custom_pipelines", {task: dict(info) for task, info in CUSTOM_PIPELINES.items()})
         if tie_word_embeddings is None:
             tie_word_embeddings = getattr(self.text_config, "tie_word_embeddings", False)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -192,13 +190,17 @@ class CrossLMMConfig(PretrainedConfig):
             )
         grid = self.patch_grid_size
         if not isinstance(self.pool_size, int) or not 1 <= self.pool_size <= grid:
-            raise ValueError(f"pool_size must be an integer in 1..{grid} (the patch grid side), got {self.pool_size!r}.")
+            raise ValueError(
+                f"pool_size must be an integer in 1..{grid} (the patch grid side), got {self.pool_size!r}."
+            )
         if self.pooling_mode not in POOLING_MODES:
             raise ValueError(f"pooling_mode must be one of {POOLING_MODES}, got {self.pooling_mode!r}.")
         if self.v2v_scope not in V2V_SCOPES:
             raise ValueError(f"v2v_scope must be one of {V2V_SCOPES}, got {self.v2v_scope!r}.")
         if not isinstance(self.cross_attention_interval, int) or self.cross_attention_interval < 1:
-            raise ValueError(f"cross_attention_interval must be a positive integer, got {self.cross_attention_interval!r}.")
+            raise ValueError(
+                f"cross_attention_interval must be a positive integer, got {self.cross_attention_interval!r}."
+            )
         num_layers = self.text_config.num_hidden_layers
         if self.cross_attention_layers is not None:
             bad = [i for i in self.cross_attention_layers if not isinstance(i, int) or not 0 <= i < num_layers]
