@@ -16,8 +16,9 @@ multiply-add as 2, and causal self-attention as the full square (the counter's c
 import argparse
 
 import torch
-from common import build, crosslmm_config, frame_size, llava_config, print_table, prompt_ids, write_json
 from torch.utils.flop_counter import FlopCounterMode
+
+from common import build, crosslmm_config, frame_size, llava_config, print_table, prompt_ids, write_json
 
 
 POOL_SIZES = (1, 3, 4)

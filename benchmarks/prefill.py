@@ -15,6 +15,7 @@ import argparse
 import statistics
 
 import torch
+
 from common import (
     add_model_arguments,
     free_memory,

@@ -5,8 +5,9 @@ import copy
 
 import pytest
 import torch
-from tiny import frames, prompt, tiny_model
 from transformers.utils import is_torch_flex_attn_available
+
+from tiny import frames, prompt, tiny_model
 
 
 BACKENDS = [

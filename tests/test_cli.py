@@ -7,11 +7,11 @@ import av
 import numpy as np
 import pytest
 import torch
-from tiny_checkpoint import build_tiny_checkpoint, build_tiny_video
 from transformers import AutoModelForImageTextToText, AutoProcessor, BertConfig, BertModel
 
 import crosslmm_cli
 from crosslmm_cli import main
+from tiny_checkpoint import build_tiny_checkpoint, build_tiny_video
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny import tiny_model
-from tiny_sources import llava_next_folder, llava_onevision_folder, llava_onevision_model, qwen2_folder, siglip_folder
 from transformers import AutoTokenizer, Qwen2ForCausalLM, SiglipVisionModel
 
 import convert_checkpoint
 from convert_checkpoint import ConversionError, convert, parse_args
 from modeling_crosslmm import CrossLMMForConditionalGeneration
+from tiny import tiny_model
+from tiny_sources import llava_next_folder, llava_onevision_folder, llava_onevision_model, qwen2_folder, siglip_folder
 
 
 ROOT = Path(convert_checkpoint.__file__).parent

@@ -6,15 +6,15 @@ import json
 import huggingface_hub
 import pytest
 import torch
-from hub_cache import add_to_cache, folder_files
 from huggingface_hub import HfApi, ModelCard, RepoUrl
-from isolated import run_isolated
-from tiny_sources import llava_onevision_folder
 from transformers import PreTrainedTokenizerFast
 
 from convert_checkpoint import convert, parse_args
+from hub_cache import add_to_cache, folder_files
+from isolated import run_isolated
 from modeling_crosslmm import CrossLMMForConditionalGeneration
 from processing_crosslmm import CrossLMMImageProcessor, CrossLMMProcessor, CrossLMMVideoProcessor
+from tiny_sources import llava_onevision_folder
 
 
 REPO = "crosslmm-test/crosslmm-tiny"

@@ -23,9 +23,9 @@ import pytest
 import torch
 from accelerate import infer_auto_device_map
 from accelerate.utils import compute_module_sizes
-from tiny import frames, prompt, tiny_model
 from transformers import AutoModelForImageTextToText
 
+from tiny import frames, prompt, tiny_model
 from training_crosslmm import parameter_groups, setup_stage2
 
 

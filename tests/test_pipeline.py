@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi
-from isolated import run_isolated
 from PIL import Image
-from tiny_checkpoint import VIDEO_FPS, VIDEO_SECONDS, build_tiny_checkpoint, build_tiny_video
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer, pipeline
+
+from isolated import run_isolated
+from tiny_checkpoint import VIDEO_FPS, VIDEO_SECONDS, build_tiny_checkpoint, build_tiny_video
 
 
 MAX_NEW_TOKENS = 6

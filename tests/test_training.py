@@ -6,11 +6,11 @@ import sys
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tiny import frames, prompt, set_gates, tiny_model
 from transformers import AutoModelForImageTextToText
 
 from crosslmm_cli import build_tokenizer
 from processing_crosslmm import CrossLMMImageProcessor, CrossLMMProcessor, CrossLMMVideoProcessor
+from tiny import frames, prompt, set_gates, tiny_model
 from training_crosslmm import (
     ASSISTANT_HEADER,
     LORA_TARGET_MODULES,
@@ -223,8 +223,13 @@ def test_stage2_trains_everything_crosslmm_runs_with_the_papers_learning_rates()
     for group in groups:
         for param in group["params"]:
             by_name[id(param)] = group
-    expected_lr = {"model.vision_tower.": 2e-6, "model.multi_modal_projector.": 1e-5,
-                   "model.cross_attention_layers.": 1e-5, "model.language_model.": 1e-5, "lm_head.": 1e-5}
+    expected_lr = {
+        "model.vision_tower.": 2e-6,
+        "model.multi_modal_projector.": 1e-5,
+        "model.cross_attention_layers.": 1e-5,
+        "model.language_model.": 1e-5,
+        "lm_head.": 1e-5,
+    }
     for name, param in model.named_parameters():
         if name in frozen:
             assert id(param) not in by_name
