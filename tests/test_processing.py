@@ -9,7 +9,17 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+
+from crosslmm_cli import build_tokenizer
 from isolated import PRELUDE
+from processing_crosslmm import (
+    CHAT_TEMPLATE,
+    CrossLMMImageProcessor,
+    CrossLMMProcessor,
+    CrossLMMVideoProcessor,
+    VideoLoadError,
+    read_video,
+)
 from tiny import IMAGE_SIZE, tiny_config
 from videos import (
     corrupt,
@@ -21,19 +31,11 @@ from videos import (
     truncate,
 )
 
-from crosslmm_cli import build_tokenizer
-from processing_crosslmm import (
-    CHAT_TEMPLATE,
-    CrossLMMImageProcessor,
-    CrossLMMProcessor,
-    CrossLMMVideoProcessor,
-    VideoLoadError,
-    read_video,
-)
-
 
 SMALL = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}  # keep pixel tensors tiny; the model in tests is 28 px
-VENV_517 = "/tmp/venv517/bin/python"
+# A Python whose transformers is the oldest release supported (5.17), set by .ci/run: a processor saved with the
+# installed transformers must load there too, as a checkpoint pushed with a newer release is pulled with an older one.
+OLDEST_PYTHON = os.environ.get("CROSSLMM_OLDEST_TRANSFORMERS_PYTHON")
 
 
 @pytest.fixture(scope="session")
@@ -490,9 +492,9 @@ def run_round_trip(python, folder, video, workdir):
 @pytest.mark.parametrize("python", ["current", "transformers-5.17"])
 def test_saved_processor_loads_through_auto_classes_without_the_repository(clips, processor, tmp_path, python):
     if python == "transformers-5.17":
-        if not os.path.exists(VENV_517):
-            pytest.skip(f"no transformers 5.17 environment at {VENV_517}")
-        python = VENV_517
+        if not OLDEST_PYTHON:
+            pytest.skip("CROSSLMM_OLDEST_TRANSFORMERS_PYTHON is not set (.ci/run sets it)")
+        python = OLDEST_PYTHON
     else:
         import sys
 
@@ -509,5 +511,5 @@ def test_saved_processor_loads_through_auto_classes_without_the_repository(clips
     )
     assert torch.equal(loaded["input_ids"], expected["input_ids"])
     assert torch.allclose(loaded["pixel_values_videos"], expected["pixel_values_videos"], atol=1e-6)
-    if python == VENV_517:
+    if python == OLDEST_PYTHON:
         assert version.startswith("5.17"), version
