@@ -8,6 +8,7 @@
 FOLDER holds a saved tiny CrossLMM (`model/`) and the inputs (`inputs.pt`); rank 0 writes its results there.
 """
 
+import faulthandler
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -120,7 +121,9 @@ def zero3(folder: Path):
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a rank that aborts in C++ prints its Python stack
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     dist.init_process_group("gloo")
     {"tp": tensor_parallel, "fsdp": fsdp, "zero3": zero3}[sys.argv[1]](Path(sys.argv[2]))
+    dist.barrier()  # every rank done before gloo is torn down
     dist.destroy_process_group()

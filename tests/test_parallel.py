@@ -92,11 +92,20 @@ def test_device_map_offload_gives_the_same_logits_and_generation(tmp_path):
 # ---- torchrun: tensor parallelism and FSDP2 on two CPU processes ----------------------------------------------------
 
 
-def run_two_processes(launcher, mode, folder):
+# A rank of a two-process gloo run was seen, about once in ten runs on a loaded 2-core machine, to abort in C++
+# ("terminate called without an active exception", SIGABRT) after loading the model, and never in 70 runs after. Only
+# that crash is retried; any other failure, or a wrong result, fails at once.
+GLOO_ABORT = "terminate called without an active exception"
+
+
+def run_two_processes(launcher, mode, folder, attempts=3):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(
-        [*launcher, str(WORKER), mode, str(folder)], env=env, capture_output=True, text=True, timeout=180, cwd=ROOT
-    )
+    for _ in range(attempts):
+        result = subprocess.run(
+            [*launcher, str(WORKER), mode, str(folder)], env=env, capture_output=True, text=True, timeout=180, cwd=ROOT
+        )
+        if result.returncode == 0 or GLOO_ABORT not in result.stderr:
+            break
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
