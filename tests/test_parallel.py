@@ -10,7 +10,7 @@
   preparation shards the model from that config (accelerate's `Accelerator` turns FSDP off on CPU, so its sharding
   function is driven directly), two SGD steps run, and the weights equal single-process training on both
   processes' samples. Trainer's FSDP integration itself (and bf16 mixed precision) needs GPUs and is not run here.
-- DeepSpeed ZeRO-3 (only where deepspeed is installed): examples/deepspeed_zero3.json on two CPU processes, same
+- DeepSpeed ZeRO-3 (where deepspeed is installed, as .ci/run does): examples/deepspeed_zero3.json on two CPU processes, same
   comparison.
 """
 
@@ -184,7 +184,7 @@ def test_accelerate_fsdp2_config_on_two_cpu_processes_equals_one_process_trainin
 
 
 def test_deepspeed_zero3_config_on_two_cpu_processes_equals_one_process_training(tmp_path):
-    pytest.importorskip("deepspeed")  # not a dependency of the project: installed, this runs
+    pytest.importorskip("deepspeed")  # .ci/run installs it (built against the installed torch)
     reference = sharded_training_setup(tmp_path)
     run_two_processes(TORCHRUN, "zero3", tmp_path)
     result = torch.load(tmp_path / "zero3.pt", weights_only=True)
