@@ -10,8 +10,8 @@
   preparation shards the model from that config (accelerate's `Accelerator` turns FSDP off on CPU, so its sharding
   function is driven directly), two SGD steps run, and the weights equal single-process training on both
   processes' samples. Trainer's FSDP integration itself (and bf16 mixed precision) needs GPUs and is not run here.
-- DeepSpeed ZeRO-3 (where deepspeed is installed, as .ci/run does): examples/deepspeed_zero3.json on two CPU processes, same
-  comparison.
+- DeepSpeed ZeRO-3 (where deepspeed is installed, as .ci/run does): examples/deepspeed_zero3.json on two CPU
+  processes, same comparison.
 """
 
 import os
