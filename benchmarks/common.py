@@ -20,33 +20,14 @@ from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGener
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: the model's own files
 
-from configuration_crosslmm import CrossLMMConfig  # noqa: E402
+from configuration_crosslmm import DEFAULT_TEXT_CONFIG, DEFAULT_VISION_CONFIG, CrossLMMConfig  # noqa: E402
 from modeling_crosslmm import CACHE_ARG, CrossLMMForConditionalGeneration  # noqa: E402, F401
 
 
-SIGLIP_SO400M_384 = {  # as LLaVA-OneVision runs it: 26 of the 27 layers (its last layer is dropped), no head
-    "model_type": "siglip_vision_model",
-    "hidden_size": 1152,
-    "intermediate_size": 4304,
-    "num_hidden_layers": 26,
-    "num_attention_heads": 16,
-    "image_size": 384,
-    "patch_size": 14,
-    "vision_use_head": False,
-}
-QWEN25_1_5B = {
-    "model_type": "qwen2",
-    "vocab_size": 151936,
-    "hidden_size": 1536,
-    "intermediate_size": 8960,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 12,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 262144,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-}
+# SigLIP-so400m/384 as LLaVA-OneVision runs it and Qwen2.5-1.5B: CrossLMM-2B's parts, CrossLMMConfig's defaults. The
+# LLM's context is long enough for LLaVA-OneVision's 1024-frame prompt (200,769 tokens).
+SIGLIP_SO400M_384 = dict(DEFAULT_VISION_CONFIG)
+QWEN25_1_5B = {**DEFAULT_TEXT_CONFIG, "max_position_embeddings": 262144}
 QWEN25_7B = {
     **QWEN25_1_5B,
     "vocab_size": 152064,
