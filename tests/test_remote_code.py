@@ -25,8 +25,13 @@ def test_saved_folder_loads_through_auto_classes_with_identical_logits(tmp_path)
     ids = prompt(model.config, [1, 2], ("video", 2), [3], ("image",), [4, 5])
     inputs = dict(input_ids=ids, pixel_values_videos=frames(2)[None], pixel_values=frames(1, seed=3))
     torch.save(inputs, tmp_path / "inputs.pt")
+    # The reference is this repository's class loading the same folder: weights read from the file (memory-mapped)
+    # can sit at other alignments than freshly initialised ones, and the CPU kernels then round differently (seen:
+    # 1.2e-7), so the in-memory model is not the exact reference for what a load computes.
+    reloaded = type(model).from_pretrained(folder).eval()
     with torch.no_grad():
-        expected = model(**inputs).logits
+        expected = reloaded(**inputs).logits
+        torch.testing.assert_close(expected, model(**inputs).logits)
 
     run_isolated(
         """
