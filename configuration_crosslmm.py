@@ -163,8 +163,20 @@ class CrossLMMConfig(PretrainedConfig):
 
     @property
     def image_size(self) -> int:
-        """Height and width, in pixels, of the frames the vision tower takes."""
-        return self.patch_grid_size * self.vision_config.patch_size
+        """Height and width, in pixels, of the frames the model takes: the tower's own `image_size` (384 for
+        SigLIP-so400m/14, whose stride-14 patch embedding ignores the last 6 pixel rows and columns, as in the
+        checkpoints CrossLMM is converted from); a SigLIP2 NaFlex tower, which has none, takes its square grid of
+        `num_patches` whole patches."""
+        vision = self.vision_config
+        if vision.model_type == "siglip2_vision_model":
+            return self.patch_grid_size * vision.patch_size
+        return vision.image_size
+
+    @property
+    def vision_layers_run(self) -> int:
+        """How many encoder layers of the tower run: `hidden_states[vision_feature_layer]` is the output of this
+        many layers (the embeddings are hidden state 0), so the layers after it never run."""
+        return self.vision_feature_layer % (self.vision_config.num_hidden_layers + 1)
 
     @property
     def tokens_per_frame(self) -> int:

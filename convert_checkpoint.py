@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from transformers import AddedToken, AutoConfig, AutoTokenizer, GenerationConfig, Qwen2Config
 
 from configuration_crosslmm import DEFAULT_VISION_CONFIG, VISION_MODEL_TYPES, CrossLMMConfig
-from modeling_crosslmm import CrossLMMForConditionalGeneration
+from modeling_crosslmm import CrossLMMForConditionalGeneration, siglip2_patches
 from processing_crosslmm import CrossLMMImageProcessor, CrossLMMProcessor, CrossLMMVideoProcessor
 
 
@@ -817,20 +817,17 @@ def _reference_parts(reference: dict, dtype):
 def _tower_features(tower, frames: torch.Tensor, config) -> torch.Tensor:
     """The source tower's hidden state that CrossLMM takes as original visual tokens (an absolute layer index, since
     a tower from --vision keeps the layer that the conversion drops)."""
-    vision = config.vision_config
-    layer = config.vision_feature_layer % (vision.num_hidden_layers + 1)
-    if vision.model_type == "siglip2_vision_model":  # SigLIP2 takes flattened patches and their grid
-        n, grid, patch = frames.shape[0], config.patch_grid_size, vision.patch_size
-        patches = frames.reshape(n, 3, grid, patch, grid, patch).permute(0, 2, 4, 3, 5, 1).reshape(n, grid * grid, -1)
+    if config.vision_config.model_type == "siglip2_vision_model":  # SigLIP2 takes flattened patches and their grid
+        patches, spatial_shapes = siglip2_patches(frames, config.vision_config.patch_size)
         outputs = tower(
             pixel_values=patches,
-            pixel_attention_mask=torch.ones(n, grid * grid, dtype=torch.long),
-            spatial_shapes=torch.tensor([[grid, grid]] * n),
+            pixel_attention_mask=torch.ones(patches.shape[:2], dtype=torch.long),
+            spatial_shapes=spatial_shapes,
             output_hidden_states=True,
         )
     else:
         outputs = tower(frames, output_hidden_states=True)
-    return outputs.hidden_states[layer]
+    return outputs.hidden_states[config.vision_layers_run]
 
 
 def run_verification(folder: Path, reference: dict, dtype: torch.dtype):

@@ -151,7 +151,7 @@ def build_sample_checkpoint(folder, vision: dict | None = None, text: dict | Non
     generation.eos_token_id = tokenizer.convert_tokens_to_ids([IM_END, ENDOFTEXT])
     generation.pad_token_id = tokenizer.pad_token_id
 
-    size = {"height": config.image_size, "width": config.image_size}  # whole patches only: 378 px for 384 / 14
+    size = {"height": config.image_size, "width": config.image_size}
     processor = CrossLMMProcessor(
         image_processor=CrossLMMImageProcessor(size=size),
         video_processor=CrossLMMVideoProcessor(size=size),

@@ -325,6 +325,18 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
         return cache.visual_memory[self.layer_idx]
 
 
+def siglip2_patches(frames: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 3, H, W) square frames of whole patches -> the flattened patches (n, grid*grid, 3*patch*patch) and
+    spatial shapes (n, 2) a SigLIP2 NaFlex tower takes, patches row-major and pixels in (row, column, channel) order
+    as `Siglip2ImageProcessor` makes them."""
+    n, channels, height, width = frames.shape
+    grid = height // patch_size
+    patches = frames[:, :, : grid * patch_size, : grid * patch_size]
+    patches = patches.reshape(n, channels, grid, patch_size, grid, patch_size).permute(0, 2, 4, 3, 5, 1)
+    spatial_shapes = torch.tensor([[grid, grid]] * n, device=frames.device)
+    return patches.reshape(n, grid * grid, -1), spatial_shapes
+
+
 def _rows(tensor: torch.Tensor, samples: list[int]) -> torch.Tensor:
     """tensor[samples]: a view when the samples are consecutive (no copy of the cached memory), else a gather."""
     if samples == list(range(samples[0], samples[-1] + 1)):
@@ -434,18 +446,12 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
     def _encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """`hidden_states[vision_feature_layer]` of the tower, running only the encoder layers needed."""
         vision = self.vision_tower  # SiglipVisionTransformer / Siglip2VisionTransformer
-        num_states = len(vision.encoder.layers) + 1
-        layer = self.config.vision_feature_layer % num_states
         if self.config.vision_config.model_type == "siglip2_vision_model":
-            patch = self.config.vision_config.patch_size
-            grid = self.config.patch_grid_size
-            n, channels = frames.shape[:2]
-            patches = frames.reshape(n, channels, grid, patch, grid, patch).permute(0, 2, 4, 3, 5, 1)
-            spatial_shapes = torch.tensor([[grid, grid]] * n, device=frames.device)
-            hidden_states = vision.embeddings(patches.reshape(n, grid * grid, -1), spatial_shapes)
+            patches, spatial_shapes = siglip2_patches(frames, self.config.vision_config.patch_size)
+            hidden_states = vision.embeddings(patches, spatial_shapes)
         else:
             hidden_states = vision.embeddings(frames)
-        for encoder_layer in vision.encoder.layers[:layer]:
+        for encoder_layer in vision.encoder.layers[: self.config.vision_layers_run]:
             hidden_states = encoder_layer(hidden_states, None)
         return hidden_states
 

@@ -148,8 +148,7 @@ def _runs_in_crosslmm(parameter_name: str, config) -> bool:
     if below[0] == "embeddings":
         return True
     if below[:2] == ["encoder", "layers"]:
-        num_layers = config.vision_config.num_hidden_layers
-        return int(below[2]) < config.vision_feature_layer % (num_layers + 1)
+        return int(below[2]) < config.vision_layers_run
     return False
 
 

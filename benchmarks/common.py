@@ -132,8 +132,8 @@ def video_tokens(config, num_frames):
 
 
 def frame_size(config):
-    """Side of the frames each model takes: CrossLMM asks for exactly the patch grid (378 px for so400m/14),
-    LLaVA-OneVision for the tower's nominal size (384 px; its patch convolution drops the last 6 px)."""
+    """Side of the frames each model takes: the vision tower's size (384 px for so400m/14; its patch convolution
+    drops the last 6 px)."""
     return config.image_size if isinstance(config, CrossLMMConfig) else config.vision_config.image_size
 
 

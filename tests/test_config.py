@@ -8,7 +8,7 @@ def test_defaults_are_crosslmm_2b():
     config = CrossLMMConfig()
     assert config.model_type == "crosslmm"
     assert config.vision_config.model_type == "siglip_vision_model"
-    assert config.patch_grid_size == 27 and config.image_size == 378
+    assert config.patch_grid_size == 27 and config.image_size == 384 and config.vision_layers_run == 26
     assert config.text_config.hidden_size == 1536 and config.text_config.num_hidden_layers == 28
     assert config.dcal_layer_indices == [3, 7, 11, 15, 19, 23, 27]
     assert config.tokens_per_frame == 9
