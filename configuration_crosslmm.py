@@ -173,6 +173,14 @@ class CrossLMMConfig(PretrainedConfig):
         return vision.image_size
 
     @property
+    def v2v_layer_indices(self) -> list[int]:
+        """The DCALs that run V2V: all of them (with `use_v2v`) but one after the last decoder layer, whose V2V
+        output no text position reads."""
+        if not self.use_v2v:
+            return []
+        return [idx for idx in self.dcal_layer_indices if idx < self.text_config.num_hidden_layers - 1]
+
+    @property
     def vision_layers_run(self) -> int:
         """How many encoder layers of the tower run: `hidden_states[vision_feature_layer]` is the output of this
         many layers (the embeddings are hidden state 0), so the layers after it never run."""

@@ -5,6 +5,9 @@ per frame) -> projector -> pooled tokens replace the <video>/<image> placeholder
 cross-attention layer (DCAL) after every K-th decoder layer. In a DCAL, V2V lets each pooled token attend to the
 original tokens of its own video (or frame), and T2V lets each text token attend to the original tokens of every
 video/image placed before it. Gates start at 0, so a fresh CrossLMM computes exactly what its base LLM computes.
+
+Where every query looks is worked out once per forward pass by the model (`VisualPlan`, on the host, from the
+placeholder positions at prefill and from the cache on decode steps); the DCALs only run that plan.
 """
 
 import inspect
@@ -18,9 +21,17 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, eager_attention_forward
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2Attention,
+    Qwen2DecoderLayer,
+    Qwen2MLP,
+    Qwen2RMSNorm,
+    eager_attention_forward,
+)
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 
 try:  # inside a Hub repository, loaded by transformers' dynamic-module loader
@@ -42,6 +53,53 @@ def _one_cache(cache, past_key_values):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CrossLMMModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    cross_attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True` on the eager
+        backend): one tensor per DCAL, in decoder order, of shape `(batch_size, num_heads, sequence_length,
+        memory_length)`: row `p` holds what position `p` attended to among the original visual tokens of its sample
+        (its videos and images in reading order, frame by frame, `patch_grid_size**2` tokens a frame). Visual
+        positions hold their V2V weights, text positions their T2V weights; positions that attended to nothing are 0.
+    image_outputs / video_outputs (`BaseModelOutputWithPooling`, *optional*):
+        what `get_image_features` / `get_video_features` returned for the images / videos of this pass: the original
+        visual tokens (`last_hidden_state`) and the pooled, projected tokens (`pooler_output`).
+    """
+
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
+    video_outputs: BaseModelOutputWithPooling | None = None
+
+    @property
+    def image_hidden_states(self):
+        """The pooled, projected image tokens (the name transformers' VLM outputs used before `image_outputs`)."""
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
+
+    @property
+    def video_hidden_states(self):
+        """The pooled, projected video tokens (the name transformers' VLM outputs used before `video_outputs`)."""
+        return None if self.video_outputs is None else self.video_outputs.pooler_output
+
+
+@dataclass
+class CrossLMMCausalLMOutputWithPast(CausalLMOutputWithPast):
+    r"""
+    cross_attentions, image_outputs, video_outputs: as in `CrossLMMModelOutputWithPast`.
+    """
+
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
+    video_outputs: BaseModelOutputWithPooling | None = None
+
+    image_hidden_states = CrossLMMModelOutputWithPast.image_hidden_states
+    video_hidden_states = CrossLMMModelOutputWithPast.video_hidden_states
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Cache
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -50,64 +108,118 @@ class CrossLMMCache(DynamicCache):
     """Self-attention KV cache (pooled tokens and text only) plus each DCAL's T2V keys/values of the original visual
     tokens, computed once at prefill so that decode steps never touch the vision tower again.
 
-    `visual_memory[layer_idx]` holds `(keys, values)` of shape (batch, kv_heads, M, head_dim), padded along M;
-    `memory_lengths[b]` is how many of the M slots belong to sample b.
+    The visual memory is kept once per sample, however many rows of the batch share it (beam search,
+    `num_return_sequences`): `visual_memory[layer_idx]` holds `(keys, values)` of shape
+    (samples, kv_heads, M, head_dim), padded along M, and rows `s * rows_per_memory` to
+    `(s + 1) * rows_per_memory - 1` read sample `s`'s memory. `memory_lengths[s]` is how many of the M slots are
+    sample `s`'s (a host list, so that a decode step plans without reading the device) and `memory_visible`
+    (samples,) holds them on the device for the key mask (None when no sample is padded); `memory_scale` (samples, 1, 1) is 0 for samples
+    without any video or image (None when every sample has some).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.visual_memory: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.memory_lengths: torch.Tensor | None = None
+        self.reset_visual_memory()
 
-    def _map_memory(self, fn):
-        self.visual_memory = {idx: (fn(k), fn(v)) for idx, (k, v) in self.visual_memory.items()}
-        if self.memory_lengths is not None:
-            self.memory_lengths = fn(self.memory_lengths)
+    def reset_visual_memory(self):
+        self.visual_memory: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.memory_lengths: list[int] = []
+        self.memory_visible: torch.Tensor | None = None
+        self.memory_scale: torch.Tensor | None = None
+        self.rows_per_memory = 1
+
+    @property
+    def has_visual_memory(self) -> bool:
+        return bool(self.memory_lengths)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
+        """Beam search moves rows only among the beams of one sample (its indices carry the sample's offset), so each
+        row keeps reading its sample's memory: only the self-attention cache is reordered."""
         super().reorder_cache(beam_idx)
-        self._map_memory(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
-        self._map_memory(lambda t: t.repeat_interleave(repeats, dim=0))
+        self.rows_per_memory *= repeats
 
     def batch_select_indices(self, indices: torch.Tensor):
+        """Keep some rows: each keeps its own copy of its sample's memory (rows may now come in any order)."""
         super().batch_select_indices(indices)
-        self._map_memory(lambda t: t[indices])
+        if self.has_visual_memory:
+            samples = indices.to(torch.long) // self.rows_per_memory
+            self.visual_memory = {
+                idx: (k.index_select(0, samples.to(k.device)), v.index_select(0, samples.to(v.device)))
+                for idx, (k, v) in self.visual_memory.items()
+            }
+            self.memory_lengths = [self.memory_lengths[s] for s in samples.tolist()]
+            if self.memory_visible is not None:
+                self.memory_visible = self.memory_visible.index_select(0, samples.to(self.memory_visible.device))
+            if self.memory_scale is not None:
+                self.memory_scale = self.memory_scale.index_select(0, samples.to(self.memory_scale.device))
+            self.rows_per_memory = 1
 
     def reset(self):
         super().reset()
-        self.visual_memory = {}
-        self.memory_lengths = None
+        self.reset_visual_memory()
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Where the visual tokens sit: which queries see which original tokens
+# The plan: which queries see which original tokens, decided once per forward pass
 # --------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class VisualItem:
-    """One video or image of the batch: its pooled-token positions in row `sample` and its original tokens."""
+class V2VCall:
+    """One V2V attention call: `queries[i]` (flat positions into the batch's (rows * length) hidden states) attend
+    to all of `tokens[i]` (original visual tokens). `key_starts[i]` is where `tokens[i]` begins in its sample's
+    memory (used to place attention weights)."""
 
-    sample: int
-    positions: torch.Tensor  # (frames * pool_size**2,) positions of its pooled tokens in the row
-    original_tokens: torch.Tensor  # (frames, N, D_v)
+    queries: torch.Tensor  # (n, Lq)
+    tokens: torch.Tensor  # (n, K, D_v)
+    key_starts: torch.Tensor  # (n,)
 
 
 @dataclass
-class VisualContext:
-    """What the DCALs of one forward pass need: built once, shared by every DCAL.
+class VisualPlan:
+    """What the DCALs of one forward pass do, built by `CrossLMMModel` and shared by every DCAL.
 
-    V2V queries are the pooled tokens of each item. T2V queries are text positions, grouped per sample by how much
-    of that sample's memory (its items' original tokens concatenated in sequence order) they may see: everything of
-    the items placed before them, which is always a prefix of the memory.
+    T2V: the queries of each sample (all rows sharing one memory) in one batch row of the attention call, against
+    that sample's memory (its items' original tokens in reading order). At prefill `t2v_queries` (samples, Q) gathers
+    the text positions that see something (`t2v_valid` marks the real ones) and `memory_tokens` holds the memory to
+    project; on decode steps (`t2v_queries` None) every position of every row attends to the whole memory, read from
+    the cache. `t2v_mask` is the key mask in the attention backend's own form, None when every query sees all keys.
     """
 
-    items: list[VisualItem]  # empty on decode steps
-    t2v_groups: list[tuple[int, torch.Tensor, int]]  # (sample, query positions, visible memory length)
-    memory_lengths: torch.Tensor  # (batch,) original tokens per sample
+    v2v_calls: list[V2VCall]
+    t2v_queries: torch.Tensor | None  # (samples, Q) flat positions; None: every position (decode)
+    t2v_valid: torch.Tensor | None  # (samples, Q) bool: the real queries among the padded ones
+    t2v_take: torch.Tensor | None  # flat indices of the real queries in (samples * Q)
+    t2v_mask: torch.Tensor | None
+    memory_tokens: torch.Tensor | None  # (samples, M, D_v) at prefill, None on decode steps
+    memory_lengths: list[int]
+    memory_scale: torch.Tensor | None = None  # (samples, 1, 1): 0 for samples without memory (decode), else None
+    output_attentions: bool = False
+    idle: tuple[torch.Tensor, torch.Tensor] | None = None  # (pooled, original) of a blank frame: see `_idle`
+
+
+def key_mask(visible: torch.Tensor, keys: int, implementation: str, dtype: torch.dtype):
+    """The mask of a cross-attention call whose query `q` of row `b` sees the first `visible[b, q]` (at least 1) of
+    the row's `keys` keys, in the form the attention backend takes: a `BlockMask` for flex_attention, additive
+    (n, 1, Lq, K) for eager, boolean (n, 1, Lq, K) for sdpa."""
+    if implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        n, queries = visible.shape
+        return create_block_mask(lambda b, h, q, kv: kv < visible[b, q], n, None, queries, keys, device=visible.device)
+    seen = (torch.arange(keys, device=visible.device) < visible[..., None])[:, None]
+    if implementation == "eager":
+        return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(~seen, torch.finfo(dtype).min)
+    return seen
+
+
+def masked_implementation(implementation: str) -> str:
+    """The backend that runs a cross-attention call with a key mask: the configured one, except that flash-attention
+    kernels take no key mask (only unpadding copies of the keys), so masked calls run on sdpa there."""
+    return implementation if implementation in ("eager", "flex_attention", "sdpa") else "sdpa"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -152,8 +264,7 @@ class CrossLMMMultiModalProjector(nn.Module):
 
 class CrossLMMCrossAttention(nn.Module):
     """Multi-head cross-attention: queries from the LLM width, keys/values from the original visual tokens (D_v),
-    grouped-query heads like the LLM. Runs on transformers' attention backends with no mask: callers hand it only
-    the keys each query may see."""
+    grouped-query heads like the LLM, on transformers' attention backends."""
 
     def __init__(self, config: CrossLMMConfig):
         super().__init__()
@@ -175,40 +286,43 @@ class CrossLMMCrossAttention(nn.Module):
     def project_memory(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, M, D_v) original tokens -> keys, values of shape (n, kv_heads, M, head_dim)."""
         shape = (*tokens.shape[:-1], -1, self.head_dim)  # -1: the local heads under tensor parallelism
-        tokens = tokens.to(self.k_proj.weight.dtype)
+        tokens = tokens.to(dtype=self.k_proj.weight.dtype)
         return self.k_proj(tokens).view(shape).transpose(1, 2), self.v_proj(tokens).view(shape).transpose(1, 2)
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """(n, Lq, D) queries attend to all of their row's (n, kv_heads, M, head_dim) keys/values."""
+    def forward(self, queries, keys, values, mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(n, Lq, D) queries attend to their row's (n, kv_heads, K, head_dim) keys/values, restricted by `mask`
+        (from `key_mask`) when given. Returns the output (n, Lq, D) and, on eager, the weights (n, heads, Lq, K)."""
         n, length, _ = queries.shape
         query_states = self.q_proj(queries).view(n, length, -1, self.head_dim).transpose(1, 2)
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        output, _ = attention_interface(
+        implementation = self.config._attn_implementation
+        if mask is not None:
+            implementation = masked_implementation(implementation)
+            mask = mask.to(query_states.device)  # a BlockMask moves too
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        output, weights = attention_interface(
             self,
             query_states,
-            keys,
-            values,
-            None,
+            keys.to(query_states.device),
+            values.to(query_states.device),
+            mask,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
             is_causal=False,
         )
-        return self.o_proj(output.reshape(n, length, -1))
+        return self.o_proj(output.reshape(n, length, -1)), weights
 
 
 class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
     """DCAL (figure 2): V2V and T2V cross-attention in parallel, each pre-norm and tanh-gated into the residual
-    stream, then a gated feed-forward block at the positions that attended to something."""
+    stream, then a gated feed-forward block at the positions that attended to something. Where each query looks is
+    the `VisualPlan`'s business; this layer runs it."""
 
     def __init__(self, config: CrossLMMConfig, layer_idx: int):
         super().__init__()
         text = config.text_config
         self.layer_idx = layer_idx
-        self.use_v2v = config.use_v2v
+        self.use_v2v = layer_idx in config.v2v_layer_indices  # not after the last decoder layer: no text reads it
         self.use_t2v = config.use_t2v
-        self.v2v_scope = config.v2v_scope
         self.v2v_norm = Qwen2RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
         self.v2v_attn = CrossLMMCrossAttention(config)
         self.v2v_gate = nn.Parameter(torch.zeros(1))
@@ -223,125 +337,102 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
             self.mlp = None
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        visual: VisualContext,
-        cache: CrossLMMCache | None = None,
-    ) -> torch.Tensor:
-        """Adds the gated V2V and T2V outputs, then the gated MLP, at the positions they concern.
+        self, hidden_states: torch.Tensor, plan: VisualPlan, cache: CrossLMMCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the new hidden states and, when the plan asks for them (eager backend), the attention weights
+        over each sample's memory (batch, heads, length, memory_length)."""
+        if plan.idle is not None:
+            return self._idle(hidden_states, plan), None
+        rows, length, width = hidden_states.shape
+        flat = hidden_states.reshape(rows * length, width)
+        weights = None
+        if plan.output_attentions:
+            heads = self.t2v_attn.num_heads
+            weights = flat.new_zeros(rows * length, heads, max(plan.memory_lengths, default=0))
 
-        Every attention call gets exactly the keys its queries may see and no mask, so any backend of
-        `ALL_ATTENTION_FUNCTIONS` (eager, sdpa, flex_attention, flash_attention_2/3) runs it as plain full
-        attention, and no queries x keys mask (nor block mask, nor varlen packing) is ever needed. To keep the calls
-        few on a batch, queries that see keys of the same length share one call: V2V items of equal frame count (all
-        frames at once for `v2v_scope="frame"`), T2V groups of equal visible memory (padded with extra query rows,
-        whose outputs are dropped: queries never see each other, so padding them needs no mask)."""
-        rows, cols, updates = [], [], []
-        # Under device_map the vision tower and the VisualContext may sit on other devices: the original tokens and
-        # positions move here, so that K/V are made on the device of the layer using them.
-        device = hidden_states.device
-        if self.use_v2v and visual.items:
-            for bucket in self._v2v_buckets(visual.items):
-                samples = torch.cat([torch.full_like(item.positions, item.sample) for item in bucket]).to(device)
-                positions = torch.cat([item.positions for item in bucket]).to(device)
-                rows.append(samples)
-                cols.append(positions)
-                updates.append(self._v2v(hidden_states[samples, positions], bucket))
-        if self.use_t2v and visual.t2v_groups:
-            keys, values = self._t2v_memory(visual, cache, device)
-            buckets: dict[int, list[tuple[int, torch.Tensor]]] = {}
-            for sample, positions, visible in visual.t2v_groups:
-                buckets.setdefault(visible, []).append((sample, positions.to(device)))
-            for visible, groups in buckets.items():
-                samples = [sample for sample, _ in groups]
-                queries = nn.utils.rnn.pad_sequence([hidden_states[s, p] for s, p in groups], batch_first=True)
-                visible_keys, visible_values = (_rows(t, samples)[:, :, :visible] for t in (keys, values))
-                out = self.t2v_attn(self.t2v_norm(queries), visible_keys, visible_values)
-                for (sample, positions), sample_out in zip(groups, out):
-                    rows.append(torch.full_like(positions, sample))
-                    cols.append(positions)
-                    updates.append(torch.tanh(self.t2v_gate) * sample_out[: positions.shape[0]])
-        if not rows:
-            return hidden_states
-        rows, cols, updates = torch.cat(rows), torch.cat(cols), torch.cat(updates).to(hidden_states.dtype)
-        hidden_states = hidden_states.index_put((rows, cols), updates, accumulate=True)
-        if self.mlp is not None:  # at the positions that attended to something: those just updated
-            selected = hidden_states[rows, cols]
-            update = torch.tanh(self.mlp_gate) * self.mlp(self.mlp_norm(selected))
-            hidden_states = hidden_states.index_put((rows, cols), update.to(hidden_states.dtype), accumulate=True)
-        return hidden_states
+        if plan.t2v_queries is None:  # decode: every position of every row reads its sample's whole memory
+            if self.use_t2v:
+                keys, values = cache.visual_memory[self.layer_idx]
+                samples = keys.shape[0]
+                queries = hidden_states.reshape(samples, -1, width)  # the rows of one sample side by side
+                out, t2v_weights = self.t2v_attn(self.t2v_norm(queries), keys, values, plan.t2v_mask)
+                out = torch.tanh(self.t2v_gate) * out
+                if plan.memory_scale is not None:  # rows of samples without videos or images attend to nothing
+                    out = out * plan.memory_scale
+                flat = flat + out.reshape(rows * length, width).to(flat.dtype)
+                if weights is not None and t2v_weights is not None:
+                    weights = t2v_weights.transpose(1, 2).reshape(rows * length, heads, -1)
+                if self.mlp is not None:
+                    update = self._mlp(flat)
+                    if plan.memory_scale is not None:
+                        update = (update.view(samples, -1, width) * plan.memory_scale).view(rows * length, width)
+                    flat = flat + update.to(flat.dtype)
+            return flat.view(rows, length, width), self._dense(weights, rows, length)
 
-    def _v2v_buckets(self, items: list[VisualItem]) -> list[list[VisualItem]]:
-        """Items whose V2V runs in one attention call: all of them for `"frame"` scope (every frame sees its own N
-        tokens), items of equal frame count for `"video"` scope (every pooled token sees all of its item)."""
-        if self.v2v_scope == "frame":
-            return [items]
-        by_frames: dict[int, list[VisualItem]] = {}
-        for item in items:
-            by_frames.setdefault(item.original_tokens.shape[0], []).append(item)
-        return list(by_frames.values())
-
-    def _v2v(self, pooled: torch.Tensor, bucket: list[VisualItem]) -> torch.Tensor:
-        """Pooled tokens of a bucket's items (concatenated, (sum frames*P^2, D)) attend to their original tokens."""
-        keys, values = [], []
-        for item in bucket:
-            original = item.original_tokens.to(pooled.device)  # (frames, N, D_v)
-            if self.v2v_scope == "video":
-                original = original.reshape(1, -1, original.shape[-1])
-            item_keys, item_values = self.v2v_attn.project_memory(original)
-            keys.append(item_keys)
-            values.append(item_values)
-        keys, values = torch.cat(keys), torch.cat(values)
-        # One row of keys per frame ("frame") or per item ("video"); each row has the same number of queries.
-        queries = self.v2v_norm(pooled).view(keys.shape[0], -1, pooled.shape[-1])
-        out = self.v2v_attn(queries, keys, values).reshape(pooled.shape)
-        return torch.tanh(self.v2v_gate) * out
-
-    def _t2v_memory(self, visual: VisualContext, cache: CrossLMMCache | None, device: torch.device):
-        """T2V keys/values (batch, kv_heads, M, head_dim) of every sample's memory, its items' original tokens in
-        reading order, padded along M: projected item by item at prefill (and cached), read from the cache after."""
-        if visual.items:
-            batch = visual.memory_lengths.shape[0]
-            totals = [0] * batch
-            for item in visual.items:
-                totals[item.sample] += item.original_tokens.shape[0] * item.original_tokens.shape[1]
-            keys = values = None
-            filled = [0] * batch
-            for item in visual.items:
-                original = item.original_tokens.to(device).reshape(1, -1, item.original_tokens.shape[-1])
-                item_keys, item_values = self.t2v_attn.project_memory(original)
-                if keys is None:
-                    keys = item_keys.new_zeros(batch, item_keys.shape[1], max(totals), item_keys.shape[3])
-                    values = torch.zeros_like(keys)
-                start, end = filled[item.sample], filled[item.sample] + item_keys.shape[2]
-                keys[item.sample, :, start:end] = item_keys[0]
-                values[item.sample, :, start:end] = item_values[0]
-                filled[item.sample] = end
+        positions, updates = [], []
+        if self.use_v2v:
+            for call in plan.v2v_calls:
+                queries = call.queries.to(flat.device)
+                # Under device_map the vision tower may sit on another device: K/V are made on this layer's.
+                keys, values = self.v2v_attn.project_memory(call.tokens.to(flat.device))
+                out, v2v_weights = self.v2v_attn(self.v2v_norm(flat[queries]), keys, values)
+                positions.append(queries.flatten())
+                updates.append((torch.tanh(self.v2v_gate) * out).flatten(0, 1))
+                if weights is not None and v2v_weights is not None:
+                    starts = call.key_starts.to(flat.device).repeat_interleave(queries.shape[1])
+                    self._place(weights, queries.flatten(), starts, v2v_weights)
+        has_queries = plan.t2v_take.numel() > 0
+        if self.use_t2v and (has_queries or cache is not None):  # the memory is cached even if no text follows
+            keys, values = self.t2v_attn.project_memory(plan.memory_tokens.to(flat.device))
             if cache is not None:
                 cache.visual_memory[self.layer_idx] = (keys, values)
-            return keys, values
-        if cache is None or self.layer_idx not in cache.visual_memory:
-            raise ValueError("T2V has no visual memory: pass the videos/images in the first forward pass.")
-        return cache.visual_memory[self.layer_idx]
+            if has_queries:
+                queries, take = plan.t2v_queries.to(flat.device), plan.t2v_take.to(flat.device)
+                out, t2v_weights = self.t2v_attn(self.t2v_norm(flat[queries]), keys, values, plan.t2v_mask)
+                positions.append(queries.flatten()[take])
+                updates.append((torch.tanh(self.t2v_gate) * out).flatten(0, 1)[take])
+                if weights is not None and t2v_weights is not None:
+                    self._place(weights, positions[-1], torch.zeros_like(take), t2v_weights, take)
+        if positions:  # V2V and T2V queries are disjoint: visual and text positions
+            positions = torch.cat(positions)
+            flat = flat.index_add(0, positions, torch.cat(updates).to(flat.dtype))
+            if self.mlp is not None:  # at the positions that attended to something
+                flat = flat.index_add(0, positions, self._mlp(flat[positions]).to(flat.dtype))
+        return flat.view(rows, length, width), self._dense(weights, rows, length)
 
+    def _mlp(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.mlp_gate) * self.mlp(self.mlp_norm(hidden_states))
 
-def siglip2_patches(frames: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, 3, H, W) square frames of whole patches -> the flattened patches (n, grid*grid, 3*patch*patch) and
-    spatial shapes (n, 2) a SigLIP2 NaFlex tower takes, patches row-major and pixels in (row, column, channel) order
-    as `Siglip2ImageProcessor` makes them."""
-    n, channels, height, width = frames.shape
-    grid = height // patch_size
-    patches = frames[:, :, : grid * patch_size, : grid * patch_size]
-    patches = patches.reshape(n, channels, grid, patch_size, grid, patch_size).permute(0, 2, 4, 3, 5, 1)
-    spatial_shapes = torch.tensor([[grid, grid]] * n, device=frames.device)
-    return patches.reshape(n, grid * grid, -1), spatial_shapes
+    def _idle(self, hidden_states: torch.Tensor, plan: VisualPlan) -> torch.Tensor:
+        """Training on a micro-batch without videos or images: run every branch on a blank frame and add exactly
+        0, so that this rank calls the same modules (and FSDP/ZeRO-3 collectives) as ranks with visual inputs."""
+        pooled, original = plan.idle
+        total = hidden_states.new_zeros(())
+        for enabled, norm, attention, gate in (
+            (self.use_v2v, self.v2v_norm, self.v2v_attn, self.v2v_gate),
+            (self.use_t2v, self.t2v_norm, self.t2v_attn, self.t2v_gate),
+        ):
+            if enabled:
+                out, _ = attention(norm(pooled), *attention.project_memory(original))
+                total = total + (torch.tanh(gate) * out).sum()
+        if self.mlp is not None:
+            total = total + self._mlp(pooled).sum()
+        return hidden_states + 0.0 * total.to(hidden_states.dtype)
 
+    @staticmethod
+    def _place(weights, positions, key_starts, call_weights, take=None):
+        """Write a call's (n, heads, Lq, K) weights (its queries `take`, default all) into the dense
+        (positions, heads, memory) tensor, each query's keys starting at its `key_starts` entry."""
+        call_weights = call_weights.permute(0, 2, 1, 3).flatten(0, 1)
+        if take is not None:
+            call_weights = call_weights[take]
+        columns = key_starts[:, None] + torch.arange(call_weights.shape[-1], device=weights.device)
+        heads = torch.arange(call_weights.shape[1], device=weights.device)
+        weights[positions[:, None, None], heads[None, :, None], columns[:, None, :]] = call_weights.to(weights.dtype)
 
-def _rows(tensor: torch.Tensor, samples: list[int]) -> torch.Tensor:
-    """tensor[samples]: a view when the samples are consecutive (no copy of the cached memory), else a gather."""
-    if samples == list(range(samples[0], samples[-1] + 1)):
-        return tensor[samples[0] : samples[-1] + 1]
-    return tensor[samples]
+    @staticmethod
+    def _dense(weights, rows, length):
+        return None if weights is None else weights.view(rows, length, *weights.shape[1:]).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -367,6 +458,14 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+    # transformers' output capturing (`output_hidden_states`, `output_attentions`, also set on the config). The Qwen2
+    # decoder and the vision tower record through their own `_can_record_outputs`; the keys listed here make the flags
+    # count for CrossLMM, and the DCALs' attention weights are recorded as `cross_attentions`.
+    _can_record_outputs = {
+        "hidden_states": Qwen2DecoderLayer,
+        "attentions": Qwen2Attention,
+        "cross_attentions": OutputRecorder(CrossLMMDualCrossAttentionLayer, index=1),
+    }
 
     def post_init(self):
         super().post_init()
@@ -378,7 +477,7 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
         """Reentrant checkpointing differentiates only through a layer's tensor arguments; a DCAL reads the original
-        visual tokens from its VisualContext argument, so it needs the non-reentrant kind (transformers' default)."""
+        visual tokens from its VisualPlan argument, so it needs the non-reentrant kind (transformers' default)."""
         if enable and getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant"):
             raise ValueError(
                 "CrossLMM's DCALs need non-reentrant gradient checkpointing: pass "
@@ -397,6 +496,17 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
             init.zeros_(module.t2v_gate)
             if module.mlp is not None:
                 init.zeros_(module.mlp_gate)
+
+
+@dataclass
+class _Item:
+    """One video or image of a prefill, on the host: where its pooled tokens sit in each row of its sample."""
+
+    sample: int
+    kind: str  # "video" or "image"
+    first_frame: int  # its first frame among the original tokens of its kind
+    frames: int
+    positions: torch.Tensor  # (rows_per_sample, frames * pool_size**2) positions in each row of its sample
 
 
 class CrossLMMModel(CrossLMMPreTrainedModel):
@@ -420,6 +530,41 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     # ---- vision ----------------------------------------------------------------------------------------------------
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def get_video_features(
+        self, pixel_values_videos, video_num_frames: torch.LongTensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        r"""
+        pixel_values_videos: (videos, frames, 3, H, W), or a list of (frames_i, 3, H, W), or a padded 5-D tensor with
+            `video_num_frames` (videos,) giving each video's real frame count.
+
+        Returns `BaseModelOutputWithPooling` over the frames of every video in order: `last_hidden_state` (frames, N,
+        D_v) the original visual tokens, `pooler_output` (frames, pool_size**2, D) the pooled, projected tokens (and
+        the vision tower's `hidden_states`/`attentions` when asked for).
+        """
+        videos = self._split_videos(pixel_values_videos, video_num_frames)
+        return self._encode_frames_to_features(videos[0] if len(videos) == 1 else torch.cat(videos))
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        r"""
+        pixel_values: (images, 3, H, W); each image is a one-frame video.
+
+        Returns `BaseModelOutputWithPooling`: `last_hidden_state` (images, N, D_v), `pooler_output` (images,
+        pool_size**2, D), as `get_video_features`.
+        """
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must have shape (images, 3, H, W), got {tuple(pixel_values.shape)}.")
+        return self._encode_frames_to_features(pixel_values)
+
+    def _encode_frames_to_features(self, frames: torch.Tensor) -> BaseModelOutputWithPooling:
+        original = self.get_original_visual_tokens(frames)
+        # Pooled chunk by chunk, as the tower runs: the pooler computes in float32, which must not grow with frames.
+        pooled = torch.cat([self.pooler(chunk) for chunk in original.split(self.config.vision_batch_size)])
+        # The tower may run in another dtype than the rest (e.g. kept in float32 while the LLM trains in bfloat16).
+        pooled = self.multi_modal_projector(pooled.to(self.multi_modal_projector.linear_1.weight.dtype))
+        return BaseModelOutputWithPooling(last_hidden_state=original, pooler_output=pooled)
 
     def get_original_visual_tokens(self, frames: torch.Tensor) -> torch.Tensor:
         """(F, 3, H, W) frames -> (F, N, D_v) original visual tokens, `vision_batch_size` frames at a time so that
@@ -475,6 +620,8 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                         f"{tuple(pixel_values_videos.shape)}."
                     )
                 videos = [video[:n] for video, n in zip(videos, counts)]
+        if not videos:
+            raise ValueError("pixel_values_videos holds no video.")
         for i, video in enumerate(videos):
             if video.ndim != 4 or video.shape[0] == 0:
                 raise ValueError(
@@ -482,100 +629,21 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                 )
         return videos
 
-    def encode_visual_inputs(self, pixel_values=None, pixel_values_videos=None, video_num_frames=None):
-        """Original tokens and pooled, projected tokens of every video and image (an image is a one-frame video).
-
-        Returns two lists per modality, in input order: original (T, N, D_v) and pooled+projected (T * P^2, D).
-        """
-        videos = self._split_videos(pixel_values_videos, video_num_frames) if pixel_values_videos is not None else []
-        images = list(pixel_values[:, None]) if pixel_values is not None else []
-        if pixel_values is not None and pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must have shape (images, 3, H, W), got {tuple(pixel_values.shape)}.")
-        clips = videos + images
-        if not clips:
-            return [], [], [], []
-        lengths = [clip.shape[0] for clip in clips]
-        original = self.get_original_visual_tokens(clips[0] if len(clips) == 1 else torch.cat(clips))
-        # Pooled chunk by chunk, as the tower runs: the pooler computes in float32, which must not grow with frames.
-        pooled = torch.cat([self.pooler(chunk) for chunk in original.split(self.config.vision_batch_size)])
-        # The tower may run in another dtype than the rest (e.g. kept in float32 while the LLM trains in bfloat16).
-        pooled = self.multi_modal_projector(pooled.to(self.multi_modal_projector.linear_1.weight.dtype))
-        original = list(original.split(lengths))
-        pooled = [p.flatten(0, 1) for p in pooled.split(lengths)]
-        n = len(videos)
-        return original[:n], pooled[:n], original[n:], pooled[n:]
-
-    # ---- layout ----------------------------------------------------------------------------------------------------
-
-    def _place_items(self, input_ids, token_id, name, originals, pooled) -> list[VisualItem]:
-        """Assign the placeholder tokens of one modality, in reading order, to its items."""
-        rows, cols = (input_ids == token_id).nonzero(as_tuple=True)
-        expected = sum(p.shape[0] for p in pooled)
-        if rows.numel() != expected:
-            per_item = [p.shape[0] for p in pooled]
-            raise ValueError(
-                f"The prompt has {rows.numel()} {name} placeholder tokens but the {len(pooled)} {name}(s) given need "
-                f"{expected} ({per_item}: frames x pool_size**2 each). Let the processor expand the placeholders, "
-                f"and give one {name} per placeholder."
-            )
-        items, start = [], 0
-        for item_original, item_pooled in zip(originals, pooled):
-            end = start + item_pooled.shape[0]
-            item_rows = rows[start:end]
-            if (item_rows != item_rows[0]).any():
-                raise ValueError(f"The placeholder tokens of one {name} are split across batch rows.")
-            items.append(VisualItem(int(item_rows[0]), cols[start:end], item_original))
-            start = end
-        return items
-
-    def _visual_context(self, input_ids, attention_mask, items, cache, batch, seq_len, device):
-        """The VisualContext of this pass, or None when no DCAL has anything to attend to.
-
-        The layout is worked out on the CPU, where `input_ids` and the items' positions are (read once from the
-        device), and moved to `device` at the end: no host sync per lookup, and the FLOP counter can run the model on
-        the meta device with CPU `input_ids`."""
-        if items:
-            lengths = [0] * batch
-            for item in items:
-                lengths[item.sample] += item.original_tokens.shape[0] * item.original_tokens.shape[1]
-            memory_lengths = torch.tensor(lengths, device=device)
-        elif isinstance(cache, CrossLMMCache) and cache.memory_lengths is not None:
-            memory_lengths = cache.memory_lengths
-            lengths = memory_lengths.tolist()
-        else:
-            return None
-        layout_device = input_ids.device if input_ids is not None else torch.device("cpu")
-        if isinstance(cache, CrossLMMCache) and items:
-            cache.memory_lengths = memory_lengths
-
-        t2v_groups = []
-        if self.config.use_t2v:
-            visual = torch.zeros(batch, seq_len, dtype=torch.bool, device=layout_device)
-            for item in items:
-                visual[item.sample, item.positions] = True
-            text = ~visual
-            if attention_mask is not None:
-                text &= attention_mask[:, -seq_len:].to(layout_device).bool()
-            for sample in range(batch):
-                sample_items = [i for i in items if i.sample == sample]
-                if items:  # prefill: a text token sees the items that end before it
-                    ends = torch.tensor([int(i.positions[-1]) for i in sample_items], dtype=torch.long)
-                    sizes = [i.original_tokens.shape[0] * i.original_tokens.shape[1] for i in sample_items]
-                    visible_after = [0] + torch.tensor(sizes).cumsum(0).tolist()
-                    seen = torch.searchsorted(ends.to(layout_device), torch.arange(seq_len, device=layout_device))
-                else:  # decode: every item is before the new tokens
-                    visible_after = [0, lengths[sample]]
-                    seen = torch.ones(seq_len, dtype=torch.long, device=layout_device)
-                for count in range(1, len(visible_after)):
-                    positions = (text[sample] & (seen == count)).nonzero(as_tuple=True)[0]
-                    if positions.numel() and visible_after[count] > 0:
-                        t2v_groups.append((sample, positions, visible_after[count]))
-        items = [VisualItem(item.sample, item.positions.to(device), item.original_tokens) for item in items]
-        t2v_groups = [(sample, positions.to(device), visible) for sample, positions, visible in t2v_groups]
-        return VisualContext(items, t2v_groups, memory_lengths)
+    def get_placeholder_mask(self, input_ids, inputs_embeds) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, video) boolean masks (batch, length) of the placeholder tokens, found in `input_ids` or, without
+        them, as the placeholders' embeddings inside `inputs_embeds` (as transformers' LLaVA models find them)."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id, input_ids == self.config.video_token_id
+        embed = self.get_input_embeddings()
+        masks = []
+        for token_id in (self.config.image_token_id, self.config.video_token_id):
+            token = embed(torch.tensor(token_id, device=embed.weight.device)).to(inputs_embeds.device)
+            masks.append((inputs_embeds == token.to(inputs_embeds.dtype)).all(-1))
+        return masks[0], masks[1]
 
     # ---- forward ---------------------------------------------------------------------------------------------------
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -588,52 +656,72 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
+        rows_per_sample: int = 1,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> CrossLMMModelOutputWithPast:
+        r"""
+        pixel_values_videos, video_num_frames, pixel_values: as in `get_video_features` / `get_image_features`.
+        rows_per_sample (`int`, defaults to 1): consecutive rows of the batch that repeat one sample (beam search and
+            `num_return_sequences` in `generate`): its videos and images are given once, encoded once, and its rows
+            share one visual memory.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        has_visual = pixel_values is not None or pixel_values_videos is not None
-        if has_visual and input_ids is None:
-            raise ValueError("Videos and images need input_ids, whose placeholder tokens say where they go.")
         use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else False
+        has_visual = pixel_values is not None or pixel_values_videos is not None
         cache = self._prepare_cache(_one_cache(cache, past_key_values), use_cache, has_visual)
-
         if inputs_embeds is None:
             embed_tokens = self.get_input_embeddings()
             inputs_embeds = embed_tokens(input_ids.to(embed_tokens.weight.device))
-        if input_ids is not None:  # where the visual tokens go is read on the CPU (see _visual_context)
-            input_ids = input_ids.cpu()
-        batch, seq_len = inputs_embeds.shape[:2]
-        items = []
+        rows, length = inputs_embeds.shape[:2]
+        prefill = cache is None or cache.get_seq_length() == 0
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        output_attentions = bool(output_attentions) and self.config.text_config._attn_implementation == "eager"
+
+        features, plan = {}, None
         if has_visual:
-            videos_orig, videos_pooled, images_orig, images_pooled = self.encode_visual_inputs(
-                pixel_values, pixel_values_videos, video_num_frames
+            # Encoded outside this pass's output capturing: the tower's layers are not the decoder's hidden states.
+            quiet = {"output_hidden_states": False, "output_attentions": False}
+            clips = {"video": [], "image": []}  # the frame count of each video and image, in input order
+            if pixel_values_videos is not None:
+                videos = self._split_videos(pixel_values_videos, video_num_frames)
+                features["video"] = self.get_video_features(videos, **quiet)
+                clips["video"] = [len(video) for video in videos]
+            if pixel_values is not None:
+                features["image"] = self.get_image_features(pixel_values, **quiet)
+                clips["image"] = [1] * len(pixel_values)
+            masks = dict(zip(("image", "video"), self.get_placeholder_mask(input_ids, inputs_embeds)))
+            items = self._layout({k: m.cpu() for k, m in masks.items()}, clips, rows_per_sample)
+            inputs_embeds = self._insert_pooled(inputs_embeds, items, features, rows_per_sample)
+            originals = {kind: out.last_hidden_state for kind, out in features.items()}
+            plan = self._prefill_plan(
+                items, originals, masks, attention_mask, rows, length, rows_per_sample, cache, output_attentions
             )
-            items = self._place_items(input_ids, self.config.video_token_id, "video", videos_orig, videos_pooled)
-            items += self._place_items(input_ids, self.config.image_token_id, "image", images_orig, images_pooled)
-            inputs_embeds = inputs_embeds.clone()
-            for item, pooled in zip(items, videos_pooled + images_pooled):
-                inputs_embeds[item.sample, item.positions] = pooled.to(inputs_embeds.device, inputs_embeds.dtype)
-            items.sort(key=lambda item: (item.sample, int(item.positions[0])))  # memory is in reading order
-        elif input_ids is not None:
-            placeholders = (input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)
-            if placeholders.any() and (cache is None or cache.get_seq_length() == 0):
+        elif prefill:
+            placeholders = self.get_placeholder_mask(input_ids, inputs_embeds)
+            if (placeholders[0] | placeholders[1]).any():
                 raise ValueError(
                     "The prompt has <video>/<image> placeholder tokens but no videos or images were given."
                 )
+            if self.training and torch.is_grad_enabled():
+                plan = self._idle_plan()
+        elif cache.has_visual_memory:
+            plan = self._decode_plan(cache, rows, length, inputs_embeds.dtype, output_attentions)
 
         past_seen = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:  # left padding: count real tokens only
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
             else:
-                position_ids = torch.arange(past_seen, past_seen + seq_len, device=inputs_embeds.device)[None]
-
-        visual = self._visual_context(input_ids, attention_mask, items, cache, batch, seq_len, inputs_embeds.device)
-        return self._decode(
-            inputs_embeds, attention_mask, position_ids, cache, use_cache, visual, output_hidden_states, **kwargs
+                position_ids = torch.arange(past_seen, past_seen + length, device=inputs_embeds.device)[None]
+        hidden_states = self._run_decoder_with_dcals(
+            inputs_embeds, attention_mask, position_ids, cache, use_cache, plan, **kwargs
+        )
+        return CrossLMMModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            **{CACHE_ARG: cache if use_cache else None},
+            image_outputs=features.get("image"),
+            video_outputs=features.get("video"),
         )
 
     def _prepare_cache(self, cache, use_cache, has_visual):
@@ -654,10 +742,222 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             return CrossLMMCache(config=self.config.text_config)
         return None
 
-    def _decode(
-        self, inputs_embeds, attention_mask, position_ids, cache, use_cache, visual, output_hidden_states, **kwargs
-    ):
-        """Qwen2Model.forward's loop, with a DCAL after the chosen decoder layers."""
+    # ---- where the visual tokens go (prefill, on the host) ---------------------------------------------------------
+
+    def _layout(self, masks: dict, clips: dict, rows_per_sample: int) -> list[_Item]:
+        """Assign the placeholder tokens of each modality, in reading order, to its videos / images (`clips[kind]`:
+        each one's frame count, in input order). Returns the items of every sample in reading order."""
+        per_frame = self.config.tokens_per_frame
+        rows = masks["video"].shape[0]
+        if rows_per_sample < 1 or rows % rows_per_sample:
+            raise ValueError(f"rows_per_sample={rows_per_sample} does not divide the batch's {rows} rows.")
+        repeats = f", in each of the {rows_per_sample} rows of a sample" if rows_per_sample > 1 else ""
+        items = []
+        for kind in ("video", "image"):
+            counts, mask = clips[kind], masks[kind]
+            found, needed = int(mask.sum()), sum(counts) * per_frame * rows_per_sample
+            if found != needed:
+                raise ValueError(
+                    f"The prompt has {found} {kind} placeholder tokens but the {len(counts)} {kind}(s) given need "
+                    f"{needed} ({[n * per_frame for n in counts]}: frames x pool_size**2 each{repeats}). Let the "
+                    f"processor expand the placeholders, and give one {kind} per placeholder."
+                )
+            next_clip = first_frame = 0
+            for sample in range(rows // rows_per_sample):
+                block = mask[sample * rows_per_sample : (sample + 1) * rows_per_sample]
+                positions = [row.nonzero().flatten() for row in block]
+                if any(len(p) != len(positions[0]) for p in positions):
+                    raise ValueError(f"The rows of one sample (rows_per_sample) hold different {kind} placeholders.")
+                used = 0
+                while used < len(positions[0]):
+                    tokens = counts[next_clip] * per_frame
+                    if used + tokens > len(positions[0]):
+                        raise ValueError(f"The placeholder tokens of one {kind} are split across batch rows.")
+                    span = torch.stack([p[used : used + tokens] for p in positions])
+                    items.append(_Item(sample, kind, first_frame, counts[next_clip], span))
+                    used += tokens
+                    first_frame += counts[next_clip]
+                    next_clip += 1
+        items.sort(key=lambda item: (item.sample, int(item.positions[0, 0])))
+        return items
+
+    def _insert_pooled(self, inputs_embeds, items, features, rows_per_sample):
+        """The pooled, projected tokens in place of their placeholders, in every row of their sample."""
+        rows, length, width = inputs_embeds.shape
+        per_frame = self.config.tokens_per_frame
+        offsets = {"video": 0, "image": features["video"].pooler_output.shape[0] if "video" in features else 0}
+        pooled = torch.cat([features[kind].pooler_output for kind in ("video", "image") if kind in features])
+        targets, sources = [], []
+        for item in items:
+            start = (offsets[item.kind] + item.first_frame) * per_frame
+            rows_of_item = item.sample * rows_per_sample + torch.arange(rows_per_sample)
+            targets.append((rows_of_item[:, None] * length + item.positions).flatten())
+            sources.append(torch.arange(start, start + item.frames * per_frame).repeat(rows_per_sample))
+        device = inputs_embeds.device
+        values = pooled.flatten(0, 1)[torch.cat(sources).to(pooled.device)].to(device, inputs_embeds.dtype)
+        flat = inputs_embeds.reshape(rows * length, width).index_put((torch.cat(targets).to(device),), values)
+        return flat.view(rows, length, width)
+
+    # ---- the plans -------------------------------------------------------------------------------------------------
+
+    def _prefill_plan(
+        self, items, originals, masks, attention_mask, rows, length, rows_per_sample, cache, output_attentions
+    ) -> VisualPlan:
+        """Every DCAL query of a prefill with its keys, worked out once on the host: V2V calls, T2V queries with the
+        memory prefix each may see, and each sample's memory (stored in the cache for the decode steps)."""
+        k, grid_tokens = rows_per_sample, self.config.patch_grid_size**2
+        samples = rows // k
+        memory_start, lengths = {}, [0] * samples
+        for i, item in enumerate(items):
+            memory_start[i] = lengths[item.sample]
+            lengths[item.sample] += item.frames * grid_tokens
+        memory_length = max(lengths)
+        tokens = [originals[item.kind][item.first_frame : item.first_frame + item.frames] for item in items]
+        if samples == 1 and len(items) == 1:
+            memory = tokens[0].reshape(1, memory_length, -1)
+        else:
+            memory = tokens[0].new_zeros(samples, memory_length, tokens[0].shape[-1])
+            for i, item in enumerate(items):
+                memory[item.sample, memory_start[i] : memory_start[i] + item.frames * grid_tokens] = tokens[i].flatten(
+                    0, 1
+                )
+        dtype = self.get_input_embeddings().weight.dtype
+        implementation = self.config.text_config._attn_implementation
+
+        v2v_calls = self._v2v_calls(items, originals, memory_start, length, k) if self.config.use_v2v else []
+
+        # T2V: a text position sees the memory of the items that end before it, a prefix of its sample's memory.
+        visual = (masks["video"] | masks["image"]).cpu()
+        text = ~visual
+        if attention_mask is not None and attention_mask.ndim == 2:
+            text &= attention_mask[:, -length:].cpu().bool()
+        queries, visible = [[] for _ in range(samples)], [[] for _ in range(samples)]
+        for sample in range(samples):
+            sample_items = [i for i, item in enumerate(items) if item.sample == sample]
+            sizes = torch.tensor([0] + [items[i].frames * grid_tokens for i in sample_items]).cumsum(0)
+            for j in range(k):
+                row = sample * k + j
+                ends = torch.tensor([int(items[i].positions[j, -1]) for i in sample_items], dtype=torch.long)
+                positions = text[row].nonzero().flatten()
+                seen = sizes[torch.searchsorted(ends, positions)]
+                queries[sample].append(row * length + positions[seen > 0])
+                visible[sample].append(seen[seen > 0])
+        queries = [torch.cat(q) for q in queries]
+        visible = [torch.cat(v) for v in visible]
+        width = max(len(q) for q in queries)
+        t2v_queries = torch.zeros(samples, width, dtype=torch.long)
+        t2v_visible = torch.full((samples, width), memory_length, dtype=torch.long)
+        t2v_valid = torch.zeros(samples, width, dtype=torch.bool)
+        for sample, (q, v) in enumerate(zip(queries, visible)):
+            t2v_queries[sample, : len(q)], t2v_visible[sample, : len(v)], t2v_valid[sample, : len(q)] = q, v, True
+        t2v_mask = None
+        if bool((t2v_visible < memory_length).any()):
+            t2v_mask = key_mask(t2v_visible, memory_length, masked_implementation(implementation), dtype)
+
+        if cache is not None and self.config.use_t2v:
+            self._store_memory_layout(cache, lengths, memory_length, k, memory.device)
+        return VisualPlan(
+            v2v_calls=v2v_calls,
+            t2v_queries=t2v_queries,
+            t2v_valid=t2v_valid,
+            t2v_take=t2v_valid.flatten().nonzero().flatten(),
+            t2v_mask=t2v_mask,
+            memory_tokens=memory,
+            memory_lengths=lengths,
+            output_attentions=output_attentions,
+        )
+
+    def _v2v_calls(self, items, originals, memory_start, length, rows_per_sample) -> list[V2VCall]:
+        """V2V: each pooled token attends to its own video's original tokens ("video" scope: one call per group of
+        items of equal frame count) or its own frame's ("frame" scope: one call per modality, every frame a row)."""
+        per_frame, grid_tokens = self.config.tokens_per_frame, self.config.patch_grid_size**2
+        k = rows_per_sample
+
+        def flat_positions(item, frame_slice):  # (frames, k * per_frame): the frame's queries in each row
+            rows = item.sample * k + torch.arange(k)
+            positions = item.positions.view(k, item.frames, per_frame)[:, frame_slice]
+            return (rows[:, None, None] * length + positions).transpose(0, 1).flatten(1)
+
+        calls = []
+        if self.config.v2v_scope == "frame":
+            for kind, original in originals.items():
+                kind_items = [i for i, item in enumerate(items) if item.kind == kind]
+                kind_items.sort(key=lambda i: items[i].first_frame)  # the order of `original`'s frames
+                queries = torch.cat([flat_positions(items[i], slice(None)) for i in kind_items])
+                starts = torch.cat(
+                    [memory_start[i] + grid_tokens * torch.arange(items[i].frames) for i in kind_items]
+                )
+                calls.append(V2VCall(queries, original, starts))
+            return calls
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault((item.kind, item.frames), []).append(i)
+        for (kind, frames), group in groups.items():
+            queries = torch.stack([flat_positions(items[i], slice(None)).flatten() for i in group])
+            original = originals[kind]
+            spans = [original[items[i].first_frame : items[i].first_frame + frames].flatten(0, 1) for i in group]
+            tokens = spans[0][None] if len(spans) == 1 else torch.stack(spans)
+            calls.append(V2VCall(queries, tokens, torch.tensor([memory_start[i] for i in group])))
+        return calls
+
+    def _store_memory_layout(self, cache: CrossLMMCache, lengths, memory_length, rows_per_sample, device):
+        """What a decode step needs to plan without reading the device: the memory lengths on the host, the key
+        mask and the rows without memory on the device (None when not needed)."""
+        cache.memory_lengths = list(lengths)
+        cache.rows_per_memory = rows_per_sample
+        cache.memory_visible = cache.memory_scale = None
+        if min(lengths) < memory_length:
+            # A sample without memory sees one key (no backend takes a row that sees nothing), scaled by 0.
+            cache.memory_visible = torch.tensor([max(n, 1) for n in lengths], device=device)
+            if min(lengths) == 0:
+                cache.memory_scale = torch.tensor([float(n > 0) for n in lengths], device=device)[:, None, None]
+
+    def _decode_plan(self, cache: CrossLMMCache, rows, length, dtype, output_attentions) -> VisualPlan:
+        """A step after the prefill: every new position of every row reads its sample's whole memory. Planned from
+        what the cache holds on the host; nothing is read back from the device."""
+        samples, k = len(cache.memory_lengths), cache.rows_per_memory
+        if rows != samples * k:
+            raise ValueError(
+                f"The cache holds visual memory for {samples} sample(s) x {k} row(s) but this batch has {rows} rows."
+            )
+        mask = None
+        if cache.memory_visible is not None:
+            implementation = masked_implementation(self.config.text_config._attn_implementation)
+            visible = cache.memory_visible[:, None].expand(samples, k * length)
+            mask = key_mask(visible, max(cache.memory_lengths), implementation, dtype)
+        scale = None if cache.memory_scale is None else cache.memory_scale.to(dtype)
+        return VisualPlan(
+            v2v_calls=[],
+            t2v_queries=None,
+            t2v_valid=None,
+            t2v_take=None,
+            t2v_mask=mask,
+            memory_tokens=None,
+            memory_lengths=cache.memory_lengths,
+            memory_scale=scale,
+            output_attentions=output_attentions,
+        )
+
+    def _idle_plan(self) -> VisualPlan:
+        """Training without videos or images in this micro-batch: a blank frame for every DCAL branch to run on,
+        adding exactly 0, so that data-parallel ranks with and without visual inputs run the same modules."""
+        size = self.config.image_size
+        blank = torch.zeros(1, 3, size, size, device=self.vision_tower.device)
+        features = self._encode_frames_to_features(blank)
+        return VisualPlan(
+            v2v_calls=[],
+            t2v_queries=None,
+            t2v_valid=None,
+            t2v_take=None,
+            t2v_mask=None,
+            memory_tokens=None,
+            memory_lengths=[],
+            idle=(features.pooler_output, features.last_hidden_state),
+        )
+
+    def _run_decoder_with_dcals(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, plan, **kwargs):
+        """Adapted from transformers' `Qwen2Model.forward` (masks, rotary embeddings, the decoder layer loop), with
+        each DCAL run after the decoder layer it follows. Returns the final, normalized hidden states."""
         llm = self.language_model
         text_config = self.config.text_config
         if isinstance(attention_mask, dict):
@@ -676,7 +976,6 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = llm.rotary_emb(hidden_states, position_ids)
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
         for idx, decoder_layer in enumerate(llm.layers[: text_config.num_hidden_layers]):
             hidden_states = decoder_layer(
                 hidden_states,
@@ -687,16 +986,21 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                 **{CACHE_ARG: cache},
                 **kwargs,
             )
-            if visual is not None and str(idx) in self.cross_attention_layers:
-                hidden_states = self.cross_attention_layers[str(idx)](hidden_states, visual, cache)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-        hidden_states = llm.norm(hidden_states)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            **{CACHE_ARG: cache if use_cache else None},
-            hidden_states=all_hidden_states,
-        )
+            if plan is not None and str(idx) in self.cross_attention_layers:
+                hidden_states, _ = self.cross_attention_layers[str(idx)](hidden_states, plan, cache)
+        return llm.norm(hidden_states)
+
+
+def siglip2_patches(frames: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 3, H, W) square frames of whole patches -> the flattened patches (n, grid*grid, 3*patch*patch) and
+    spatial shapes (n, 2) a SigLIP2 NaFlex tower takes, patches row-major and pixels in (row, column, channel) order
+    as `Siglip2ImageProcessor` makes them."""
+    n, channels, height, width = frames.shape
+    grid = height // patch_size
+    patches = frames[:, :, : grid * patch_size, : grid * patch_size]
+    patches = patches.reshape(n, channels, grid, patch_size, grid, patch_size).permute(0, 2, 4, 3, 5, 1)
+    spatial_shapes = torch.tensor([[grid, grid]] * n, device=frames.device)
+    return patches.reshape(n, grid * grid, -1), spatial_shapes
 
 
 class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin):
@@ -727,6 +1031,9 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
         self.model = CrossLMMModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        # The placeholders stand for visual tokens: never generate them (saved with the generation config).
+        if self.generation_config.suppress_tokens is None:
+            self.generation_config.suppress_tokens = [config.image_token_id, config.video_token_id]
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -740,6 +1047,13 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    def get_video_features(self, pixel_values_videos, video_num_frames=None, **kwargs) -> BaseModelOutputWithPooling:
+        return self.model.get_video_features(pixel_values_videos, video_num_frames, **kwargs)
+
+    def get_image_features(self, pixel_values, **kwargs) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -753,16 +1067,17 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        rows_per_sample: int = 1,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CrossLMMCausalLMOutputWithPast:
         r"""
         pixel_values_videos: (videos, frames, 3, H, W), or a list of (frames_i, 3, H, W) for videos of different
             lengths, or a padded 5-D tensor with `video_num_frames` (videos,) giving each video's real frame count.
         pixel_values: (images, 3, H, W); each image is a one-frame video.
         labels: (batch, seq) token ids for the shifted causal-LM loss; -100 is ignored and visual placeholder
             positions never count.
+        rows_per_sample: see `CrossLMMModel.forward`.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -774,7 +1089,8 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
             cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
+            rows_per_sample=rows_per_sample,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -783,10 +1099,11 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
 
         loss = None
         if labels is not None:
-            if input_ids is not None:
-                visual = (input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)
-                labels = labels.masked_fill(visual, -100)
-            if not (labels[..., 1:] != -100).any():  # the mean over zero tokens would be a silent NaN
+            image_mask, video_mask = self.model.get_placeholder_mask(input_ids, inputs_embeds)
+            labels = labels.masked_fill((image_mask | video_mask).to(labels.device), -100)
+            # Without `num_items_in_batch` the loss is a mean over this batch's tokens: over none it is a silent NaN.
+            # With it (gradient accumulation), a micro-batch without answer tokens rightly adds 0.
+            if kwargs.get("num_items_in_batch") is None and not (labels[..., 1:] != -100).any():
                 raise ValueError(
                     "Every label is -100 or a visual placeholder: the batch has no token to learn from. Keep at "
                     "least one answer token per sample (CrossLMMDataCollator labels the assistant turns)."
@@ -795,61 +1112,48 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
 
-        return CausalLMOutputWithPast(
+        return CrossLMMCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions,
+            image_outputs=outputs.image_outputs,
+            video_outputs=outputs.video_outputs,
         )
 
     def prepare_inputs_for_generation(
-        self,
-        *args,
-        pixel_values=None,
-        pixel_values_videos=None,
-        video_num_frames=None,
-        is_first_iteration=False,
-        **kwargs,
+        self, *args, pixel_values=None, pixel_values_videos=None, video_num_frames=None, rows_per_sample=1, **kwargs
     ):
-        """Visual inputs go to the prefill only; decode steps read the DCALs' visual memory from the cache."""
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        if is_first_iteration or not kwargs.get("use_cache", True):
-            model_inputs["pixel_values"] = pixel_values
-            model_inputs["pixel_values_videos"] = pixel_values_videos
-            model_inputs["video_num_frames"] = video_num_frames
+        """Visual inputs go to the first pass only, the one that starts from an empty cache (whatever transformers
+        calls it: assisted decoding runs an assistant's first pass as a later iteration). Later passes read the
+        DCALs' visual memory from the cache. Without a cache every pass recomputes, frames included."""
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        cache = model_inputs.get(CACHE_ARG)
+        if cache is None or cache.get_seq_length() == 0:
+            model_inputs.update(
+                pixel_values=pixel_values,
+                pixel_values_videos=pixel_values_videos,
+                video_num_frames=video_num_frames,
+                rows_per_sample=rows_per_sample,
+            )
         return model_inputs
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        """Beam search and `num_return_sequences` repeat each sample; repeat its own videos and images with it
-        (the default would repeat them as if there were exactly one per sample)."""
-        if expand_size > 1 and input_ids is not None:
-            videos = model_kwargs.pop("pixel_values_videos", None)
-            num_frames = model_kwargs.pop("video_num_frames", None)
-            images = model_kwargs.pop("pixel_values", None)
-            if videos is not None:
-                videos = self.model._split_videos(videos, num_frames)
-                model_kwargs["pixel_values_videos"] = self._repeat_per_sample(
-                    input_ids, self.config.video_token_id, videos, expand_size
-                )
-            if images is not None:
-                images = self._repeat_per_sample(
-                    input_ids, self.config.image_token_id, list(images[:, None]), expand_size
-                )
-                model_kwargs["pixel_values"] = torch.cat(images)
-        return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
-
-    def _repeat_per_sample(self, input_ids, token_id, clips, repeats):
-        """Clips in reading order -> each row's clips repeated `repeats` times, rows kept in order."""
-        per_clip = [clip.shape[0] * self.config.tokens_per_frame for clip in clips]
-        expanded, next_clip = [], 0
-        for row_tokens in (input_ids == token_id).sum(-1).tolist():
-            row_clips = []
-            while row_tokens > 0 and next_clip < len(clips):
-                row_clips.append(clips[next_clip])
-                row_tokens -= per_clip[next_clip]
-                next_clip += 1
-            expanded += row_clips * repeats
-        return expanded
+        """Beam search and `num_return_sequences` repeat each sample's rows; its videos and images stay as given,
+        encoded once, and its rows share them (`rows_per_sample`)."""
+        visual = {
+            name: model_kwargs.pop(name)
+            for name in ("pixel_values", "pixel_values_videos", "video_num_frames")
+            if name in model_kwargs
+        }
+        rows_per_sample = model_kwargs.pop("rows_per_sample", 1) or 1
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        model_kwargs.update(visual, rows_per_sample=rows_per_sample * expand_size)
+        return input_ids, model_kwargs
 
 
 CrossLMMConfig.register_for_auto_class()

@@ -139,9 +139,12 @@ def parameter_groups(model: torch.nn.Module, learning_rates: dict[str, float], w
 
 
 def _runs_in_crosslmm(parameter_name: str, config) -> bool:
-    """False for the vision tower's parts CrossLMM never runs: it takes `hidden_states[vision_feature_layer]`, so the
-    post-layernorm, the head and the encoder layers after that one get no gradient (and would stall DDP)."""
+    """False for the parts CrossLMM never runs, which get no gradient (and would stall DDP): of the vision tower, the
+    post-layernorm, the head and the encoder layers after `vision_feature_layer`; the V2V branch of a DCAL after the
+    last decoder layer (`config.v2v_layer_indices`)."""
     parts = parameter_name.split(".")
+    if "cross_attention_layers" in parts and any(module in parts for module in V2V_MODULES):
+        return int(parts[parts.index("cross_attention_layers") + 1]) in config.v2v_layer_indices
     if "vision_tower" not in parts:
         return True
     below = parts[parts.index("vision_tower") + 1 :]
@@ -169,7 +172,9 @@ def setup_stage1(model: torch.nn.Module, learning_rate: float = STAGE1_LEARNING_
     for name, param in model.named_parameters():
         parts = name.split(".")
         param.requires_grad = "multi_modal_projector" in parts or (
-            "cross_attention_layers" in parts and any(module in parts for module in V2V_MODULES)
+            "cross_attention_layers" in parts
+            and any(module in parts for module in V2V_MODULES)
+            and _runs_in_crosslmm(name, model.config)
         )
     return {"connector": learning_rate}
 

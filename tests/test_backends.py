@@ -48,6 +48,10 @@ def with_backend(model, implementation):
     """A copy of `model` (same weights) running `implementation` everywhere: LLM, vision tower and DCALs."""
     model = copy.deepcopy(model)
     model.set_attn_implementation(implementation)
+    if implementation == "flex_attention":
+        # torch's CPU inductor emits C++ that does not compile for flex_attention once it recompiles with dynamic
+        # shapes (a second call with other sizes); every case here compiles afresh, with static shapes.
+        torch._dynamo.reset()
     return model
 
 

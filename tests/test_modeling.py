@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers import Qwen2ForCausalLM, SiglipVisionModel
 
-from modeling_crosslmm import CACHE_ARG, CrossLMMForConditionalGeneration, VisualContext, VisualItem
+from modeling_crosslmm import CACHE_ARG, CrossLMMForConditionalGeneration
 from tiny import IMAGE_SIZE, frames, prompt, set_gates, tiny_config, tiny_model
 
 
@@ -75,7 +75,7 @@ def dcal_update(model, ids, video, gates):
     for name, value in gates.items():
         getattr(dcal, name).data.fill_(value)
     seen = {}
-    handle = dcal.register_forward_hook(lambda m, args, out: seen.update(delta=out - args[0]))
+    handle = dcal.register_forward_hook(lambda m, args, out: seen.update(delta=out[0] - args[0]))
     with torch.no_grad():
         model(input_ids=ids, pixel_values_videos=video[None])
     handle.remove()
@@ -99,34 +99,49 @@ def test_v2v_changes_visual_positions_only_and_t2v_text_after_video_only():
     assert (mlp[visual | after] > 0).all() and (mlp[~(visual | after)] == 0).all()
 
 
+def dcal_inputs(model, ids, video):
+    """The hidden states and the plan the first DCAL receives in a real forward pass."""
+    dcal = model.model.cross_attention_layers[str(model.config.dcal_layer_indices[0])]
+    seen = {}
+    handle = dcal.register_forward_pre_hook(lambda module, args: seen.update(args=args))
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values_videos=video[None])
+    handle.remove()
+    return dcal, seen["args"][0], seen["args"][1]
+
+
 @pytest.mark.parametrize("scope", ["frame", "video"])
 def test_v2v_scope(scope):
     """Changing frame 1's original tokens changes only frame 1's V2V outputs with scope "frame", the whole video's
     with scope "video"."""
-    torch.manual_seed(0)
     model = tiny_model(v2v_scope=scope, use_t2v=False)
-    dcal = model.model.cross_attention_layers["1"]
+    ids = prompt(model.config, [1], ("video", 3), [2, 3])
+    dcal, hidden, plan = dcal_inputs(model, ids, frames(3))
     dcal.v2v_gate.data.fill_(0.5)
+    (call,) = plan.v2v_calls
+    grid_tokens = model.config.patch_grid_size**2
+    changed = call.tokens.clone()
+    if scope == "frame":
+        assert call.tokens.shape[:2] == (3, grid_tokens)  # every frame a row of the call, its own tokens as keys
+        changed[1] += 1.0
+    else:
+        assert call.tokens.shape[:2] == (1, 3 * grid_tokens)  # the video a row, all of its tokens as keys
+        changed[0, grid_tokens : 2 * grid_tokens] += 1.0
+
+    with torch.no_grad():
+        before = dcal(hidden, plan)[0][0]
+        call.tokens = changed
+        after = dcal(hidden, plan)[0][0]
+    diff = (before - after).abs().sum(-1)
     per_frame = model.config.tokens_per_frame
-    hidden = torch.randn(1, 3 * per_frame + 2, model.config.text_config.hidden_size)
-    positions = torch.arange(1, 1 + 3 * per_frame)
-    original = torch.randn(3, model.config.patch_grid_size**2, model.config.vision_config.hidden_size)
-    changed = original.clone()
-    changed[1] += 1.0
-
-    def run(tokens):
-        context = VisualContext([VisualItem(0, positions, tokens)], [], torch.tensor([tokens[0].numel()]))
-        with torch.no_grad():
-            return dcal(hidden, context)[0]
-
-    diff = (run(original) - run(changed)).abs().sum(-1)
     frame1 = torch.zeros_like(diff, dtype=torch.bool)
     frame1[1 + per_frame : 1 + 2 * per_frame] = True
-    assert (diff[frame1] > 0).all()
+    visual = ids[0] == model.config.video_token_id
+    assert (diff[frame1] > 0).all() and (diff[~visual] == 0).all()
     if scope == "frame":
         assert (diff[~frame1] == 0).all()
     else:
-        assert (diff[positions] > 0).all() and diff[0] == 0 and (diff[-1:] == 0).all()
+        assert (diff[visual] > 0).all()
 
 
 @torch.no_grad()
@@ -289,7 +304,8 @@ def test_vision_tower_runs_in_chunks():
             ),
             "video_num_frames",
         ),
-        (lambda c: dict(inputs_embeds=torch.randn(1, 4, 64), pixel_values_videos=frames(2)[None]), "input_ids"),
+        # Embeddings without the placeholders' embeddings: nowhere to put the video.
+        (lambda c: dict(inputs_embeds=torch.randn(1, 4, 64), pixel_values_videos=frames(2)[None]), "placeholder"),
     ],
 )
 def test_mismatched_inputs_raise_clear_errors(build, message):

@@ -181,7 +181,7 @@ def test_stage1_trains_only_the_projector_and_v2v_with_t2v_off():
     learning_rates = setup_stage1(model)
     names = trainable(model)
     expected = {name for name, _ in model.named_parameters() if name.startswith("model.multi_modal_projector.")}
-    for idx in model.config.dcal_layer_indices:
+    for idx in model.config.v2v_layer_indices:  # not the DCAL after the last decoder layer, whose V2V never runs
         prefix = f"model.cross_attention_layers.{idx}."
         expected |= {
             name
@@ -210,8 +210,15 @@ def test_stage2_trains_everything_crosslmm_runs_with_the_papers_learning_rates()
     learning_rates = setup_stage2(model)
     assert model.config.use_t2v and all(dcal.use_t2v for dcal in model.model.cross_attention_layers.values())
     frozen = {name for name, _ in model.named_parameters()} - trainable(model)
-    # CrossLMM reads hidden_states[-1] of the tower, before its post-layernorm: the only parameters it never runs.
-    assert frozen == {"model.vision_tower.post_layernorm.weight", "model.vision_tower.post_layernorm.bias"}
+    # CrossLMM reads hidden_states[-1] of the tower, before its post-layernorm, and runs no V2V after the last decoder
+    # layer: the only parameters it never runs.
+    last = model.config.dcal_layer_indices[-1]
+    assert last == model.config.text_config.num_hidden_layers - 1 and last not in model.config.v2v_layer_indices
+    v2v_of_last = {
+        name for name, _ in model.named_parameters() if name.startswith(f"model.cross_attention_layers.{last}.v2v_")
+    }
+    assert len(v2v_of_last) == 6  # norm, q/k/v/o projections, gate
+    assert frozen == {"model.vision_tower.post_layernorm.weight", "model.vision_tower.post_layernorm.bias"} | v2v_of_last
 
     batch = video_batch(model.config)
     set_gates(model, 0.5)
