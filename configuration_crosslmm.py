@@ -173,6 +173,11 @@ class CrossLMMConfig(PretrainedConfig):
         return vision.image_size
 
     @property
+    def num_decoder_layers(self) -> int:
+        """The LLM's decoder layers (`output_hidden_states` gives one hidden state more: the embeddings)."""
+        return self.text_config.num_hidden_layers
+
+    @property
     def v2v_layer_indices(self) -> list[int]:
         """The DCALs that run V2V: all of them (with `use_v2v`) but one after the last decoder layer, whose V2V
         output no text position reads."""

@@ -252,7 +252,7 @@ class StageTimer:
     """Splits one pipeline call into its stages, without changing what runs.
 
     Forward hooks on the model: its first call is the prefill, every later call one generated token. Inside the
-    prefill, the model's `get_video_features` (vision tower, pooler, projector) is timed on its own. Everything
+    prefill, the model's `_encode_visual` (vision tower, pooler, projector) is timed on its own. Everything
     before the prefill is reading, sampling and resizing the frames, and tokenizing. On CUDA each mark waits for the
     device, so the times are the work's, not the kernel launches'.
     """
@@ -267,7 +267,7 @@ class StageTimer:
             model.register_forward_pre_hook(self._model_start, with_kwargs=True),
             model.register_forward_hook(self._model_end),
         ]
-        encode = model.model.get_video_features
+        encode = model.model._encode_visual
 
         def timed_encode(*args, **kwargs):
             start = self._now()
@@ -275,7 +275,7 @@ class StageTimer:
             self.vision_seconds += self._now() - start
             return result
 
-        model.model.get_video_features = timed_encode  # on this instance only; removed again in `run`
+        model.model._encode_visual = timed_encode  # on this instance only; removed again in `run`
 
     def _now(self):
         self.sync()
@@ -297,7 +297,7 @@ class StageTimer:
         finally:
             for hook in self.hooks:
                 hook.remove()
-            del self.model.model.get_video_features
+            del self.model.model._encode_visual
         end = self._now()
         if not self.calls:
             raise RuntimeError("The pipeline finished without running the model.")

@@ -113,8 +113,8 @@ class CrossLMMCache(DynamicCache):
     (samples, kv_heads, M, head_dim), padded along M, and rows `s * rows_per_memory` to
     `(s + 1) * rows_per_memory - 1` read sample `s`'s memory. `memory_lengths[s]` is how many of the M slots are
     sample `s`'s (a host list, so that a decode step plans without reading the device) and `memory_visible`
-    (samples,) holds them on the device for the key mask (None when no sample is padded); `memory_scale` (samples, 1, 1) is 0 for samples
-    without any video or image (None when every sample has some).
+    (samples,) holds them on the device for the key mask (None when no sample is padded); `memory_scale`
+    (samples, 1, 1) is 0 for samples without any video or image (None when every sample has some).
     """
 
     def __init__(self, *args, **kwargs):
@@ -168,37 +168,38 @@ class CrossLMMCache(DynamicCache):
 
 
 @dataclass
-class V2VCall:
-    """One V2V attention call: `queries[i]` (flat positions into the batch's (rows * length) hidden states) attend
-    to all of `tokens[i]` (original visual tokens). `key_starts[i]` is where `tokens[i]` begins in its sample's
-    memory (used to place attention weights)."""
+class CrossAttentionCall:
+    """One attention call of a DCAL branch: the queries of row `i` (flat positions into the batch's
+    rows * length hidden states) attend to the original visual tokens `tokens[i]`. Rows of unequal length are padded:
+    `take` then lists the real queries among the flattened ones, and `mask` (in the backend's form, see `key_mask`)
+    keeps each query to its keys."""
 
     queries: torch.Tensor  # (n, Lq)
     tokens: torch.Tensor  # (n, K, D_v)
-    key_starts: torch.Tensor  # (n,)
+    key_starts: torch.Tensor  # (n,): where `tokens[i]` starts in its sample's memory (for attention weights)
+    take: torch.Tensor | None = None  # flat indices into the (n * Lq) queries of the real ones; None: all
+    mask: object = None
 
 
 @dataclass
 class VisualPlan:
-    """What the DCALs of one forward pass do, built by `CrossLMMModel` and shared by every DCAL.
+    """What the DCALs of one forward pass do, built once by `CrossLMMModel` and shared by every DCAL.
 
-    T2V: the queries of each sample (all rows sharing one memory) in one batch row of the attention call, against
-    that sample's memory (its items' original tokens in reading order). At prefill `t2v_queries` (samples, Q) gathers
-    the text positions that see something (`t2v_valid` marks the real ones) and `memory_tokens` holds the memory to
-    project; on decode steps (`t2v_queries` None) every position of every row attends to the whole memory, read from
-    the cache. `t2v_mask` is the key mask in the attention backend's own form, None when every query sees all keys.
+    Prefill: one V2V call (each pooled token and the original tokens of its video, or of its frame) and one T2V call
+    (the text positions of each sample, its rows side by side, and the sample's memory: its videos' and images'
+    original tokens in reading order, of which each query sees the prefix placed before it). Decode steps
+    (`decode`): every position of every row attends to its sample's whole memory, read from the cache with the key
+    mask `t2v_mask`. Idle (`scale` 0): a training pass without visual inputs, see `CrossLMMModel._idle_plan`.
     """
 
-    v2v_calls: list[V2VCall]
-    t2v_queries: torch.Tensor | None  # (samples, Q) flat positions; None: every position (decode)
-    t2v_valid: torch.Tensor | None  # (samples, Q) bool: the real queries among the padded ones
-    t2v_take: torch.Tensor | None  # flat indices of the real queries in (samples * Q)
-    t2v_mask: torch.Tensor | None
-    memory_tokens: torch.Tensor | None  # (samples, M, D_v) at prefill, None on decode steps
     memory_lengths: list[int]
-    memory_scale: torch.Tensor | None = None  # (samples, 1, 1): 0 for samples without memory (decode), else None
+    v2v: CrossAttentionCall | None = None
+    t2v: CrossAttentionCall | None = None
+    decode: bool = False
+    t2v_mask: object = None  # decode steps
+    memory_scale: torch.Tensor | None = None  # decode steps: (samples, 1, 1), 0 for samples without memory
+    scale: float = 1.0  # 0.0: an idle pass (`CrossLMMModel._idle_plan`), whose updates are exactly 0
     output_attentions: bool = False
-    idle: tuple[torch.Tensor, torch.Tensor] | None = None  # (pooled, original) of a blank frame: see `_idle`
 
 
 def key_mask(visible: torch.Tensor, keys: int, implementation: str, dtype: torch.dtype):
@@ -220,6 +221,26 @@ def masked_implementation(implementation: str) -> str:
     """The backend that runs a cross-attention call with a key mask: the configured one, except that flash-attention
     kernels take no key mask (only unpadding copies of the keys), so masked calls run on sdpa there."""
     return implementation if implementation in ("eager", "flex_attention", "sdpa") else "sdpa"
+
+
+def _parameter(module: nn.Module) -> nn.Parameter:
+    """A module's first parameter, for its dtype and device: read through `parameters()`, since reading
+    `module.weight` during a forward makes DeepSpeed ZeRO-3 gather the weight (on this rank alone)."""
+    return next(module.parameters())
+
+
+def _pad_rows(rows: list[torch.Tensor], visible: list[torch.Tensor], fill: int):
+    """Rows of queries (flat positions) and of how many keys each sees, padded to the longest row, and to one query
+    at least: a call with no query is no call to the attention backends (padding queries repeat a position and see
+    `fill` keys). Returns both as (n, width) tensors and the flat indices of the real queries (None when all are)."""
+    width = max(1, *(len(row) for row in rows))
+    queries = torch.zeros(len(rows), width, dtype=torch.long)
+    seen = torch.full((len(rows), width), fill, dtype=torch.long)
+    real = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, (row, row_visible) in enumerate(zip(rows, visible)):
+        queries[i, : len(row)], seen[i, : len(row)], real[i, : len(row)] = row, row_visible, True
+    take = None if bool(real.all()) else real.flatten().nonzero().flatten()
+    return queries, seen, take
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -286,14 +307,16 @@ class CrossLMMCrossAttention(nn.Module):
     def project_memory(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, M, D_v) original tokens -> keys, values of shape (n, kv_heads, M, head_dim)."""
         shape = (*tokens.shape[:-1], -1, self.head_dim)  # -1: the local heads under tensor parallelism
-        tokens = tokens.to(dtype=self.k_proj.weight.dtype)
+        tokens = tokens.to(dtype=_parameter(self.k_proj).dtype)
         return self.k_proj(tokens).view(shape).transpose(1, 2), self.v_proj(tokens).view(shape).transpose(1, 2)
 
     def forward(self, queries, keys, values, mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(n, Lq, D) queries attend to their row's (n, kv_heads, K, head_dim) keys/values, restricted by `mask`
         (from `key_mask`) when given. Returns the output (n, Lq, D) and, on eager, the weights (n, heads, Lq, K)."""
         n, length, _ = queries.shape
-        query_states = self.q_proj(queries).view(n, length, -1, self.head_dim).transpose(1, 2)
+        query_states = self.q_proj(queries)  # heads from the width: the local heads under tensor parallelism
+        query_states = query_states.view(n, length, query_states.shape[-1] // self.head_dim, self.head_dim)
+        query_states = query_states.transpose(1, 2)
         implementation = self.config._attn_implementation
         if mask is not None:
             implementation = masked_implementation(implementation)
@@ -309,13 +332,17 @@ class CrossLMMCrossAttention(nn.Module):
             scaling=self.scaling,
             is_causal=False,
         )
-        return self.o_proj(output.reshape(n, length, -1)), weights
+        return self.o_proj(output.flatten(2)), weights
 
 
 class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
     """DCAL (figure 2): V2V and T2V cross-attention in parallel, each pre-norm and tanh-gated into the residual
     stream, then a gated feed-forward block at the positions that attended to something. Where each query looks is
-    the `VisualPlan`'s business; this layer runs it."""
+    the `VisualPlan`'s business; this layer runs it.
+
+    At prefill and in training each enabled branch runs exactly once per pass, its sub-modules always in the same
+    order, whatever the inputs: DeepSpeed ZeRO-3 gathers a sub-module's parameters on each call, so data-parallel
+    ranks must make the same calls."""
 
     def __init__(self, config: CrossLMMConfig, layer_idx: int):
         super().__init__()
@@ -341,103 +368,105 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the new hidden states and, when the plan asks for them (eager backend), the attention weights
         over each sample's memory (batch, heads, length, memory_length)."""
-        if plan.idle is not None:
-            return self._idle(hidden_states, plan), None
+        if plan.decode:
+            return self._decode_step(hidden_states, plan, cache)
         rows, length, width = hidden_states.shape
         flat = hidden_states.reshape(rows * length, width)
-        weights = None
-        if plan.output_attentions:
-            heads = self.t2v_attn.num_heads
-            weights = flat.new_zeros(rows * length, heads, max(plan.memory_lengths, default=0))
-
-        if plan.t2v_queries is None:  # decode: every position of every row reads its sample's whole memory
-            if self.use_t2v:
-                keys, values = cache.visual_memory[self.layer_idx]
-                samples = keys.shape[0]
-                queries = hidden_states.reshape(samples, -1, width)  # the rows of one sample side by side
-                out, t2v_weights = self.t2v_attn(self.t2v_norm(queries), keys, values, plan.t2v_mask)
-                out = torch.tanh(self.t2v_gate) * out
-                if plan.memory_scale is not None:  # rows of samples without videos or images attend to nothing
-                    out = out * plan.memory_scale
-                flat = flat + out.reshape(rows * length, width).to(flat.dtype)
-                if weights is not None and t2v_weights is not None:
-                    weights = t2v_weights.transpose(1, 2).reshape(rows * length, heads, -1)
-                if self.mlp is not None:
-                    update = self._mlp(flat)
-                    if plan.memory_scale is not None:
-                        update = (update.view(samples, -1, width) * plan.memory_scale).view(rows * length, width)
-                    flat = flat + update.to(flat.dtype)
-            return flat.view(rows, length, width), self._dense(weights, rows, length)
-
+        weights = self._weights(flat, plan)
         positions, updates = [], []
-        if self.use_v2v:
-            for call in plan.v2v_calls:
-                queries = call.queries.to(flat.device)
-                # Under device_map the vision tower may sit on another device: K/V are made on this layer's.
-                keys, values = self.v2v_attn.project_memory(call.tokens.to(flat.device))
-                out, v2v_weights = self.v2v_attn(self.v2v_norm(flat[queries]), keys, values)
-                positions.append(queries.flatten())
-                updates.append((torch.tanh(self.v2v_gate) * out).flatten(0, 1))
-                if weights is not None and v2v_weights is not None:
-                    starts = call.key_starts.to(flat.device).repeat_interleave(queries.shape[1])
-                    self._place(weights, queries.flatten(), starts, v2v_weights)
-        has_queries = plan.t2v_take.numel() > 0
-        if self.use_t2v and (has_queries or cache is not None):  # the memory is cached even if no text follows
-            keys, values = self.t2v_attn.project_memory(plan.memory_tokens.to(flat.device))
-            if cache is not None:
+        for enabled, norm, attention, gate, call in (
+            (self.use_v2v, self.v2v_norm, self.v2v_attn, self.v2v_gate, plan.v2v),
+            (self.use_t2v, self.t2v_norm, self.t2v_attn, self.t2v_gate, plan.t2v),
+        ):
+            if not enabled or call is None:
+                continue
+            # Under device_map the vision tower may sit on another device: K/V are made on this layer's.
+            keys, values = attention.project_memory(call.tokens.to(flat.device))
+            if attention is self.t2v_attn and cache is not None:  # the decode steps' memory
                 cache.visual_memory[self.layer_idx] = (keys, values)
-            if has_queries:
-                queries, take = plan.t2v_queries.to(flat.device), plan.t2v_take.to(flat.device)
-                out, t2v_weights = self.t2v_attn(self.t2v_norm(flat[queries]), keys, values, plan.t2v_mask)
-                positions.append(queries.flatten()[take])
-                updates.append((torch.tanh(self.t2v_gate) * out).flatten(0, 1)[take])
-                if weights is not None and t2v_weights is not None:
-                    self._place(weights, positions[-1], torch.zeros_like(take), t2v_weights, take)
-        if positions:  # V2V and T2V queries are disjoint: visual and text positions
-            positions = torch.cat(positions)
+            queries = call.queries.to(flat.device)
+            out, call_weights = attention(norm(flat[queries]), keys, values, call.mask)
+            out, where = (plan.scale * torch.tanh(gate) * out).flatten(0, 1), queries.flatten()
+            if call.take is not None:
+                take = call.take.to(flat.device)
+                out, where = out[take], where[take]
+            positions.append(where)
+            updates.append(out)
+            if weights is not None and call_weights is not None:
+                starts = call.key_starts.to(flat.device).repeat_interleave(queries.shape[1])
+                self._place(weights, call_weights, where, starts, call.take)
+        if positions:
+            positions = torch.cat(positions)  # V2V and T2V queries are disjoint: visual and text positions
             flat = flat.index_add(0, positions, torch.cat(updates).to(flat.dtype))
             if self.mlp is not None:  # at the positions that attended to something
-                flat = flat.index_add(0, positions, self._mlp(flat[positions]).to(flat.dtype))
-        return flat.view(rows, length, width), self._dense(weights, rows, length)
+                flat = flat.index_add(0, positions, (plan.scale * self._mlp(flat[positions])).to(flat.dtype))
+        return flat.view(rows, length, width), self._dense(weights, rows, length, max(plan.memory_lengths))
+
+    def _decode_step(self, hidden_states, plan, cache):
+        """Every position of every row attends to its sample's whole memory, in one call for the whole batch: the
+        rows of one sample side by side as one row of queries against the cached keys/values, no copy of them."""
+        if not self.use_t2v:
+            return hidden_states, None
+        rows, length, width = hidden_states.shape
+        keys, values = cache.visual_memory[self.layer_idx]
+        samples = keys.shape[0]
+        queries = hidden_states.reshape(samples, -1, width)
+        out, call_weights = self.t2v_attn(self.t2v_norm(queries), keys, values, plan.t2v_mask)
+        out = torch.tanh(self.t2v_gate) * out
+        if plan.memory_scale is not None:  # rows of samples without videos or images attend to nothing
+            out = out * plan.memory_scale
+        hidden_states = hidden_states + out.reshape(rows, length, width).to(hidden_states.dtype)
+        if self.mlp is not None:
+            update = self._mlp(hidden_states).reshape(samples, -1, width)
+            if plan.memory_scale is not None:
+                update = update * plan.memory_scale
+            hidden_states = hidden_states + update.reshape(rows, length, width).to(hidden_states.dtype)
+        weights = None
+        if plan.output_attentions and call_weights is not None:  # (samples, heads, k * length, M) -> per row
+            heads, memory = call_weights.shape[1], call_weights.shape[-1]
+            weights = call_weights.view(samples, heads, -1, length, memory).transpose(1, 2)
+            weights = weights.reshape(rows, heads, length, memory)
+        return hidden_states, weights
 
     def _mlp(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.mlp_gate) * self.mlp(self.mlp_norm(hidden_states))
 
-    def _idle(self, hidden_states: torch.Tensor, plan: VisualPlan) -> torch.Tensor:
-        """Training on a micro-batch without videos or images: run every branch on a blank frame and add exactly
-        0, so that this rank calls the same modules (and FSDP/ZeRO-3 collectives) as ranks with visual inputs."""
-        pooled, original = plan.idle
-        total = hidden_states.new_zeros(())
-        for enabled, norm, attention, gate in (
-            (self.use_v2v, self.v2v_norm, self.v2v_attn, self.v2v_gate),
-            (self.use_t2v, self.t2v_norm, self.t2v_attn, self.t2v_gate),
-        ):
-            if enabled:
-                out, _ = attention(norm(pooled), *attention.project_memory(original))
-                total = total + (torch.tanh(gate) * out).sum()
-        if self.mlp is not None:
-            total = total + self._mlp(pooled).sum()
-        return hidden_states + 0.0 * total.to(hidden_states.dtype)
+    def _weights(self, flat, plan):
+        """The dense (positions, heads, memory) attention weights to fill, when asked for; room past the memory for
+        the padded keys of a V2V row, cut off by `_dense`."""
+        if not plan.output_attentions:
+            return None
+        room = plan.v2v.tokens.shape[1] if plan.v2v is not None else 0
+        return flat.new_zeros(flat.shape[0], self.t2v_attn.num_heads, max(plan.memory_lengths) + room)
 
     @staticmethod
-    def _place(weights, positions, key_starts, call_weights, take=None):
+    def _place(weights, call_weights, positions, key_starts, take=None):
         """Write a call's (n, heads, Lq, K) weights (its queries `take`, default all) into the dense
         (positions, heads, memory) tensor, each query's keys starting at its `key_starts` entry."""
         call_weights = call_weights.permute(0, 2, 1, 3).flatten(0, 1)
         if take is not None:
-            call_weights = call_weights[take]
+            call_weights, key_starts = call_weights[take], key_starts[take]
         columns = key_starts[:, None] + torch.arange(call_weights.shape[-1], device=weights.device)
         heads = torch.arange(call_weights.shape[1], device=weights.device)
         weights[positions[:, None, None], heads[None, :, None], columns[:, None, :]] = call_weights.to(weights.dtype)
 
     @staticmethod
-    def _dense(weights, rows, length):
-        return None if weights is None else weights.view(rows, length, *weights.shape[1:]).transpose(1, 2)
+    def _dense(weights, rows, length, memory_length):
+        if weights is None:
+            return None
+        return weights[..., :memory_length].reshape(rows, length, weights.shape[1], memory_length).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------------
+
+
+# Negative `output_hidden_states` indices count the decoder's layers, which the composite config keeps in its
+# `num_decoder_layers` (the transformers releases that resolve negative indices read the count's name here).
+_DECODER_HIDDEN_STATES = OutputRecorder(Qwen2DecoderLayer, index=0)
+if "num_hidden_layers_key" in OutputRecorder.__dataclass_fields__:
+    _DECODER_HIDDEN_STATES.num_hidden_layers_key = "num_decoder_layers"
 
 
 class CrossLMMPreTrainedModel(PreTrainedModel):
@@ -462,7 +491,7 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
     # decoder and the vision tower record through their own `_can_record_outputs`; the keys listed here make the flags
     # count for CrossLMM, and the DCALs' attention weights are recorded as `cross_attentions`.
     _can_record_outputs = {
-        "hidden_states": Qwen2DecoderLayer,
+        "hidden_states": _DECODER_HIDDEN_STATES,
         "attentions": Qwen2Attention,
         "cross_attentions": OutputRecorder(CrossLMMDualCrossAttentionLayer, index=1),
     }
@@ -504,7 +533,7 @@ class _Item:
 
     sample: int
     kind: str  # "video" or "image"
-    first_frame: int  # its first frame among the original tokens of its kind
+    frame: int  # its first frame among the pass's frames (every video's, then every image's)
     frames: int
     positions: torch.Tensor  # (rows_per_sample, frames * pool_size**2) positions in each row of its sample
 
@@ -531,7 +560,6 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
 
     # ---- vision ----------------------------------------------------------------------------------------------------
 
-    @capture_outputs(tie_last_hidden_states=False)
     def get_video_features(
         self, pixel_values_videos, video_num_frames: torch.LongTensor | None = None, **kwargs
     ) -> BaseModelOutputWithPooling:
@@ -541,12 +569,11 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
 
         Returns `BaseModelOutputWithPooling` over the frames of every video in order: `last_hidden_state` (frames, N,
         D_v) the original visual tokens, `pooler_output` (frames, pool_size**2, D) the pooled, projected tokens (and
-        the vision tower's `hidden_states`/`attentions` when asked for).
+        the vision tower's `hidden_states`/`attentions` with `output_hidden_states`/`output_attentions`).
         """
         videos = self._split_videos(pixel_values_videos, video_num_frames)
-        return self._encode_frames_to_features(videos[0] if len(videos) == 1 else torch.cat(videos))
+        return self._encode_visual(videos[0] if len(videos) == 1 else torch.cat(videos), **kwargs)
 
-    @capture_outputs(tie_last_hidden_states=False)
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
         r"""
         pixel_values: (images, 3, H, W); each image is a one-frame video.
@@ -556,19 +583,29 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         """
         if pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must have shape (images, 3, H, W), got {tuple(pixel_values.shape)}.")
-        return self._encode_frames_to_features(pixel_values)
+        return self._encode_visual(pixel_values, **kwargs)
 
-    def _encode_frames_to_features(self, frames: torch.Tensor) -> BaseModelOutputWithPooling:
-        original = self.get_original_visual_tokens(frames)
+    @capture_outputs(tie_last_hidden_states=False)
+    def _encode_visual(self, frames: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """Original tokens and pooled, projected tokens of (F, 3, H, W) frames. The tower runs `vision_batch_size`
+        frames at a time, except in one pass when its hidden states or attentions are recorded (layer by layer) and
+        in training: there the activations are kept for the backward pass anyway, and every data-parallel rank then
+        runs the tower exactly once per step, whatever its frame count (FSDP/ZeRO-3 gather per call)."""
+        recorded = any(
+            kwargs.get(f"output_{name}", getattr(self.config, f"output_{name}"))
+            for name in ("hidden_states", "attentions")
+        )
+        one_pass = recorded or (self.training and torch.is_grad_enabled())
+        original = self.get_original_visual_tokens(frames, frames.shape[0] if one_pass else None)
         # Pooled chunk by chunk, as the tower runs: the pooler computes in float32, which must not grow with frames.
         pooled = torch.cat([self.pooler(chunk) for chunk in original.split(self.config.vision_batch_size)])
         # The tower may run in another dtype than the rest (e.g. kept in float32 while the LLM trains in bfloat16).
-        pooled = self.multi_modal_projector(pooled.to(self.multi_modal_projector.linear_1.weight.dtype))
+        pooled = self.multi_modal_projector(pooled.to(_parameter(self.multi_modal_projector).dtype))
         return BaseModelOutputWithPooling(last_hidden_state=original, pooler_output=pooled)
 
-    def get_original_visual_tokens(self, frames: torch.Tensor) -> torch.Tensor:
-        """(F, 3, H, W) frames -> (F, N, D_v) original visual tokens, `vision_batch_size` frames at a time so that
-        activation memory does not grow with the video length."""
+    def get_original_visual_tokens(self, frames: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """(F, 3, H, W) frames -> (F, N, D_v) original visual tokens, `batch_size` (default `vision_batch_size`)
+        frames at a time so that activation memory does not grow with the video length."""
         size = self.config.image_size
         if frames.ndim != 4 or frames.shape[1:] != (3, size, size):
             raise ValueError(
@@ -580,7 +617,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                 f"frames must be floating-point pixel values normalized by the processor, got {frames.dtype}."
             )
         dtype = self.vision_tower.dtype  # float frames are cast to the tower's dtype
-        step, original = self.config.vision_batch_size, None
+        step, original = batch_size or self.config.vision_batch_size, None
         for start in range(0, frames.shape[0], step):
             chunk = self._encode_frames(frames[start : start + step].to(dtype))
             if original is None:  # filled chunk by chunk: no second copy of all the tokens, as torch.cat would make
@@ -629,6 +666,19 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                 )
         return videos
 
+    @staticmethod
+    def _split_features(encoded: BaseModelOutputWithPooling, clips: dict) -> dict[str, BaseModelOutputWithPooling]:
+        """The features of every video's and image's frames, encoded together, as `video`/`image` features."""
+        video_frames = sum(clips["video"])
+        parts = {"video": slice(0, video_frames), "image": slice(video_frames, None)}
+        return {
+            kind: BaseModelOutputWithPooling(
+                last_hidden_state=encoded.last_hidden_state[part], pooler_output=encoded.pooler_output[part]
+            )
+            for kind, part in parts.items()
+            if clips[kind]
+        }
+
     def get_placeholder_mask(self, input_ids, inputs_embeds) -> tuple[torch.Tensor, torch.Tensor]:
         """(image, video) boolean masks (batch, length) of the placeholder tokens, found in `input_ids` or, without
         them, as the placeholders' embeddings inside `inputs_embeds` (as transformers' LLaVA models find them)."""
@@ -637,7 +687,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         embed = self.get_input_embeddings()
         masks = []
         for token_id in (self.config.image_token_id, self.config.video_token_id):
-            token = embed(torch.tensor(token_id, device=embed.weight.device)).to(inputs_embeds.device)
+            token = embed(torch.tensor(token_id, device=_parameter(embed).device)).to(inputs_embeds.device)
             masks.append((inputs_embeds == token.to(inputs_embeds.dtype)).all(-1))
         return masks[0], masks[1]
 
@@ -672,7 +722,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         cache = self._prepare_cache(_one_cache(cache, past_key_values), use_cache, has_visual)
         if inputs_embeds is None:
             embed_tokens = self.get_input_embeddings()
-            inputs_embeds = embed_tokens(input_ids.to(embed_tokens.weight.device))
+            inputs_embeds = embed_tokens(input_ids.to(_parameter(embed_tokens).device))
         rows, length = inputs_embeds.shape[:2]
         prefill = cache is None or cache.get_seq_length() == 0
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
@@ -680,22 +730,40 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
 
         features, plan = {}, None
         if has_visual:
-            # Encoded outside this pass's output capturing: the tower's layers are not the decoder's hidden states.
-            quiet = {"output_hidden_states": False, "output_attentions": False}
             clips = {"video": [], "image": []}  # the frame count of each video and image, in input order
+            frames = []
             if pixel_values_videos is not None:
-                videos = self._split_videos(pixel_values_videos, video_num_frames)
-                features["video"] = self.get_video_features(videos, **quiet)
-                clips["video"] = [len(video) for video in videos]
+                frames = self._split_videos(pixel_values_videos, video_num_frames)
+                clips["video"] = [len(video) for video in frames]
             if pixel_values is not None:
-                features["image"] = self.get_image_features(pixel_values, **quiet)
+                if pixel_values.ndim != 4:
+                    raise ValueError(
+                        f"pixel_values must have shape (images, 3, H, W), got {tuple(pixel_values.shape)}."
+                    )
+                frames.append(pixel_values)
                 clips["image"] = [1] * len(pixel_values)
+            # Every frame through the tower in one go, outside this pass's output capturing (the tower's layers are
+            # not the decoder's hidden states).
+            encoded = self._encode_visual(
+                frames[0] if len(frames) == 1 else torch.cat(frames),
+                return_dict=True,
+                output_hidden_states=False,
+                output_attentions=False,
+            )
+            features = self._split_features(encoded, clips)
             masks = dict(zip(("image", "video"), self.get_placeholder_mask(input_ids, inputs_embeds)))
             items = self._layout({k: m.cpu() for k, m in masks.items()}, clips, rows_per_sample)
-            inputs_embeds = self._insert_pooled(inputs_embeds, items, features, rows_per_sample)
-            originals = {kind: out.last_hidden_state for kind, out in features.items()}
+            inputs_embeds = self._insert_pooled(inputs_embeds, items, encoded.pooler_output, rows_per_sample)
             plan = self._prefill_plan(
-                items, originals, masks, attention_mask, rows, length, rows_per_sample, cache, output_attentions
+                items,
+                encoded.last_hidden_state,
+                masks,
+                attention_mask,
+                rows,
+                length,
+                rows_per_sample,
+                cache,
+                output_attentions,
             )
         elif prefill:
             placeholders = self.get_placeholder_mask(input_ids, inputs_embeds)
@@ -704,7 +772,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                     "The prompt has <video>/<image> placeholder tokens but no videos or images were given."
                 )
             if self.training and torch.is_grad_enabled():
-                plan = self._idle_plan()
+                inputs_embeds, plan = self._idle_plan(inputs_embeds)
         elif cache.has_visual_memory:
             plan = self._decode_plan(cache, rows, length, inputs_embeds.dtype, output_attentions)
 
@@ -762,7 +830,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                     f"{needed} ({[n * per_frame for n in counts]}: frames x pool_size**2 each{repeats}). Let the "
                     f"processor expand the placeholders, and give one {kind} per placeholder."
                 )
-            next_clip = first_frame = 0
+            next_clip, frame = 0, 0 if kind == "video" else sum(clips["video"])
             for sample in range(rows // rows_per_sample):
                 block = mask[sample * rows_per_sample : (sample + 1) * rows_per_sample]
                 positions = [row.nonzero().flatten() for row in block]
@@ -774,61 +842,57 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                     if used + tokens > len(positions[0]):
                         raise ValueError(f"The placeholder tokens of one {kind} are split across batch rows.")
                     span = torch.stack([p[used : used + tokens] for p in positions])
-                    items.append(_Item(sample, kind, first_frame, counts[next_clip], span))
+                    items.append(_Item(sample, kind, frame, counts[next_clip], span))
                     used += tokens
-                    first_frame += counts[next_clip]
+                    frame += counts[next_clip]
                     next_clip += 1
         items.sort(key=lambda item: (item.sample, int(item.positions[0, 0])))
         return items
 
-    def _insert_pooled(self, inputs_embeds, items, features, rows_per_sample):
-        """The pooled, projected tokens in place of their placeholders, in every row of their sample."""
+    def _insert_pooled(self, inputs_embeds, items, pooled, rows_per_sample):
+        """The pooled, projected tokens (every frame's, (frames, pool_size**2, D)) in place of their placeholders, in
+        every row of their sample."""
         rows, length, width = inputs_embeds.shape
         per_frame = self.config.tokens_per_frame
-        offsets = {"video": 0, "image": features["video"].pooler_output.shape[0] if "video" in features else 0}
-        pooled = torch.cat([features[kind].pooler_output for kind in ("video", "image") if kind in features])
         targets, sources = [], []
         for item in items:
-            start = (offsets[item.kind] + item.first_frame) * per_frame
             rows_of_item = item.sample * rows_per_sample + torch.arange(rows_per_sample)
             targets.append((rows_of_item[:, None] * length + item.positions).flatten())
-            sources.append(torch.arange(start, start + item.frames * per_frame).repeat(rows_per_sample))
+            tokens = torch.arange(item.frame * per_frame, (item.frame + item.frames) * per_frame)
+            sources.append(tokens.repeat(rows_per_sample))
         device = inputs_embeds.device
         values = pooled.flatten(0, 1)[torch.cat(sources).to(pooled.device)].to(device, inputs_embeds.dtype)
         flat = inputs_embeds.reshape(rows * length, width).index_put((torch.cat(targets).to(device),), values)
         return flat.view(rows, length, width)
 
-    # ---- the plans -------------------------------------------------------------------------------------------------
-
     def _prefill_plan(
-        self, items, originals, masks, attention_mask, rows, length, rows_per_sample, cache, output_attentions
+        self, items, original, masks, attention_mask, rows, length, rows_per_sample, cache, output_attentions
     ) -> VisualPlan:
-        """Every DCAL query of a prefill with its keys, worked out once on the host: V2V calls, T2V queries with the
-        memory prefix each may see, and each sample's memory (stored in the cache for the decode steps)."""
+        """Every DCAL query of a prefill with its keys, worked out once on the host: the V2V call, the T2V call
+        (text positions with the memory prefix each may see) and each sample's memory (kept in the cache for the
+        decode steps). `original` holds the original tokens of every frame, videos' then images'."""
         k, grid_tokens = rows_per_sample, self.config.patch_grid_size**2
         samples = rows // k
-        memory_start, lengths = {}, [0] * samples
-        for i, item in enumerate(items):
-            memory_start[i] = lengths[item.sample]
+        memory_start, lengths = [], [0] * samples
+        for item in items:
+            memory_start.append(lengths[item.sample])
             lengths[item.sample] += item.frames * grid_tokens
         memory_length = max(lengths)
-        tokens = [originals[item.kind][item.first_frame : item.first_frame + item.frames] for item in items]
+        tokens = [original[item.frame : item.frame + item.frames] for item in items]
         if samples == 1 and len(items) == 1:
             memory = tokens[0].reshape(1, memory_length, -1)
         else:
             memory = tokens[0].new_zeros(samples, memory_length, tokens[0].shape[-1])
-            for i, item in enumerate(items):
-                memory[item.sample, memory_start[i] : memory_start[i] + item.frames * grid_tokens] = tokens[i].flatten(
-                    0, 1
-                )
-        dtype = self.get_input_embeddings().weight.dtype
-        implementation = self.config.text_config._attn_implementation
-
-        v2v_calls = self._v2v_calls(items, originals, memory_start, length, k) if self.config.use_v2v else []
+            for item, start, item_tokens in zip(items, memory_start, tokens):
+                memory[item.sample, start : start + item.frames * grid_tokens] = item_tokens.flatten(0, 1)
+        dtype = _parameter(self.get_input_embeddings()).dtype
+        implementation = masked_implementation(self.config.text_config._attn_implementation)
+        v2v = None
+        if self.config.use_v2v:
+            v2v = self._v2v_call(items, original, memory_start, length, k, implementation, dtype)
 
         # T2V: a text position sees the memory of the items that end before it, a prefix of its sample's memory.
-        visual = (masks["video"] | masks["image"]).cpu()
-        text = ~visual
+        text = ~(masks["video"] | masks["image"]).cpu()
         if attention_mask is not None and attention_mask.ndim == 2:
             text &= attention_mask[:, -length:].cpu().bool()
         queries, visible = [[] for _ in range(samples)], [[] for _ in range(samples)]
@@ -842,67 +906,56 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                 seen = sizes[torch.searchsorted(ends, positions)]
                 queries[sample].append(row * length + positions[seen > 0])
                 visible[sample].append(seen[seen > 0])
-        queries = [torch.cat(q) for q in queries]
-        visible = [torch.cat(v) for v in visible]
-        width = max(len(q) for q in queries)
-        t2v_queries = torch.zeros(samples, width, dtype=torch.long)
-        t2v_visible = torch.full((samples, width), memory_length, dtype=torch.long)
-        t2v_valid = torch.zeros(samples, width, dtype=torch.bool)
-        for sample, (q, v) in enumerate(zip(queries, visible)):
-            t2v_queries[sample, : len(q)], t2v_visible[sample, : len(v)], t2v_valid[sample, : len(q)] = q, v, True
-        t2v_mask = None
-        if bool((t2v_visible < memory_length).any()):
-            t2v_mask = key_mask(t2v_visible, memory_length, masked_implementation(implementation), dtype)
+        queries, visible = [torch.cat(q) for q in queries], [torch.cat(v) for v in visible]
+        t2v = None
+        if any(len(q) for q in queries) or cache is not None or self.training:
+            t2v_queries, t2v_visible, take = _pad_rows(queries, visible, memory_length)
+            mask = None
+            if bool((t2v_visible < memory_length).any()):
+                mask = key_mask(t2v_visible, memory_length, implementation, dtype)
+            t2v = CrossAttentionCall(t2v_queries, memory, torch.zeros(samples, dtype=torch.long), take, mask)
 
         if cache is not None and self.config.use_t2v:
             self._store_memory_layout(cache, lengths, memory_length, k, memory.device)
-        return VisualPlan(
-            v2v_calls=v2v_calls,
-            t2v_queries=t2v_queries,
-            t2v_valid=t2v_valid,
-            t2v_take=t2v_valid.flatten().nonzero().flatten(),
-            t2v_mask=t2v_mask,
-            memory_tokens=memory,
-            memory_lengths=lengths,
-            output_attentions=output_attentions,
-        )
+        return VisualPlan(memory_lengths=lengths, v2v=v2v, t2v=t2v, output_attentions=output_attentions)
 
-    def _v2v_calls(self, items, originals, memory_start, length, rows_per_sample) -> list[V2VCall]:
-        """V2V: each pooled token attends to its own video's original tokens ("video" scope: one call per group of
-        items of equal frame count) or its own frame's ("frame" scope: one call per modality, every frame a row)."""
+    def _v2v_call(self, items, original, memory_start, length, rows_per_sample, implementation, dtype):
+        """V2V in one call: each pooled token attends to its own video's original tokens ("video" scope: a row per
+        video or image, padded to the longest) or to its own frame's ("frame" scope: a row per frame, which are
+        `original`'s frames as they are)."""
         per_frame, grid_tokens = self.config.tokens_per_frame, self.config.patch_grid_size**2
         k = rows_per_sample
 
-        def flat_positions(item, frame_slice):  # (frames, k * per_frame): the frame's queries in each row
+        def frame_queries(item):  # (frames, k * per_frame): each frame's pooled positions in each row
             rows = item.sample * k + torch.arange(k)
-            positions = item.positions.view(k, item.frames, per_frame)[:, frame_slice]
+            positions = item.positions.view(k, item.frames, per_frame)
             return (rows[:, None, None] * length + positions).transpose(0, 1).flatten(1)
 
-        calls = []
         if self.config.v2v_scope == "frame":
-            for kind, original in originals.items():
-                kind_items = [i for i, item in enumerate(items) if item.kind == kind]
-                kind_items.sort(key=lambda i: items[i].first_frame)  # the order of `original`'s frames
-                queries = torch.cat([flat_positions(items[i], slice(None)) for i in kind_items])
-                starts = torch.cat(
-                    [memory_start[i] + grid_tokens * torch.arange(items[i].frames) for i in kind_items]
-                )
-                calls.append(V2VCall(queries, original, starts))
-            return calls
-        groups: dict[tuple[str, int], list[int]] = {}
-        for i, item in enumerate(items):
-            groups.setdefault((item.kind, item.frames), []).append(i)
-        for (kind, frames), group in groups.items():
-            queries = torch.stack([flat_positions(items[i], slice(None)).flatten() for i in group])
-            original = originals[kind]
-            spans = [original[items[i].first_frame : items[i].first_frame + frames].flatten(0, 1) for i in group]
+            queries = torch.zeros(original.shape[0], k * per_frame, dtype=torch.long)
+            starts = torch.zeros(original.shape[0], dtype=torch.long)
+            for item, start in zip(items, memory_start):
+                queries[item.frame : item.frame + item.frames] = frame_queries(item)
+                starts[item.frame : item.frame + item.frames] = start + grid_tokens * torch.arange(item.frames)
+            return CrossAttentionCall(queries, original, starts)
+
+        item_queries = [frame_queries(item).flatten() for item in items]
+        spans = [original[item.frame : item.frame + item.frames].flatten(0, 1) for item in items]
+        starts = torch.tensor(memory_start)
+        if len({len(span) for span in spans}) == 1:  # equal lengths: no padding
             tokens = spans[0][None] if len(spans) == 1 else torch.stack(spans)
-            calls.append(V2VCall(queries, tokens, torch.tensor([memory_start[i] for i in group])))
-        return calls
+            return CrossAttentionCall(torch.stack(item_queries), tokens, starts)
+        longest = max(len(span) for span in spans)
+        tokens = spans[0].new_zeros(len(spans), longest, spans[0].shape[-1])
+        for i, span in enumerate(spans):
+            tokens[i, : len(span)] = span
+        sizes = [torch.full((len(q),), len(span)) for q, span in zip(item_queries, spans)]
+        queries, visible, take = _pad_rows(item_queries, sizes, longest)
+        return CrossAttentionCall(queries, tokens, starts, take, key_mask(visible, longest, implementation, dtype))
 
     def _store_memory_layout(self, cache: CrossLMMCache, lengths, memory_length, rows_per_sample, device):
-        """What a decode step needs to plan without reading the device: the memory lengths on the host, the key
-        mask and the rows without memory on the device (None when not needed)."""
+        """What a decode step needs to plan without reading the device: the memory lengths on the host, the keys
+        each sample sees and which samples have none on the device (None when not needed)."""
         cache.memory_lengths = list(lengths)
         cache.rows_per_memory = rows_per_sample
         cache.memory_visible = cache.memory_scale = None
@@ -925,35 +978,28 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             implementation = masked_implementation(self.config.text_config._attn_implementation)
             visible = cache.memory_visible[:, None].expand(samples, k * length)
             mask = key_mask(visible, max(cache.memory_lengths), implementation, dtype)
-        scale = None if cache.memory_scale is None else cache.memory_scale.to(dtype)
         return VisualPlan(
-            v2v_calls=[],
-            t2v_queries=None,
-            t2v_valid=None,
-            t2v_take=None,
-            t2v_mask=mask,
-            memory_tokens=None,
             memory_lengths=cache.memory_lengths,
-            memory_scale=scale,
+            decode=True,
+            t2v_mask=mask,
+            memory_scale=None if cache.memory_scale is None else cache.memory_scale.to(dtype),
             output_attentions=output_attentions,
         )
 
-    def _idle_plan(self) -> VisualPlan:
-        """Training without videos or images in this micro-batch: a blank frame for every DCAL branch to run on,
-        adding exactly 0, so that data-parallel ranks with and without visual inputs run the same modules."""
+    def _idle_plan(self, inputs_embeds) -> tuple[torch.Tensor, VisualPlan]:
+        """Training on a micro-batch without videos or images: a blank frame goes the way a video goes, into the
+        embeddings and to every DCAL branch (queried from the first position), with every update scaled by exactly 0.
+        Data-parallel ranks with and without visual inputs then make the same calls in the same order, as FSDP and
+        DeepSpeed ZeRO-3 need (they gather parameters per call and reduce gradients in the order they come)."""
         size = self.config.image_size
         blank = torch.zeros(1, 3, size, size, device=self.vision_tower.device)
-        features = self._encode_frames_to_features(blank)
-        return VisualPlan(
-            v2v_calls=[],
-            t2v_queries=None,
-            t2v_valid=None,
-            t2v_take=None,
-            t2v_mask=None,
-            memory_tokens=None,
-            memory_lengths=[],
-            idle=(features.pooler_output, features.last_hidden_state),
-        )
+        encoded = self._encode_visual(blank, return_dict=True, output_hidden_states=False, output_attentions=False)
+        pooled = encoded.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
+        inputs_embeds = inputs_embeds + 0.0 * pooled.sum()
+        first, start = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+        call = CrossAttentionCall(first, encoded.last_hidden_state, start)
+        plan = VisualPlan(memory_lengths=[call.tokens.shape[1]], v2v=call, t2v=call, scale=0.0)
+        return inputs_embeds, plan
 
     def _run_decoder_with_dcals(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, plan, **kwargs):
         """Adapted from transformers' `Qwen2Model.forward` (masks, rotary embeddings, the decoder layer loop), with
@@ -1124,12 +1170,19 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
         )
 
     def prepare_inputs_for_generation(
-        self, *args, pixel_values=None, pixel_values_videos=None, video_num_frames=None, rows_per_sample=1, **kwargs
+        self,
+        input_ids,
+        inputs_embeds=None,
+        pixel_values=None,
+        pixel_values_videos=None,
+        video_num_frames=None,
+        rows_per_sample=1,
+        **kwargs,
     ):
         """Visual inputs go to the first pass only, the one that starts from an empty cache (whatever transformers
         calls it: assisted decoding runs an assistant's first pass as a later iteration). Later passes read the
         DCALs' visual memory from the cache. Without a cache every pass recomputes, frames included."""
-        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
         cache = model_inputs.get(CACHE_ARG)
         if cache is None or cache.get_seq_length() == 0:
             model_inputs.update(

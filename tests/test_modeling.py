@@ -3,19 +3,10 @@
 import pytest
 import torch
 from torch import nn
-from transformers import Qwen2ForCausalLM, SiglipVisionModel
+from transformers import SiglipVisionModel
 
 from modeling_crosslmm import CACHE_ARG, CrossLMMForConditionalGeneration
-from tiny import IMAGE_SIZE, frames, prompt, set_gates, tiny_config, tiny_model
-
-
-def reference_llm(model):
-    """transformers' own Qwen2ForCausalLM holding CrossLMM's LLM weights."""
-    llm = Qwen2ForCausalLM(model.config.text_config).eval()
-    state = {f"model.{k}": v for k, v in model.model.language_model.state_dict().items()}
-    state["lm_head.weight"] = model.lm_head.weight
-    llm.load_state_dict(state)
-    return llm
+from tiny import IMAGE_SIZE, frames, prompt, reference_llm, set_gates, tiny_config, tiny_model
 
 
 def reference_visual_embeddings(model, clip):
@@ -118,7 +109,7 @@ def test_v2v_scope(scope):
     ids = prompt(model.config, [1], ("video", 3), [2, 3])
     dcal, hidden, plan = dcal_inputs(model, ids, frames(3))
     dcal.v2v_gate.data.fill_(0.5)
-    (call,) = plan.v2v_calls
+    call = plan.v2v
     grid_tokens = model.config.patch_grid_size**2
     changed = call.tokens.clone()
     if scope == "frame":

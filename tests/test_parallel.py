@@ -8,10 +8,11 @@
   DCAL and decoder projections and gives the same logits and generations as one process.
 - FSDP2: `accelerate launch` with examples/accelerate_fsdp.yaml starts two CPU processes, accelerate's own FSDP2
   preparation shards the model from that config (accelerate's `Accelerator` turns FSDP off on CPU, so its sharding
-  function is driven directly), two SGD steps run, and the weights equal single-process training on both
-  processes' samples. Trainer's FSDP integration itself (and bf16 mixed precision) needs GPUs and is not run here.
+  function is driven directly), two SGD steps run, one process on a video and an image, the other on text only, and
+  the weights equal single-process training on both processes' samples. Trainer's FSDP integration itself (and bf16
+  mixed precision) needs GPUs and is not run here.
 - DeepSpeed ZeRO-3 (where deepspeed is installed, as .ci/run does): examples/deepspeed_zero3.json on two CPU
-  processes, same comparison.
+  processes, same samples, same comparison.
 """
 
 import os
@@ -145,11 +146,10 @@ def sharded_training_setup(folder):
     (data-parallel training averages the processes' gradients, so the loss is the mean of theirs)."""
     model = tiny_model(gates=0.4)
     model.save_pretrained(folder / "model")
-    batches = []
-    for rank in range(2):
-        batch = sample_inputs(model.config, seed=rank)
+    # Rank 1's micro-batch is text only, as mixed data gives: it must still run the same modules (and collectives).
+    batches = [sample_inputs(model.config), {"input_ids": torch.tensor([[5, 9, 2, 44, 17, 3, 8]])}]
+    for batch in batches:
         batch["labels"] = batch["input_ids"]
-        batches.append(batch)
     torch.save(batches, folder / "inputs.pt")
 
     reference = tiny_model(gates=0.4).train()

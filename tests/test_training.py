@@ -218,7 +218,9 @@ def test_stage2_trains_everything_crosslmm_runs_with_the_papers_learning_rates()
         name for name, _ in model.named_parameters() if name.startswith(f"model.cross_attention_layers.{last}.v2v_")
     }
     assert len(v2v_of_last) == 6  # norm, q/k/v/o projections, gate
-    assert frozen == {"model.vision_tower.post_layernorm.weight", "model.vision_tower.post_layernorm.bias"} | v2v_of_last
+    assert (
+        frozen == {"model.vision_tower.post_layernorm.weight", "model.vision_tower.post_layernorm.bias"} | v2v_of_last
+    )
 
     batch = video_batch(model.config)
     set_gates(model, 0.5)

@@ -82,3 +82,14 @@ def prompt(config, *parts):
         else:
             ids += list(part)
     return torch.tensor([ids])
+
+
+def reference_llm(model):
+    """transformers' own Qwen2ForCausalLM holding CrossLMM's LLM weights."""
+    from transformers import Qwen2ForCausalLM
+
+    llm = Qwen2ForCausalLM(model.config.text_config).eval()
+    state = {f"model.{k}": v for k, v in model.model.language_model.state_dict().items()}
+    state["lm_head.weight"] = model.lm_head.weight
+    llm.load_state_dict(state)
+    return llm
