@@ -387,14 +387,14 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
             queries = call.queries.to(flat.device)
             out, call_weights = attention(norm(flat[queries]), keys, values, call.mask)
             out, where = (plan.scale * torch.tanh(gate) * out).flatten(0, 1), queries.flatten()
-            if call.take is not None:
-                take = call.take.to(flat.device)
+            take = None if call.take is None else call.take.to(flat.device)
+            if take is not None:
                 out, where = out[take], where[take]
             positions.append(where)
             updates.append(out)
             if weights is not None and call_weights is not None:
                 starts = call.key_starts.to(flat.device).repeat_interleave(queries.shape[1])
-                self._place(weights, call_weights, where, starts, call.take)
+                self._place(weights, call_weights, where, starts, take)
         if positions:
             positions = torch.cat(positions)  # V2V and T2V queries are disjoint: visual and text positions
             flat = flat.index_add(0, positions, torch.cat(updates).to(flat.dtype))

@@ -298,3 +298,25 @@ def test_a_micro_batch_without_answer_tokens_adds_zero_under_gradient_accumulati
     out.loss.backward()
     with pytest.raises(ValueError, match="no token to learn from"):  # without num_items_in_batch: a NaN mean
         model(**inputs, labels=labels)
+
+
+@torch.no_grad()
+def test_a_follow_up_question_reuses_the_encoded_video():
+    """A second turn passes the first turn's cache and only its new tokens' ids after the first turn's: the vision
+    tower does not run again, and the answer is the one a from-scratch run of the whole conversation gives."""
+    model = tiny_model(gates=0.5)
+    video = frames(3)[None]
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    first = model.generate(
+        input_ids=prompt(model.config, [1, 2], ("video", 3), [3, 4]),
+        pixel_values_videos=video,
+        return_dict_in_generate=True,
+        **settings,
+    )
+    cache = getattr(first, CACHE_ARG)
+    conversation = torch.cat([first.sequences, torch.tensor([[7, 8, 9]])], dim=1)  # the next question
+    encoded = count_encoded_frames(model)
+    follow_up = model.generate(input_ids=conversation, **{CACHE_ARG: cache}, **settings)
+    assert encoded == []
+    from_scratch = model.generate(input_ids=conversation, pixel_values_videos=video, **settings)
+    assert torch.equal(follow_up, from_scratch)
