@@ -229,6 +229,18 @@ def _parameter(module: nn.Module) -> nn.Parameter:
     return next(module.parameters())
 
 
+def _check_finite(name: str, clips):
+    """A NaN or infinite pixel would make every logit NaN: name the argument and the videos/images that hold one
+    (not checked on the meta device, which holds no values)."""
+    bad = [
+        i
+        for i, clip in enumerate(clips)
+        if clip.is_floating_point() and clip.device.type != "meta" and not bool(clip.isfinite().all())
+    ]
+    if bad:
+        raise ValueError(f"{name} holds NaN or infinite values (at index {', '.join(map(str, bad))}).")
+
+
 def _pad_rows(rows: list[torch.Tensor], visible: list[torch.Tensor], fill: int):
     """Rows of queries (flat positions) and of how many keys each sees, padded to the longest row, and to one query
     at least: a call with no query is no call to the attention backends (padding queries repeat a position and see
@@ -720,11 +732,12 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
         has_visual = pixel_values is not None or pixel_values_videos is not None
         cache = self._prepare_cache(_one_cache(cache, past_key_values), use_cache, has_visual)
+        prefill = cache is None or cache.get_seq_length() == 0
+        self._check_text_inputs(input_ids, inputs_embeds, attention_mask, cache, prefill)
         if inputs_embeds is None:
             embed_tokens = self.get_input_embeddings()
             inputs_embeds = embed_tokens(input_ids.to(_parameter(embed_tokens).device))
         rows, length = inputs_embeds.shape[:2]
-        prefill = cache is None or cache.get_seq_length() == 0
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
         output_attentions = bool(output_attentions) and self.config.text_config._attn_implementation == "eager"
 
@@ -734,12 +747,14 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             frames = []
             if pixel_values_videos is not None:
                 frames = self._split_videos(pixel_values_videos, video_num_frames)
+                _check_finite("pixel_values_videos", frames)
                 clips["video"] = [len(video) for video in frames]
             if pixel_values is not None:
                 if pixel_values.ndim != 4:
                     raise ValueError(
                         f"pixel_values must have shape (images, 3, H, W), got {tuple(pixel_values.shape)}."
                     )
+                _check_finite("pixel_values", pixel_values)
                 frames.append(pixel_values)
                 clips["image"] = [1] * len(pixel_values)
             # Every frame through the tower in one go, outside this pass's output capturing (the tower's layers are
@@ -791,6 +806,30 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             image_outputs=features.get("image"),
             video_outputs=features.get("video"),
         )
+
+    def _check_text_inputs(self, input_ids, inputs_embeds, attention_mask, cache, prefill):
+        """Shapes that do not fit, and token ids outside the vocabulary, named here rather than as an index error
+        from inside torch or transformers' masking (ids are read at the first pass only: decode steps read nothing
+        back from the device)."""
+        if input_ids is not None and input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}.")
+        if inputs_embeds is not None and inputs_embeds.ndim != 3:
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, length, hidden), got {tuple(inputs_embeds.shape)}."
+            )
+        rows, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if attention_mask is not None and attention_mask.ndim == 2:
+            expected = (rows, length + (cache.get_seq_length() if cache is not None else 0))
+            if tuple(attention_mask.shape) != expected:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but the batch needs {expected} (rows, "
+                    "tokens so far including these)."
+                )
+        if prefill and input_ids is not None and input_ids.numel():
+            vocab = self.config.text_config.vocab_size
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= vocab:
+                raise ValueError(f"input_ids holds token ids outside the vocabulary 0..{vocab - 1} ({low}..{high}).")
 
     def _prepare_cache(self, cache, use_cache, has_visual):
         """CrossLMM keeps its visual memory in a CrossLMMCache; an empty DynamicCache (as `generate` makes) is

@@ -320,3 +320,32 @@ def test_a_follow_up_question_reuses_the_encoded_video():
     assert encoded == []
     from_scratch = model.generate(input_ids=conversation, pixel_values_videos=video, **settings)
     assert torch.equal(follow_up, from_scratch)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (
+            lambda c: dict(video_inputs(c), attention_mask=torch.ones(2, 23, dtype=torch.long)),
+            "attention_mask has shape",
+        ),
+        (
+            lambda c: dict(video_inputs(c), attention_mask=torch.ones(1, 5, dtype=torch.long)),
+            "attention_mask has shape",
+        ),
+        (lambda c: dict(input_ids=torch.tensor([[1, 2, 160]])), "outside the vocabulary 0..159"),
+        (lambda c: dict(input_ids=torch.tensor([[1, -1, 2]])), "outside the vocabulary"),
+        (lambda c: dict(input_ids=torch.tensor([1, 2, 3])), "input_ids must have shape"),
+        (
+            lambda c: dict(
+                video_inputs(c), pixel_values_videos=frames(3).index_fill(0, torch.tensor([1]), float("nan"))[None]
+            ),
+            "pixel_values_videos holds NaN or infinite values \\(at index 0\\)",
+        ),
+        (lambda c: dict(video_inputs(c), pixel_values=frames(1) / 0.0), "pixel_values holds NaN or infinite"),
+    ],
+)
+def test_inputs_that_do_not_fit_are_named(build, message):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=message):
+        model(**build(model.config))
