@@ -14,6 +14,7 @@ REPO_MODULES = (
     "configuration_crosslmm",
     "modeling_crosslmm",
     "processing_crosslmm",
+    "video_processing_crosslmm",
     "pipeline_crosslmm",
     "convert_checkpoint",
     "crosslmm_cli",

@@ -81,6 +81,7 @@ def test_llava_onevision_transformers_format(tmp_path, layout):
         "configuration_crosslmm.py",
         "modeling_crosslmm.py",
         "processing_crosslmm.py",
+        "video_processing_crosslmm.py",
         "pipeline_crosslmm.py",
         "processor_config.json",
         "preprocessor_config.json",

@@ -13,8 +13,9 @@ from convert_checkpoint import convert, parse_args
 from hub_cache import add_to_cache, folder_files
 from isolated import run_isolated
 from modeling_crosslmm import CrossLMMForConditionalGeneration
-from processing_crosslmm import CrossLMMImageProcessor, CrossLMMProcessor, CrossLMMVideoProcessor
+from processing_crosslmm import CrossLMMImageProcessor, CrossLMMProcessor
 from tiny_sources import llava_onevision_folder
+from video_processing_crosslmm import CrossLMMVideoProcessor
 
 
 REPO = "crosslmm-test/crosslmm-tiny"
@@ -122,7 +123,8 @@ def test_push_to_hub_of_model_and_processor_sends_what_a_pull_needs(converted, t
         files.update(commit["files"])
     needed = {
         "config.json", "generation_config.json", "model.safetensors", "configuration_crosslmm.py",
-        "modeling_crosslmm.py", "pipeline_crosslmm.py", "processing_crosslmm.py", "processor_config.json",
+        "modeling_crosslmm.py", "pipeline_crosslmm.py", "processing_crosslmm.py", "video_processing_crosslmm.py",
+        "processor_config.json",
         "video_preprocessor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
         "chat_template.jinja",
     }  # fmt: skip

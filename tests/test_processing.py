@@ -12,15 +12,9 @@ import torch
 
 from crosslmm_cli import build_tokenizer
 from isolated import PRELUDE
-from processing_crosslmm import (
-    CHAT_TEMPLATE,
-    CrossLMMImageProcessor,
-    CrossLMMProcessor,
-    CrossLMMVideoProcessor,
-    VideoLoadError,
-    read_video,
-)
+from processing_crosslmm import CHAT_TEMPLATE, CrossLMMImageProcessor, CrossLMMProcessor
 from tiny import IMAGE_SIZE, tiny_config
+from video_processing_crosslmm import CrossLMMVideoProcessor, VideoLoadError, read_video
 from videos import (
     corrupt,
     encode_audio_only,
@@ -106,6 +100,7 @@ def test_uniform_sampling_returns_the_right_frames_in_every_codec(clips, codec):
     assert shown(frames) == metadata.frames_indices
     assert metadata.timestamps == pytest.approx([0.0, 0.7, 1.4, 2.2, 2.9])
     assert metadata.requested_num_frames == 5
+    assert metadata.frame_times == pytest.approx([i / 10 for i in range(30)])  # every frame's time, from the reader
 
 
 def test_fps_sampling_and_max_frames(clips):
@@ -143,17 +138,17 @@ def test_seeking_gives_the_exact_pixels_of_a_full_sequential_decode(tmp_path):
 
 def test_sparse_sampling_seeks_instead_of_decoding_everything(tmp_path, monkeypatch):
     """A keyframe every 10 frames: 4 samples out of 120 decode at most a GOP each, and are exactly the frames asked."""
-    import processing_crosslmm
+    import video_processing_crosslmm
 
     decoded = []
-    original = processing_crosslmm._decoded_frames
+    original = video_processing_crosslmm._decoded_frames
 
     def counting(*args):
         for frame in original(*args):
             decoded.append(frame.pts)
             yield frame
 
-    monkeypatch.setattr(processing_crosslmm, "_decoded_frames", counting)
+    monkeypatch.setattr(video_processing_crosslmm, "_decoded_frames", counting)
     path = encode_video(tmp_path / "keyframes.mp4", 120, options={"g": "10"})
     frames, metadata = sample(str(path), num_frames=4)
     assert metadata.frames_indices == [0, 40, 79, 119] == shown(frames)
@@ -322,6 +317,17 @@ def test_placeholders_expand_to_frames_times_pool_size_squared(clips, processor)
     assert out["pixel_values_videos"].min() >= -1 and out["pixel_values_videos"].max() <= 1
 
 
+def test_placeholder_counts_without_processing_match_the_expansion(clips, processor):
+    """`_get_num_multimodal_tokens`, as serving code calls it, counts what the processor puts in the prompt."""
+    image = np.zeros((20, 30, 3), np.uint8)
+    out = processor(text="<video> and <image>?", videos=[clips["h264"]], images=[image], num_frames=5)
+    counts = processor._get_num_multimodal_tokens(image_sizes=[(20, 30)], video_sizes=[(5, 48, 64), (2, 480, 640)])
+    assert counts.num_video_tokens[0] == int((out["input_ids"] == processor.video_token_id).sum()) == 5 * 4
+    assert counts.num_video_tokens[1] == 2 * 4
+    assert counts.num_image_tokens == [int((out["input_ids"] == processor.image_token_id).sum())] == [4]
+    assert counts.num_image_patches == [1]
+
+
 def test_batch_with_unequal_frame_counts_is_padded_with_video_num_frames(clips, processor):
     out = processor(
         text=["<video> first, then <video>", "<video> alone", "no media"],
@@ -445,12 +451,13 @@ def save_folder(processor, tmp_path):
         "tokenizer_config.json",
         "chat_template.jinja",
         "processing_crosslmm.py",
+        "video_processing_crosslmm.py",
     } <= files, files
     processor_config = json.loads((folder / "processor_config.json").read_text())
     assert processor_config["pool_size"] == 2
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_crosslmm.CrossLMMProcessor"
     video_config = json.loads((folder / "video_preprocessor_config.json").read_text())
-    assert video_config["auto_map"]["AutoVideoProcessor"] == "processing_crosslmm.CrossLMMVideoProcessor"
+    assert video_config["auto_map"]["AutoVideoProcessor"] == "video_processing_crosslmm.CrossLMMVideoProcessor"
     image_config = json.loads((folder / "preprocessor_config.json").read_text())
     assert image_config["auto_map"]["AutoImageProcessor"] == "processing_crosslmm.CrossLMMImageProcessor"
     return folder

@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageTextToText
 
 from crosslmm_cli import build_tokenizer
-from processing_crosslmm import CrossLMMImageProcessor, CrossLMMProcessor, CrossLMMVideoProcessor
+from processing_crosslmm import CrossLMMImageProcessor, CrossLMMProcessor
 from tiny import frames, prompt, set_gates, tiny_model
 from training_crosslmm import (
     ASSISTANT_HEADER,
@@ -20,6 +20,7 @@ from training_crosslmm import (
     setup_stage1,
     setup_stage2,
 )
+from video_processing_crosslmm import CrossLMMVideoProcessor
 
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
