@@ -23,8 +23,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's modules, from a checkout
 
+from crosslmm.training import CrossLMMDataCollator, CrossLMMTrainer, setup_stage2  # noqa: E402
 from crosslmm_cli import build_sample_checkpoint  # noqa: E402
-from training_crosslmm import CrossLMMDataCollator, CrossLMMTrainer, setup_stage2  # noqa: E402
 
 
 # A tiny CrossLMM: 56 px frames in 8 px patches (7 x 7 original tokens per frame), 2 x 2 pooled tokens per frame,

@@ -56,7 +56,7 @@ def fsdp(folder: Path):
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
     from torch.distributed.fsdp import FSDPModule
 
-    from training_crosslmm import parameter_groups, setup_stage2
+    from crosslmm.training import parameter_groups, setup_stage2
 
     plugin = FullyShardedDataParallelPlugin()
     accelerator = SimpleNamespace(
@@ -93,7 +93,7 @@ def zero3(folder: Path):
 
     import deepspeed
 
-    from training_crosslmm import parameter_groups, setup_stage2
+    from crosslmm.training import parameter_groups, setup_stage2
 
     config = json.loads((Path(__file__).resolve().parent.parent / "examples" / "deepspeed_zero3.json").read_text())
     config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)

@@ -18,7 +18,7 @@ REPO_MODULES = (
     "pipeline_crosslmm",
     "convert_checkpoint",
     "crosslmm_cli",
-    "training_crosslmm",
+    "crosslmm",
     "tiny",
 )
 

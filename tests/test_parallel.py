@@ -25,8 +25,8 @@ from accelerate import infer_auto_device_map
 from accelerate.utils import compute_module_sizes
 from transformers import AutoModelForImageTextToText
 
+from crosslmm.training import parameter_groups, setup_stage2
 from tiny import frames, prompt, tiny_model
-from training_crosslmm import parameter_groups, setup_stage2
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,10 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageTextToText
 
-from crosslmm_cli import build_tokenizer
-from processing_crosslmm import CrossLMMImageProcessor, CrossLMMProcessor
-from tiny import frames, prompt, set_gates, tiny_model
-from training_crosslmm import (
+from crosslmm.training import (
     ASSISTANT_HEADER,
     LORA_TARGET_MODULES,
     STAGE2_LEARNING_RATES,
@@ -20,6 +17,9 @@ from training_crosslmm import (
     setup_stage1,
     setup_stage2,
 )
+from crosslmm_cli import build_tokenizer
+from processing_crosslmm import CrossLMMImageProcessor, CrossLMMProcessor
+from tiny import frames, prompt, set_gates, tiny_model
 from video_processing_crosslmm import CrossLMMVideoProcessor
 
 
