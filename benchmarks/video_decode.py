@@ -13,17 +13,13 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import av
 import numpy as np
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from video_processing_crosslmm import CrossLMMVideoProcessor, read_video  # noqa: E402
+from video_processing_crosslmm import CrossLMMVideoProcessor, read_video
 
 
 def encode_long_video(path: Path, minutes: float = 10, width: int = 1280, height: int = 720, fps: int = 30):

@@ -122,7 +122,6 @@ def zero3(folder: Path):
 
 if __name__ == "__main__":
     faulthandler.enable()  # a rank that aborts in C++ prints its Python stack
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     dist.init_process_group("gloo")
     {"tp": tensor_parallel, "fsdp": fsdp, "zero3": zero3}[sys.argv[1]](Path(sys.argv[2]))
     dist.barrier()  # every rank done before gloo is torn down

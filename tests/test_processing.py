@@ -3,17 +3,17 @@ expansion and layouts, chat template into a tiny model, and the saved folder thr
 
 import json
 import os
-import subprocess
-import textwrap
+import sys
 
 import numpy as np
 import pytest
 import torch
+from chats import video_question
 
-from crosslmm_cli import build_tokenizer
-from isolated import PRELUDE
+from crosslmm.samples import build_tokenizer, processor_for_config
+from isolated import run_isolated
 from processing_crosslmm import CHAT_TEMPLATE, CrossLMMImageProcessor, CrossLMMProcessor
-from tiny import IMAGE_SIZE, tiny_config
+from tiny import IMAGE_SIZE, tiny_config, tiny_model
 from video_processing_crosslmm import CrossLMMVideoProcessor, VideoLoadError, read_video
 from videos import (
     corrupt,
@@ -26,7 +26,6 @@ from videos import (
 )
 
 
-SMALL = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}  # keep pixel tensors tiny; the model in tests is 28 px
 # A Python whose transformers is the oldest release supported (5.17), set by .ci/run: a processor saved with the
 # installed transformers must load there too, as a checkpoint pushed with a newer release is pulled with an older one.
 OLDEST_PYTHON = os.environ.get("CROSSLMM_OLDEST_TRANSFORMERS_PYTHON")
@@ -68,12 +67,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def processor(tokenizer):
-    return CrossLMMProcessor(
-        image_processor=CrossLMMImageProcessor(size=SMALL),
-        video_processor=CrossLMMVideoProcessor(size=SMALL),
-        tokenizer=tokenizer,
-        pool_size=2,
-    )
+    """The tiny model's processor: 28 px frames, 2 x 2 tokens per frame."""
+    return processor_for_config(tiny_config(), tokenizer)
 
 
 def sample(video, **kwargs):
@@ -372,12 +367,8 @@ def test_model_input_names_and_decoding(processor, tokenizer):
 # ---- chat template into the model -----------------------------------------------------------------------------------
 
 
-def messages(video, text="What happens in this video?"):
-    return [{"role": "user", "content": [{"type": "video", **video}, {"type": "text", "text": text}]}]
-
-
 def test_chat_template_renders_chatml(processor):
-    text = processor.apply_chat_template(messages({"path": "x.mp4"}), add_generation_prompt=True)
+    text = processor.apply_chat_template(video_question({"path": "x.mp4"}), add_generation_prompt=True)
     assert text == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\n<video>\nWhat happens in this video?<|im_end|>\n<|im_start|>assistant\n"
@@ -386,8 +377,6 @@ def test_chat_template_renders_chatml(processor):
 
 
 def test_apply_chat_template_loads_samples_tokenises_and_feeds_the_model(clips, processor, tokenizer):
-    from tiny import tiny_model
-
     config = tiny_config(
         text={"vocab_size": len(tokenizer)},
         image_token_id=processor.image_token_id,
@@ -419,15 +408,13 @@ def test_apply_chat_template_loads_samples_tokenises_and_feeds_the_model(clips, 
 
 
 def test_batched_chat_with_unequal_videos_feeds_the_model(clips, processor, tokenizer):
-    from tiny import tiny_model
-
     config = tiny_config(
         text={"vocab_size": len(tokenizer)},
         image_token_id=processor.image_token_id,
         video_token_id=processor.video_token_id,
     )
     model = tiny_model(config, gates=0.3)
-    batch = [messages({"path": clips["h264"]}), messages({"url": "file://" + clips["short"]}, "And this one?")]
+    batch = [video_question(clips["h264"]), video_question({"url": "file://" + clips["short"]}, "And this one?")]
     inputs = processor.apply_chat_template(
         batch, tokenize=True, return_dict=True, add_generation_prompt=True, num_frames=5, return_tensors="pt"
     )
@@ -481,21 +468,6 @@ print(transformers.__version__)
 """
 
 
-def run_round_trip(python, folder, video, workdir):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "modules"), HF_HOME=str(workdir / "hf_home"))
-    result = subprocess.run(
-        [python, "-c", PRELUDE + textwrap.dedent(ROUND_TRIP), str(folder), video],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout.strip(), torch.load(workdir / "inputs.pt", weights_only=False)
-
-
 @pytest.mark.parametrize("python", ["current", "transformers-5.17"])
 def test_saved_processor_loads_through_auto_classes_without_the_repository(clips, processor, tmp_path, python):
     if python == "transformers-5.17":
@@ -503,13 +475,12 @@ def test_saved_processor_loads_through_auto_classes_without_the_repository(clips
             pytest.skip("CROSSLMM_OLDEST_TRANSFORMERS_PYTHON is not set (.ci/run sets it)")
         python = OLDEST_PYTHON
     else:
-        import sys
-
         python = sys.executable
     folder = save_folder(processor, tmp_path)
-    version, loaded = run_round_trip(python, folder, clips["h264"], tmp_path)
+    output = run_isolated(ROUND_TRIP, tmp_path, python=python, args=[folder, clips["h264"]])
+    version, loaded = output.strip().splitlines()[-1], torch.load(tmp_path / "inputs.pt", weights_only=False)
     expected = processor.apply_chat_template(
-        messages({"path": clips["h264"]}, "Why?"),
+        video_question(clips["h264"], "Why?"),
         tokenize=True,
         return_dict=True,
         add_generation_prompt=True,
