@@ -9,7 +9,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 from transformers import PreTrainedTokenizerFast
 
-from convert_checkpoint import convert, parse_args
+from crosslmm.convert.cli import convert, parse_args
 from hub_cache import add_to_cache, folder_files
 from isolated import run_isolated
 from modeling_crosslmm import CrossLMMForConditionalGeneration
