@@ -7,9 +7,9 @@ import av
 import numpy as np
 import pytest
 import torch
-from chats import video_question
 from transformers import AutoModelForImageTextToText, AutoProcessor, BertConfig, BertModel
 
+from chats import video_question
 from crosslmm import answer, samples
 from crosslmm.answer import main
 from tiny import tiny_checkpoint, tiny_video

@@ -10,11 +10,11 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from chats import image_question, video_question
 from huggingface_hub import HfApi
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer, pipeline
 
+from chats import image_question, video_question
 from isolated import run_isolated
 from tiny import VIDEO_FPS, VIDEO_SECONDS, tiny_checkpoint, tiny_video
 

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from chats import video_question
 
+from chats import video_question
 from crosslmm.samples import build_tokenizer, processor_for_config
 from isolated import run_isolated
 from processing_crosslmm import CHAT_TEMPLATE, CrossLMMImageProcessor, CrossLMMProcessor

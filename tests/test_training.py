@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from chats import training_sample
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
 
+from chats import training_sample
 from crosslmm.samples import (
     build_sample_checkpoint,
     build_tokenizer,
