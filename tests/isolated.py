@@ -6,6 +6,7 @@ checkout, not listed by hand), proving that what loads comes from a saved folder
 dynamic-module loader.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +52,76 @@ def run_isolated(code: str, workdir, extra_env=None, python=None, args=(), timeo
     if result.returncode != 0:
         raise AssertionError(f"isolated run failed:\n{result.stdout}\n{result.stderr}")
     return result.stdout
+
+
+# What users do with a checkpoint folder, without this repository: `load_as_users_do` runs the parts of a request
+# (each optional) in one fresh process and returns what they report; tensors are written next to the request.
+LOAD_AS_USERS_DO = """
+import json, sys
+import torch, transformers
+from transformers import (
+    AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
+    AutoVideoProcessor, pipeline,
+)
+
+request = json.load(open(sys.argv[1]))
+report = {"transformers": transformers.__version__}
+
+if "model" in request:  # the Auto classes, and logits on saved inputs
+    folder = request["model"]["folder"]
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.save(model(**torch.load(request["model"]["inputs"], weights_only=True)).logits, "model-logits.pt")
+    report["model"] = {
+        "module": type(model).__module__,
+        "AutoModel": type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__,
+        "AutoModelForCausalLM": type(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)).__name__,
+        "model_type": AutoConfig.from_pretrained(folder, trust_remote_code=True).model_type,
+    }
+
+if "processor" in request:  # the Auto classes, and a chat through apply_chat_template
+    folder = request["processor"]["folder"]
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    inputs = processor.apply_chat_template(
+        request["processor"]["conversation"], tokenize=True, return_dict=True, add_generation_prompt=True,
+        processor_kwargs={"num_frames": request["processor"]["num_frames"]}, return_tensors="pt",
+    )
+    torch.save(dict(inputs), "processor-inputs.pt")
+    report["processor"] = {
+        "class": type(processor).__name__,
+        "module": type(processor).__module__,
+        "pool_size": processor.pool_size,
+        "height": processor.video_processor.size["height"],
+        "AutoVideoProcessor": type(AutoVideoProcessor.from_pretrained(folder, trust_remote_code=True)).__name__,
+        "AutoImageProcessor": type(AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)).__name__,
+    }
+
+if "pipeline" in request:  # both tasks, both input forms
+    job = request["pipeline"]
+    options = dict(max_new_tokens=job["max_new_tokens"], return_full_text=False)
+    videos = pipeline("video-text-to-text", model=job["folder"], trust_remote_code=True)
+    images = pipeline("image-text-to-text", model=job["folder"], trust_remote_code=True)
+    answers = {
+        "chat": videos(job["chat"], num_frames=4, **options),
+        "text": videos(text="<video>\\nWhat?", videos=job["video"], num_frames=3, **options),
+        "image": images(images=job["image"], text="<image>\\nDescribe.", **options),
+        "image_chat": images(job["image_chat"], **options),
+    }
+    report["pipeline"] = {
+        "class": type(videos).__name__,
+        "module": type(videos).__module__,
+        # The config registers one custom task, so pipeline() infers it.
+        "inferred": type(pipeline(model=job["folder"], trust_remote_code=True)) is type(videos),
+        "answers": {key: [row["generated_text"] for row in rows] for key, rows in answers.items()},
+    }
+
+print(json.dumps(report))
+"""
+
+
+def load_as_users_do(request: dict, workdir, python=None) -> dict:
+    """Run `LOAD_AS_USERS_DO` on `request` in a fresh process (`run_isolated`) in `workdir`; its report."""
+    path = Path(workdir) / "request.json"
+    path.write_text(json.dumps(request))
+    output = run_isolated(LOAD_AS_USERS_DO, workdir, python=python, args=[path])
+    return json.loads(output.strip().splitlines()[-1])

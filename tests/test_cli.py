@@ -12,13 +12,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, BertConfig,
 from chats import video_question
 from crosslmm import answer, samples
 from crosslmm.answer import main
-from tiny import tiny_checkpoint, tiny_video
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    return tiny_checkpoint(root / "ckpt"), tiny_video(root / "clip.mp4")
+def files(tiny_files):
+    return tiny_files
 
 
 def expected_answer(folder, video, prompt, num_frames, max_new_tokens):

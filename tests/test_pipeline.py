@@ -11,21 +11,18 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi
-from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer, pipeline
 
 from chats import image_question, video_question
-from isolated import run_isolated
-from tiny import VIDEO_FPS, VIDEO_SECONDS, tiny_checkpoint, tiny_video
+from tiny import VIDEO_FPS, VIDEO_SECONDS
 
 
 MAX_NEW_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    return tiny_checkpoint(root / "ckpt"), tiny_video(root / "clip.mp4")
+def files(tiny_files):
+    return tiny_files
 
 
 @pytest.fixture(scope="module")
@@ -86,48 +83,25 @@ def test_checkpoint_folder_registers_and_carries_the_pipeline(files, reference, 
     assert {"pipeline_crosslmm.py", "config.json", "model.safetensors"} <= {op.path_in_repo for op in pushed}
 
 
-def test_fresh_process_without_the_repository(files, reference, tmp_path):
-    folder, video = files
-    image = tmp_path / "image.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(image)
+def test_fresh_process_without_the_repository(fresh_process, reference):
+    """The `pipeline` part of the fresh process (conftest.py): the tiny checkpoint's pipelines, from its own code."""
+    job = fresh_process.request["pipeline"]
+    video, image, max_new_tokens = job["video"], job["image"], job["max_new_tokens"]
     _, processor = reference
     expected = {
         "chat": generate_answers(reference, chat_inputs(reference, video_question(video), num_frames=4)),
         "text": generate_answers(
-            reference, processor(text="<video>\nWhat?", videos=str(video), num_frames=3, return_tensors="pt")
+            reference, processor(text="<video>\nWhat?", videos=video, num_frames=3, return_tensors="pt")
         ),
-        "image": generate_answers(
-            reference, processor(text="<image>\nDescribe.", images=str(image), return_tensors="pt")
-        ),
+        "image": generate_answers(reference, processor(text="<image>\nDescribe.", images=image, return_tensors="pt")),
         "image_chat": generate_answers(reference, chat_inputs(reference, image_question(image))),
     }
-    request = {"folder": str(folder), "video": str(video), "image": str(image), "chat": video_question(video)}
-    request.update(image_chat=image_question(image), max_new_tokens=MAX_NEW_TOKENS)
-    (tmp_path / "request.json").write_text(json.dumps(request))
-    output = run_isolated(
-        """
-        import json
-        from transformers import pipeline
-
-        request = json.load(open("request.json"))
-        options = dict(max_new_tokens=request["max_new_tokens"], return_full_text=False)
-        videos = pipeline("video-text-to-text", model=request["folder"], trust_remote_code=True)
-        assert type(videos).__name__ == "CrossLMMVideoTextToTextPipeline", type(videos)
-        assert type(videos).__module__.startswith("transformers_modules"), type(videos).__module__
-        # The config registers one custom task, so pipeline() infers it.
-        assert type(pipeline(model=request["folder"], trust_remote_code=True)) is type(videos)
-        images = pipeline("image-text-to-text", model=request["folder"], trust_remote_code=True)
-        answers = {
-            "chat": videos(request["chat"], num_frames=4, **options),
-            "text": videos(text="<video>\\nWhat?", videos=request["video"], num_frames=3, **options),
-            "image": images(images=request["image"], text="<image>\\nDescribe.", **options),
-            "image_chat": images(request["image_chat"], **options),
-        }
-        print(json.dumps({key: [row["generated_text"] for row in rows] for key, rows in answers.items()}))
-        """,
-        tmp_path,
-    )
-    assert json.loads(output.strip().splitlines()[-1]) == expected
+    assert max_new_tokens == MAX_NEW_TOKENS  # what generate_answers generates
+    report = fresh_process.report["pipeline"]
+    assert report["class"] == "CrossLMMVideoTextToTextPipeline"
+    assert report["module"].startswith("transformers_modules"), report["module"]
+    assert report["inferred"]  # pipeline() without a task infers the one custom task the config registers
+    assert report["answers"] == expected
 
 
 def test_model_in_memory(files, reference):

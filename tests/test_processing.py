@@ -3,7 +3,7 @@ expansion and layouts, chat template into a tiny model, and the saved folder thr
 
 import json
 import os
-import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ import torch
 
 from chats import video_question
 from crosslmm.samples import build_tokenizer, processor_for_config
-from isolated import run_isolated
+from isolated import load_as_users_do
 from processing_crosslmm import CHAT_TEMPLATE, CrossLMMImageProcessor, CrossLMMProcessor
 from tiny import IMAGE_SIZE, tiny_config, tiny_model
 from video_processing_crosslmm import CrossLMMVideoProcessor, VideoLoadError, read_video
@@ -426,9 +426,8 @@ def test_batched_chat_with_unequal_videos_feeds_the_model(clips, processor, toke
 # ---- saved folder through the Auto classes --------------------------------------------------------------------------
 
 
-def save_folder(processor, tmp_path):
-    folder = tmp_path / "crosslmm-processor"
-    processor.save_pretrained(folder)
+def check_saved_processor(folder):
+    """The files a processor's save_pretrained writes, the Auto classes named where each part loads them from."""
     files = {p.name for p in folder.iterdir()}
     assert {
         "processor_config.json",
@@ -447,47 +446,46 @@ def save_folder(processor, tmp_path):
     assert video_config["auto_map"]["AutoVideoProcessor"] == "video_processing_crosslmm.CrossLMMVideoProcessor"
     image_config = json.loads((folder / "preprocessor_config.json").read_text())
     assert image_config["auto_map"]["AutoImageProcessor"] == "processing_crosslmm.CrossLMMImageProcessor"
-    return folder
 
 
-ROUND_TRIP = """
-import sys, torch, transformers
-from transformers import AutoImageProcessor, AutoProcessor, AutoVideoProcessor
-folder, video = sys.argv[1], sys.argv[2]
-processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-assert type(processor).__name__ == "CrossLMMProcessor", type(processor)
-assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
-assert processor.pool_size == 2 and processor.video_processor.size["height"] == 28
-assert type(AutoVideoProcessor.from_pretrained(folder, trust_remote_code=True)).__name__ == "CrossLMMVideoProcessor"
-assert type(AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)).__name__ == "CrossLMMImageProcessor"
-conversation = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": "Why?"}]}]
-inputs = processor.apply_chat_template(conversation, tokenize=True, return_dict=True, add_generation_prompt=True,
-                                       processor_kwargs={"num_frames": 4}, return_tensors="pt")
-torch.save(dict(inputs), "inputs.pt")
-print(transformers.__version__)
-"""
-
-
-@pytest.mark.parametrize("python", ["current", "transformers-5.17"])
-def test_saved_processor_loads_through_auto_classes_without_the_repository(clips, processor, tmp_path, python):
-    if python == "transformers-5.17":
-        if not OLDEST_PYTHON:
-            pytest.skip("CROSSLMM_OLDEST_TRANSFORMERS_PYTHON is not set (.ci/run sets it)")
-        python = OLDEST_PYTHON
-    else:
-        python = sys.executable
-    folder = save_folder(processor, tmp_path)
-    output = run_isolated(ROUND_TRIP, tmp_path, python=python, args=[folder, clips["h264"]])
-    version, loaded = output.strip().splitlines()[-1], torch.load(tmp_path / "inputs.pt", weights_only=False)
+def assert_loads_as_processor(report, loaded, processor, job):
+    """What a fresh process reported (`isolated.LOAD_AS_USERS_DO`, "processor") is `processor` from its own code."""
+    assert report["class"] == "CrossLMMProcessor"
+    assert report["module"].startswith("transformers_modules"), report["module"]
+    assert report["pool_size"] == 2 and report["height"] == IMAGE_SIZE
+    assert report["AutoVideoProcessor"] == "CrossLMMVideoProcessor"
+    assert report["AutoImageProcessor"] == "CrossLMMImageProcessor"
     expected = processor.apply_chat_template(
-        video_question(clips["h264"], "Why?"),
+        job["conversation"],
         tokenize=True,
         return_dict=True,
         add_generation_prompt=True,
-        processor_kwargs={"num_frames": 4},
+        processor_kwargs={"num_frames": job["num_frames"]},
         return_tensors="pt",
     )
     assert torch.equal(loaded["input_ids"], expected["input_ids"])
     assert torch.allclose(loaded["pixel_values_videos"], expected["pixel_values_videos"], atol=1e-6)
-    if python == OLDEST_PYTHON:
-        assert version.startswith("5.17"), version
+
+
+def test_saved_processor_loads_through_auto_classes_without_the_repository(fresh_process, processor):
+    """The `processor` part of the fresh process (conftest.py): the tiny checkpoint's processor, the same as this
+    module's `processor` (the tiny size's, with the shared tokenizer), saved by build_sample_checkpoint."""
+    job = fresh_process.request["processor"]
+    check_saved_processor(Path(job["folder"]))
+    loaded = torch.load(fresh_process.workdir / "processor-inputs.pt", weights_only=False)
+    assert_loads_as_processor(fresh_process.report["processor"], loaded, processor, job)
+
+
+def test_saved_processor_loads_with_the_oldest_transformers(tiny_files, processor, tmp_path):
+    """A processor saved with the installed transformers loads with the oldest release supported, as a checkpoint
+    pushed with a newer release is pulled with an older one."""
+    if not OLDEST_PYTHON:
+        pytest.skip("CROSSLMM_OLDEST_TRANSFORMERS_PYTHON is not set (.ci/run sets it)")
+    folder = tmp_path / "crosslmm-processor"
+    processor.save_pretrained(folder)
+    check_saved_processor(folder)
+    job = {"folder": str(folder), "conversation": video_question(tiny_files[1], "Why?"), "num_frames": 4}
+    report = load_as_users_do({"processor": job}, tmp_path, python=OLDEST_PYTHON)
+    assert report["transformers"].startswith("5.17"), report["transformers"]
+    loaded = torch.load(tmp_path / "processor-inputs.pt", weights_only=False)
+    assert_loads_as_processor(report["processor"], loaded, processor, job)

@@ -53,6 +53,12 @@ def prompt(config, *parts):
     return torch.tensor([ids])
 
 
+def sample_inputs(config, seed=0):
+    """One sample: text, a 2-frame video, text, an image, text."""
+    ids = prompt(config, [1, 2], ("video", 2), [3], ("image",), [4, 5])
+    return dict(input_ids=ids, pixel_values_videos=frames(2, seed=seed)[None], pixel_values=frames(1, seed=seed + 7))
+
+
 def left_padded(rows):
     """(input_ids, attention_mask) of 1-D id tensors padded on the left, as for generation."""
     width = max(len(row) for row in rows)
