@@ -6,76 +6,38 @@ import ctypes.util
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 import transformers
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: the model's own files
-
-from configuration_crosslmm import DEFAULT_TEXT_CONFIG, DEFAULT_VISION_CONFIG, CrossLMMConfig  # noqa: E402
-from modeling_crosslmm import CACHE_ARG, CrossLMMForConditionalGeneration  # noqa: E402, F401
+from configuration_crosslmm import CrossLMMConfig
+from crosslmm.samples import geometry, llava_onevision_video_tokens
+from modeling_crosslmm import CACHE_ARG, CrossLMMForConditionalGeneration  # noqa: F401
 
 
-# SigLIP-so400m/384 as LLaVA-OneVision runs it and Qwen2.5-1.5B: CrossLMM-2B's parts, CrossLMMConfig's defaults. The
-# LLM's context is long enough for LLaVA-OneVision's 1024-frame prompt (200,769 tokens).
-SIGLIP_SO400M_384 = dict(DEFAULT_VISION_CONFIG)
-QWEN25_1_5B = {**DEFAULT_TEXT_CONFIG, "max_position_embeddings": 262144}
-QWEN25_7B = {
-    **QWEN25_1_5B,
-    "vocab_size": 152064,
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "tie_word_embeddings": False,
-}
-# CPU sizes keep the real frame geometry (384 px, patch 14: 729 original tokens, 196 LLaVA-OV tokens per frame) and
-# shrink the widths, so that the token counts, and hence the ratios between the models, stay those of the real ones.
-SMALL_VISION = {
-    **SIGLIP_SO400M_384,
-    "hidden_size": 128,
-    "intermediate_size": 512,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 2,
-}
-SMALL_TEXT = {
-    **QWEN25_1_5B,
-    "vocab_size": 4096,
-    "hidden_size": 256,
-    "intermediate_size": 1024,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
-TINY_VISION = {
-    **SMALL_VISION,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "image_size": 112,
-    "patch_size": 14,
-}
-TINY_TEXT = {**SMALL_TEXT, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4}
-SIZES = {
-    "tiny": (TINY_VISION, TINY_TEXT),
-    "small": (SMALL_VISION, SMALL_TEXT),
-    "2b": (SIGLIP_SO400M_384, QWEN25_1_5B),
-    "7b": (SIGLIP_SO400M_384, QWEN25_7B),
-}
+# The sizes of crosslmm.samples the benchmarks build: tiny and small on a CPU (small keeps the real frame geometry, so
+# that token counts and the ratios between the models are the real ones), CrossLMM-2B's and -7B's shapes on a GPU.
+SIZES = ("tiny", "small", "2b", "7b")
+# Every LLM's context is long enough for LLaVA-OneVision's 1024-frame prompt (200,769 tokens).
+MAX_POSITION_EMBEDDINGS = 262144
 IMAGE_TOKEN_ID, VIDEO_TOKEN_ID = 3, 4  # inside every size's vocabulary
 TEXT_BEFORE, TEXT_AFTER = 16, 48  # 64 text tokens: a system/user preamble before the video, the question after it
 
 
+def parts(size):
+    """(vision_config, text_config) dicts of a size, as both models are built from them."""
+    sizes = geometry(size)
+    return sizes["vision_config"], {**sizes["text_config"], "max_position_embeddings": MAX_POSITION_EMBEDDINGS}
+
+
 def crosslmm_config(size, pool_size=3, v2v_scope="video", attn_implementation="sdpa", vision_batch_size=64):
-    vision, text = SIZES[size]
+    """CrossLMM of a size, a DCAL after every 4th decoder layer, as the paper's models."""
+    vision, text = parts(size)
     config = CrossLMMConfig(
         vision_config=vision,
         text_config=text,
@@ -91,7 +53,7 @@ def crosslmm_config(size, pool_size=3, v2v_scope="video", attn_implementation="s
 
 
 def llava_config(size, attn_implementation="sdpa"):
-    vision, text = SIZES[size]
+    vision, text = parts(size)
     config = LlavaOnevisionConfig(
         vision_config=dict(vision),
         text_config=dict(text),
@@ -127,8 +89,7 @@ def video_tokens(config, num_frames):
     """Placeholder tokens one video of `num_frames` takes in the LLM input."""
     if isinstance(config, CrossLMMConfig):
         return num_frames * config.tokens_per_frame
-    grid = config.vision_config.image_size // config.vision_config.patch_size
-    return num_frames * math.ceil(grid / 2) ** 2 + 1  # LLaVA-OV: 2x2 bilinear pooling, one newline token per video
+    return llava_onevision_video_tokens(num_frames, config.vision_config.image_size // config.vision_config.patch_size)
 
 
 def frame_size(config):
@@ -140,7 +101,8 @@ def frame_size(config):
 def prompt_ids(config, num_frames, seed=0):
     """(1, L) ids: TEXT_BEFORE text tokens, the video's placeholders, TEXT_AFTER text tokens."""
     generator = torch.Generator().manual_seed(seed)
-    text = torch.randint(100, 1000, (TEXT_BEFORE + TEXT_AFTER,), generator=generator)
+    vocab = config.get_text_config().vocab_size
+    text = torch.randint(100, min(1000, vocab), (TEXT_BEFORE + TEXT_AFTER,), generator=generator)
     video = torch.full((video_tokens(config, num_frames),), VIDEO_TOKEN_ID)
     return torch.cat([text[:TEXT_BEFORE], video, text[TEXT_BEFORE:]])[None]
 
@@ -262,7 +224,7 @@ def add_model_arguments(parser):
     """The options prefill.py and decode.py share."""
     parser.add_argument("--models", nargs="+", default=["LLaVA-OV", "CrossLMM"], choices=["LLaVA-OV", "CrossLMM"])
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's); 1 on a shared box")
-    parser.add_argument("--size", default="small", choices=list(SIZES), help="tiny/small: CPU; 2b/7b: GPU")
+    parser.add_argument("--size", default="small", choices=SIZES, help="tiny/small: CPU; 2b/7b: GPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--dtype",

@@ -18,7 +18,7 @@ import argparse
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import build, crosslmm_config, frame_size, llava_config, print_table, prompt_ids, write_json
+from common import SIZES, build, crosslmm_config, frame_size, llava_config, print_table, prompt_ids, write_json
 
 
 POOL_SIZES = (1, 3, 4)
@@ -62,7 +62,7 @@ def count(model, num_frames):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=["2b", "7b"], choices=["tiny", "small", "2b", "7b"])
+    parser.add_argument("--sizes", nargs="+", default=["2b", "7b"], choices=SIZES)
     parser.add_argument("--frames", nargs="+", type=int, default=[32, 64, 128, 256, 1024])
     parser.add_argument("--json", default="benchmarks/flops.json")
     args = parser.parse_args()

@@ -2,8 +2,8 @@
 
 Encodes (once, cached) a 10-minute 1280x720 30 fps H.264 MP4 with PyAV, then times reading a few sampled frames:
 - decode-all: transformers' `load_video(backend="pyav")`, which decodes every frame up to the last sampled one;
-- seek: `processing_crosslmm.read_video`, which lists frames from the packets and seeks to the keyframe before each
-  sampled frame.
+- seek: `video_processing_crosslmm.read_video`, which lists frames from the packets and seeks to the keyframe before
+  each sampled frame.
 Prints a table and writes the numbers as JSON.
 
     python benchmarks/video_decode.py [--video PATH] [--json benchmarks/video_decode.json] [--repeats 1]
@@ -13,17 +13,13 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import av
 import numpy as np
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from processing_crosslmm import CrossLMMVideoProcessor, read_video  # noqa: E402
+from video_processing_crosslmm import CrossLMMVideoProcessor, read_video
 
 
 def encode_long_video(path: Path, minutes: float = 10, width: int = 1280, height: int = 720, fps: int = 30):

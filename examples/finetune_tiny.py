@@ -1,9 +1,10 @@
 """Fine-tune a CrossLMM checkpoint on video question answering with transformers' Trainer.
 
-With no `--model`, a tiny random CrossLMM (and its processor) is built locally, and a handful of generated videos
-(a coloured square moving left or right) with questions about colour and direction make the training set: it runs
-on a CPU in well under a minute and the loss falls. With `--model` (a folder or Hub repository with a CrossLMM
-checkpoint) the same code fine-tunes a real model; bring your own samples in the same format.
+With no `--model`, a tiny random CrossLMM (and its processor) is built locally (`crosslmm.samples`, size "tiny"), and
+a handful of generated videos (a coloured square moving left or right) with questions about colour and direction make
+the training set: it runs on a CPU in well under a minute and the loss falls. With `--model` (a folder or Hub
+repository with a CrossLMM checkpoint) the same code fine-tunes a real model; bring your own samples in the same
+format.
 
     python examples/finetune_tiny.py
     python examples/finetune_tiny.py --steps 40 --gradient-checkpointing
@@ -13,56 +14,13 @@ checkpoint) the same code fine-tunes a real model; bring your own samples in the
 """
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's modules, from a checkout
-
-from crosslmm_cli import build_sample_checkpoint  # noqa: E402
-from training_crosslmm import CrossLMMDataCollator, CrossLMMTrainer, setup_stage2  # noqa: E402
-
-
-# A tiny CrossLMM: 56 px frames in 8 px patches (7 x 7 original tokens per frame), 2 x 2 pooled tokens per frame,
-# a 4-layer LLM with a DCAL after layers 1 and 3.
-TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "image_size": 56, "patch_size": 8}
-TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "max_position_embeddings": 512}
-TINY_OVERRIDES = {"pool_size": 2, "cross_attention_interval": 2}
-
-COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 230)}
-
-
-def moving_square(colour: str, direction: str, num_frames: int = 4, size: int = 64) -> np.ndarray:
-    """(frames, H, W, 3) uint8 video of a square of `colour` crossing the frame to the `direction` ("left"/"right")."""
-    video = np.full((num_frames, size, size, 3), 20, dtype=np.uint8)
-    side = size // 4
-    for t in range(num_frames):
-        progress = t / (num_frames - 1)
-        x = round(progress * (size - side)) if direction == "right" else round((1 - progress) * (size - side))
-        video[t, size // 2 - side // 2 : size // 2 + side // 2, x : x + side] = COLOURS[colour]
-    return video
-
-
-def video_qa_samples() -> list[dict]:
-    """Chat samples, each a video with a question and its answer, in the format `CrossLMMDataCollator` takes."""
-    samples = []
-    for colour in COLOURS:
-        for direction in ("left", "right"):
-            video = moving_square(colour, direction)
-            for question, answer in (
-                ("What colour is the square?", f"The square is {colour}."),
-                ("Which way does the square move?", f"It moves to the {direction}."),
-            ):
-                messages = [
-                    {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]},
-                    {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-                ]
-                samples.append({"messages": messages, "videos": [video]})
-    return samples
+from crosslmm.samples import build_sample_checkpoint, video_qa_samples
+from crosslmm.training import CrossLMMDataCollator, CrossLMMTrainer, setup_stage2
 
 
 def parse_args(argv=None):
@@ -83,9 +41,7 @@ def main(argv=None) -> list[float]:
     """Fine-tune and return the logged training losses."""
     args = parse_args(argv)
     output_dir = Path(args.output_dir or tempfile.mkdtemp(prefix="crosslmm-finetune-"))
-    checkpoint = args.model or build_sample_checkpoint(
-        output_dir / "tiny-checkpoint", vision=TINY_VISION, text=TINY_TEXT, seed=args.seed, **TINY_OVERRIDES
-    )
+    checkpoint = args.model or build_sample_checkpoint(output_dir / "tiny-checkpoint", "tiny", seed=args.seed)
     # Made before loading the model: under DeepSpeed ZeRO-3 this lets from_pretrained load each GPU's shard only.
     training_args = TrainingArguments(
         output_dir=str(output_dir / "trainer"),

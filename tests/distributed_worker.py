@@ -56,7 +56,7 @@ def fsdp(folder: Path):
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
     from torch.distributed.fsdp import FSDPModule
 
-    from training_crosslmm import parameter_groups, setup_stage2
+    from crosslmm.training import parameter_groups, setup_stage2
 
     plugin = FullyShardedDataParallelPlugin()
     accelerator = SimpleNamespace(
@@ -93,7 +93,7 @@ def zero3(folder: Path):
 
     import deepspeed
 
-    from training_crosslmm import parameter_groups, setup_stage2
+    from crosslmm.training import parameter_groups, setup_stage2
 
     config = json.loads((Path(__file__).resolve().parent.parent / "examples" / "deepspeed_zero3.json").read_text())
     config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
@@ -122,7 +122,6 @@ def zero3(folder: Path):
 
 if __name__ == "__main__":
     faulthandler.enable()  # a rank that aborts in C++ prints its Python stack
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     dist.init_process_group("gloo")
     {"tp": tensor_parallel, "fsdp": fsdp, "zero3": zero3}[sys.argv[1]](Path(sys.argv[2]))
     dist.barrier()  # every rank done before gloo is torn down

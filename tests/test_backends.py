@@ -1,5 +1,6 @@
 """Every attention backend available on this machine computes what eager computes: the LLM's self-attention, the
-vision tower and the DCALs' cross-attention, on padded batches, in both V2V scopes, and through generate()."""
+vision tower and the DCALs' cross-attention, on padded batches, in both V2V scopes, and through generate() (on a CPU,
+flex_attention in one case: see FLEX_ATTENTION)."""
 
 import copy
 
@@ -7,41 +8,14 @@ import pytest
 import torch
 from transformers.utils import is_torch_flex_attn_available
 
-from tiny import frames, prompt, tiny_model
+from tiny import padded_batch, tiny_model
 
 
-BACKENDS = [
-    "sdpa",
-    pytest.param(
-        "flex_attention",
-        marks=pytest.mark.skipif(not is_torch_flex_attn_available(), reason="this torch has no flex_attention"),
-    ),
-]
-# Ragged on purpose: different frame counts, an image after the text of the first sample, left padding. Samples 0 and
-# 2 share a frame count (one V2V call for both in "video" scope) and samples 0 and 2 see the same T2V memory length,
-# with sample 1 between them (the gathered, non-consecutive rows of the cached memory).
-VIDEO_FRAMES = (2, 3, 2)
-
-
-def padded_batch(config):
-    rows = [
-        prompt(config, [1, 2], ("video", 2), [3, 4, 5], ("image",), [6])[0],
-        prompt(config, [7], ("video", 3), [8, 9])[0],
-        prompt(config, [10, 11, 12], ("video", 2), [13, 14])[0],
-    ]
-    width = max(len(row) for row in rows)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):  # left padding, as for generation
-        input_ids[i, width - len(row) :] = row
-        attention_mask[i, width - len(row) :] = 1
-    videos = [frames(n, seed=i) for i, n in enumerate(VIDEO_FRAMES)]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "pixel_values_videos": videos,
-        "pixel_values": frames(1, seed=9),
-    }
+# flex_attention compiles every new shape with torch's inductor, seconds per case on a CPU, so one case here proves it
+# computes what eager computes: a padded prefill in "video" scope (`test_flex_attention_padded_prefill_matches_eager`:
+# three left-padded samples of 2, 3 and 2 frames, two of them in one V2V call, an image after the text of the first).
+# sdpa runs every case; tests/test_gpu.py runs every backend on every case, generation included, on a GPU.
+FLEX_ATTENTION = pytest.mark.skipif(not is_torch_flex_attn_available(), reason="this torch has no flex_attention")
 
 
 def with_backend(model, implementation):
@@ -81,9 +55,7 @@ def test_setting_the_backend_reaches_every_attention(eager_model, tmp_path):
     assert attention_implementations(loaded) == {"sdpa"}
 
 
-@pytest.mark.parametrize("implementation", BACKENDS)
-@torch.no_grad()
-def test_padded_batch_logits_match_eager(eager_model, implementation):
+def assert_padded_batch_logits_match(eager_model, implementation):
     inputs = padded_batch(eager_model.config)
     expected = eager_model(**inputs).logits
     logits = with_backend(eager_model, implementation)(**inputs).logits
@@ -91,20 +63,25 @@ def test_padded_batch_logits_match_eager(eager_model, implementation):
     torch.testing.assert_close(logits[real], expected[real], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("implementation", BACKENDS)
 @torch.no_grad()
-def test_generation_with_cache_matches_eager(eager_model, implementation):
-    if implementation == "flex_attention":
-        # torch's CPU inductor cannot compile flex_attention for a padded decode step (a C++ codegen error, plain
-        # Qwen2ForCausalLM included); unpadded rows here, padded ones in tests/test_gpu.py.
-        config = eager_model.config
-        rows = [prompt(config, [1, 2], ("video", 2), [3, 4]), prompt(config, [5, 6], ("video", 2), [7, 8])]
-        inputs = {"input_ids": torch.cat(rows), "pixel_values_videos": [frames(2, seed=0), frames(2, seed=1)]}
-    else:
-        inputs = padded_batch(eager_model.config)
+def test_padded_batch_logits_match_eager(eager_model):
+    assert_padded_batch_logits_match(eager_model, "sdpa")
+
+
+@FLEX_ATTENTION
+@torch.no_grad()
+def test_flex_attention_padded_prefill_matches_eager():
+    model = tiny_model(gates=0.5, v2v_scope="video")
+    model.set_attn_implementation("eager")
+    assert_padded_batch_logits_match(model, "flex_attention")
+
+
+@torch.no_grad()
+def test_generation_with_cache_matches_eager(eager_model):
+    inputs = padded_batch(eager_model.config)
     settings = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
     expected = eager_model.generate(**inputs, **settings)
-    out = with_backend(eager_model, implementation).generate(**inputs, **settings)
+    out = with_backend(eager_model, "sdpa").generate(**inputs, **settings)
     assert torch.equal(out.sequences, expected.sequences)
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(expected.scores), rtol=1e-4, atol=1e-4)
 

@@ -9,23 +9,21 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, BertConfig, BertModel
 
-import crosslmm_cli
-from crosslmm_cli import main
-from tiny_checkpoint import build_tiny_checkpoint, build_tiny_video
+from chats import video_question
+from crosslmm import answer, samples
+from crosslmm.answer import main
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    return build_tiny_checkpoint(root / "ckpt"), build_tiny_video(root / "clip.mp4")
+def files(tiny_files):
+    return tiny_files
 
 
 def expected_answer(folder, video, prompt, num_frames, max_new_tokens):
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    messages = [{"role": "user", "content": [{"type": "video", "path": str(video)}, {"type": "text", "text": prompt}]}]
     inputs = processor.apply_chat_template(
-        messages,
+        video_question(video, prompt),
         tokenize=True,
         return_dict=True,
         add_generation_prompt=True,
@@ -47,10 +45,11 @@ def test_answers_and_reports_tokens_and_times(files, capsys):
     answer, generated = expected_answer(folder, video, "What moves?", num_frames=4, max_new_tokens=5)
     assert f"Answer: {answer}\n" in out
     assert "Random weights" not in out  # only said of the built-in sample checkpoint
-    # 4 frames, a 4 x 4 patch grid pooled to 3 x 3; LLaVA-OneVision would pool it to 2 x 2 and add a newline.
-    assert "Visual tokens in the LLM's sequence: 36 (4 frames x 9 pooled)" in out
-    assert "LLaVA-OneVision for the same frames: 17 (4 x 4 + 1 newline)" in out
-    assert "(after decoder layers [1, 3]): 64 (4 x 16)" in out
+    # 4 frames of 28 px, a 7 x 7 patch grid pooled to 2 x 2; LLaVA-OneVision would pool it to 4 x 4 and add a newline.
+    assert "Frames: 4, 28 px, 7 x 7 patches each" in out
+    assert "Visual tokens in the LLM's sequence: 16 (4 frames x 4 pooled)" in out
+    assert "LLaVA-OneVision for the same frames: 65 (4 x 16 + 1 newline)" in out
+    assert "(after decoder layers [1, 3]): 196 (4 x 49)" in out
     times = re.search(
         r"decode frames ([\d.]+) s \| encode \(vision tower, pooling\) ([\d.]+) s \| prefill ([\d.]+) s \| "
         r"generate ([\d.]+) s \((\d+) tokens.*\| total ([\d.]+) s",
@@ -63,7 +62,7 @@ def test_answers_and_reports_tokens_and_times(files, capsys):
     assert decode + encode + prefill + generate <= total + 0.002  # parts of the total (printed to the millisecond)
 
     assert main(["--model", str(folder), "--video", str(video), "--fps", "2", "--max-new-tokens", "1"]) == 0
-    assert "Visual tokens in the LLM's sequence: 18 (2 frames x 9 pooled)" in capsys.readouterr().out
+    assert "Visual tokens in the LLM's sequence: 8 (2 frames x 4 pooled)" in capsys.readouterr().out
 
 
 def bert_checkpoint(folder):
@@ -117,25 +116,28 @@ def test_no_arguments_builds_the_samples_once_and_answers(tmp_path, monkeypatch,
     captured = capsys.readouterr()
     assert "Building the random-weight sample checkpoint" in captured.err
     assert "Answer: " in captured.out and "Random weights" in captured.out
+    assert "Frames: 8, 384 px, 27 x 27 patches each" in captured.out
     assert "Visual tokens in the LLM's sequence: 72 (8 frames x 9 pooled)" in captured.out
     assert "LLaVA-OneVision for the same frames: 1569 (8 x 196 + 1 newline), 21.8x as many" in captured.out
 
-    checkpoint = crosslmm_cli.sample_checkpoint()
+    checkpoint = answer.sample_checkpoint()
     assert checkpoint.parent.parent == tmp_path
     assert {"config.json", "model.safetensors", "pipeline_crosslmm.py", "tokenizer.json"} <= {
         p.name for p in checkpoint.iterdir()
     }
+    # The cache key hashes the code files the checkpoint carries: exactly those transformers saved into it.
+    assert {p.name for p in checkpoint.glob("*.py")} == {p.name for p in samples.shipped_code_files()}
     built = (checkpoint / "model.safetensors").stat().st_mtime_ns
-    video = crosslmm_cli.sample_video()
+    video = answer.sample_video()
     assert video.stat().st_size > 0
-    assert crosslmm_cli.sample_checkpoint() == checkpoint
+    assert answer.sample_checkpoint() == checkpoint
     assert (checkpoint / "model.safetensors").stat().st_mtime_ns == built  # reused, not rebuilt
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["sample-checkpoint", "sample-video.mp4"]
 
 
 def test_tokenizer_and_sample_video_are_reproducible(tmp_path):
     """Built twice, the same: the sample checkpoint and its answers do not change from one run to the next."""
-    first, second = crosslmm_cli.build_tokenizer(), crosslmm_cli.build_tokenizer()
+    first, second = samples.build_tokenizer(), samples.build_tokenizer()
     assert first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str()
     assert first.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]) == [
         0,
@@ -147,6 +149,6 @@ def test_tokenizer_and_sample_video_are_reproducible(tmp_path):
     assert first.pad_token == first.eos_token == "<|endoftext|>" and first.padding_side == "left"
     text = "<|im_start|>user\n<video>\nWhat happens in this video? Ünïcödé 日本<|im_end|>\n"
     assert first.decode(first(text).input_ids) == text
-    videos = [crosslmm_cli.build_sample_video(tmp_path / f"{i}.mp4", seconds=1.0) for i in range(2)]
+    videos = [samples.build_sample_video(tmp_path / f"{i}.mp4", seconds=1.0) for i in range(2)]
     decoded = [[frame.to_ndarray(format="rgb24") for frame in av.open(str(video)).decode(video=0)] for video in videos]
     assert len(decoded[0]) == 24 and all(np.array_equal(a, b) for a, b in zip(*decoded))

@@ -1,4 +1,5 @@
-"""convert_checkpoint.py on tiny random sources in every layout it reads, and on each kind of bad input."""
+"""crosslmm-convert (convert_checkpoint.py) on tiny random sources in every layout it reads, and on each kind of bad
+input."""
 
 import json
 import os
@@ -13,14 +14,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Qwen2ForCausalLM, SiglipVisionModel
 
-import convert_checkpoint
-from convert_checkpoint import ConversionError, convert, parse_args
+from crosslmm.convert import ConversionError, plan
+from crosslmm.convert.cli import convert, main, parse_args
 from modeling_crosslmm import CrossLMMForConditionalGeneration
 from tiny import tiny_model
 from tiny_sources import llava_next_folder, llava_onevision_folder, llava_onevision_model, qwen2_folder, siglip_folder
 
 
-ROOT = Path(convert_checkpoint.__file__).parent
+ROOT = Path(__file__).resolve().parent.parent
 TEXT_IDS = torch.tensor([[5, 17, 42, 300, 7, 99, 12, 61]])
 
 
@@ -81,6 +82,7 @@ def test_llava_onevision_transformers_format(tmp_path, layout):
         "configuration_crosslmm.py",
         "modeling_crosslmm.py",
         "processing_crosslmm.py",
+        "video_processing_crosslmm.py",
         "pipeline_crosslmm.py",
         "processor_config.json",
         "preprocessor_config.json",
@@ -225,7 +227,7 @@ def test_siglip_and_qwen2_parts(tmp_path, tower):
 # A CrossLMM trained in the LLaVA-NeXT code base
 # --------------------------------------------------------------------------------------------------------------------
 
-# CrossLMM parameter names -> the names of convert_checkpoint.LLAVA_NEXT_DCAL_KEY_MAP
+# CrossLMM parameter names -> the names of crosslmm.convert.sources.LLAVA_NEXT_DCAL_KEY_MAP
 LLAVA_NEXT_NAMES = [
     ("v2v_attn.", "v2v_cross_attn."),
     ("t2v_attn.", "t2v_cross_attn."),
@@ -375,13 +377,13 @@ def test_existing_output_is_kept_without_overwrite(tmp_path):
 def test_verification_failure_leaves_nothing(tmp_path, monkeypatch):
     source = llava_onevision_folder(tmp_path / "llava-ov")
     before = {p.name for p in tmp_path.iterdir()}
-    make = convert_checkpoint.Recipe.make
+    make = plan.Recipe.make
 
     def off_by_a_little(self, target_key, shape, seed):
         tensor = make(self, target_key, shape, seed)
         return tensor + 1e-3 if target_key == "model.language_model.norm.weight" else tensor
 
-    monkeypatch.setattr(convert_checkpoint.Recipe, "make", off_by_a_little)
+    monkeypatch.setattr(plan.Recipe, "make", off_by_a_little)
     with pytest.raises(ConversionError, match="Verification failed(.|\n)*Mismatched elements"):
         run("--source", source, "--output", tmp_path / "out")
     assert_nothing_left(tmp_path, before)
@@ -399,7 +401,7 @@ def test_command_line(tmp_path, capsys):
         assert option in help_text
 
     with pytest.raises(SystemExit) as exit_info:  # bad input: one line on stderr, exit status 1, no traceback
-        convert_checkpoint.main(["--source", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")])
+        main(["--source", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.startswith("error: --source")
 

@@ -6,7 +6,7 @@ from torch import nn
 from transformers import SiglipVisionModel
 
 from modeling_crosslmm import CACHE_ARG, CrossLMMForConditionalGeneration
-from tiny import IMAGE_SIZE, frames, prompt, reference_llm, set_gates, tiny_config, tiny_model
+from tiny import IMAGE_SIZE, frames, left_padded, prompt, reference_llm, set_gates, tiny_config, tiny_model
 
 
 def reference_visual_embeddings(model, clip):
@@ -139,17 +139,12 @@ def test_v2v_scope(scope):
 def test_padded_batch_equals_each_sample_alone():
     model = tiny_model(gates=0.5)
     config = model.config
-    pad = 0
     samples = [
         (prompt(config, [1, 2], ("video", 3), [3, 4, 5, 6]), [frames(3, seed=1)]),
         (prompt(config, [7], ("video", 1), [8], ("video", 2), [9]), [frames(1, seed=2), frames(2, seed=3)]),
     ]
-    width = max(ids.shape[1] for ids, _ in samples)
-    input_ids = torch.full((2, width), pad)
-    attention_mask = torch.zeros(2, width, dtype=torch.long)
-    for row, (ids, _) in enumerate(samples):
-        input_ids[row, width - ids.shape[1] :] = ids[0]
-        attention_mask[row, width - ids.shape[1] :] = 1
+    input_ids, attention_mask = left_padded([ids[0] for ids, _ in samples])
+    width = input_ids.shape[1]
     videos = [video for _, clips in samples for video in clips]
     batched = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values_videos=videos).logits
 
@@ -204,11 +199,7 @@ def test_batched_generation_with_left_padding_equals_alone():
     config = model.config
     long_ids = prompt(config, [1, 2, 3, 4], ("video", 2), [5])
     short_ids = prompt(config, [6], ("video", 1), [7])
-    width = long_ids.shape[1]
-    input_ids = torch.zeros(2, width, dtype=torch.long)
-    attention_mask = torch.zeros(2, width, dtype=torch.long)
-    input_ids[0], attention_mask[0] = long_ids[0], 1
-    input_ids[1, -short_ids.shape[1] :], attention_mask[1, -short_ids.shape[1] :] = short_ids[0], 1
+    input_ids, attention_mask = left_padded([long_ids[0], short_ids[0]])
     videos = [frames(2, seed=1), frames(1, seed=2)]
     kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
     batched = model.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values_videos=videos, **kwargs)

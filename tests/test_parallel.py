@@ -26,17 +26,12 @@ from accelerate import infer_auto_device_map
 from accelerate.utils import compute_module_sizes
 from transformers import AutoModelForImageTextToText
 
-from tiny import frames, prompt, tiny_model
-from training_crosslmm import parameter_groups, setup_stage2
+from crosslmm.training import parameter_groups, setup_stage2
+from tiny import sample_inputs, tiny_model
 
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "distributed_worker.py"
-
-
-def sample_inputs(config, seed=0):
-    ids = prompt(config, [1, 2], ("video", 2), [3], ("image",), [4, 5])
-    return dict(input_ids=ids, pixel_values_videos=frames(2, seed=seed)[None], pixel_values=frames(1, seed=seed + 7))
 
 
 def no_split_units(model):

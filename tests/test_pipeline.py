@@ -11,31 +11,18 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi
-from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer, pipeline
 
-from isolated import run_isolated
-from tiny_checkpoint import VIDEO_FPS, VIDEO_SECONDS, build_tiny_checkpoint, build_tiny_video
+from chats import image_question, video_question
+from tiny import VIDEO_FPS, VIDEO_SECONDS
 
 
 MAX_NEW_TOKENS = 6
-QUESTION = "What happens in this video?"
-
-
-def chat(video, question=QUESTION):
-    return [{"role": "user", "content": [{"type": "video", "path": str(video)}, {"type": "text", "text": question}]}]
-
-
-def image_chat(image):
-    return [
-        {"role": "user", "content": [{"type": "image", "path": str(image)}, {"type": "text", "text": "Describe."}]}
-    ]
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    return build_tiny_checkpoint(root / "ckpt"), build_tiny_video(root / "clip.mp4")
+def files(tiny_files):
+    return tiny_files
 
 
 @pytest.fixture(scope="module")
@@ -96,48 +83,25 @@ def test_checkpoint_folder_registers_and_carries_the_pipeline(files, reference, 
     assert {"pipeline_crosslmm.py", "config.json", "model.safetensors"} <= {op.path_in_repo for op in pushed}
 
 
-def test_fresh_process_without_the_repository(files, reference, tmp_path):
-    folder, video = files
-    image = tmp_path / "image.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(image)
+def test_fresh_process_without_the_repository(fresh_process, reference):
+    """The `pipeline` part of the fresh process (conftest.py): the tiny checkpoint's pipelines, from its own code."""
+    job = fresh_process.request["pipeline"]
+    video, image, max_new_tokens = job["video"], job["image"], job["max_new_tokens"]
     _, processor = reference
     expected = {
-        "chat": generate_answers(reference, chat_inputs(reference, chat(video), num_frames=4)),
+        "chat": generate_answers(reference, chat_inputs(reference, video_question(video), num_frames=4)),
         "text": generate_answers(
-            reference, processor(text="<video>\nWhat?", videos=str(video), num_frames=3, return_tensors="pt")
+            reference, processor(text="<video>\nWhat?", videos=video, num_frames=3, return_tensors="pt")
         ),
-        "image": generate_answers(
-            reference, processor(text="<image>\nDescribe.", images=str(image), return_tensors="pt")
-        ),
-        "image_chat": generate_answers(reference, chat_inputs(reference, image_chat(image))),
+        "image": generate_answers(reference, processor(text="<image>\nDescribe.", images=image, return_tensors="pt")),
+        "image_chat": generate_answers(reference, chat_inputs(reference, image_question(image))),
     }
-    request = {"folder": str(folder), "video": str(video), "image": str(image), "chat": chat(video)}
-    request.update(image_chat=image_chat(image), max_new_tokens=MAX_NEW_TOKENS)
-    (tmp_path / "request.json").write_text(json.dumps(request))
-    output = run_isolated(
-        """
-        import json
-        from transformers import pipeline
-
-        request = json.load(open("request.json"))
-        options = dict(max_new_tokens=request["max_new_tokens"], return_full_text=False)
-        videos = pipeline("video-text-to-text", model=request["folder"], trust_remote_code=True)
-        assert type(videos).__name__ == "CrossLMMVideoTextToTextPipeline", type(videos)
-        assert type(videos).__module__.startswith("transformers_modules"), type(videos).__module__
-        # The config registers one custom task, so pipeline() infers it.
-        assert type(pipeline(model=request["folder"], trust_remote_code=True)) is type(videos)
-        images = pipeline("image-text-to-text", model=request["folder"], trust_remote_code=True)
-        answers = {
-            "chat": videos(request["chat"], num_frames=4, **options),
-            "text": videos(text="<video>\\nWhat?", videos=request["video"], num_frames=3, **options),
-            "image": images(images=request["image"], text="<image>\\nDescribe.", **options),
-            "image_chat": images(request["image_chat"], **options),
-        }
-        print(json.dumps({key: [row["generated_text"] for row in rows] for key, rows in answers.items()}))
-        """,
-        tmp_path,
-    )
-    assert json.loads(output.strip().splitlines()[-1]) == expected
+    assert max_new_tokens == MAX_NEW_TOKENS  # what generate_answers generates
+    report = fresh_process.report["pipeline"]
+    assert report["class"] == "CrossLMMVideoTextToTextPipeline"
+    assert report["module"].startswith("transformers_modules"), report["module"]
+    assert report["inferred"]  # pipeline() without a task infers the one custom task the config registers
+    assert report["answers"] == expected
 
 
 def test_model_in_memory(files, reference):
@@ -147,15 +111,15 @@ def test_model_in_memory(files, reference):
     _, video = files
     in_memory = pipeline("video-text-to-text", model=model, processor=processor)
     assert type(in_memory).__name__ == "CrossLMMVideoTextToTextPipeline"
-    answer = generate_answers(reference, chat_inputs(reference, chat(video), num_frames=2))
-    assert in_memory(chat(video), num_frames=2, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False) == [
-        {"input_text": chat(video), "generated_text": answer[0]}
+    answer = generate_answers(reference, chat_inputs(reference, video_question(video), num_frames=2))
+    assert in_memory(video_question(video), num_frames=2, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False) == [
+        {"input_text": video_question(video), "generated_text": answer[0]}
     ]
 
 
 def test_chat_and_text_forms_match_generate(files, reference, pipe):
     folder, video = files
-    messages = chat(video)
+    messages = video_question(video)
     answer = generate_answers(reference, chat_inputs(reference, messages, num_frames=4))[0]
     assert pipe(messages, num_frames=4, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False) == [
         {"input_text": messages, "generated_text": answer}
@@ -192,7 +156,7 @@ def test_batches_match_single_answers(files, reference, pipe):
     assert batched == singles
     assert singles[0]["generated_text"] != singles[1]["generated_text"]  # so that the comparison means something
 
-    chats = [chat(video), chat(video, "Which shape moves fastest, and where does it end up?")]
+    chats = [video_question(video), video_question(video, "Which shape moves fastest, and where does it end up?")]
     singles = [pipe(c, num_frames=4, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False)[0] for c in chats]
     assert singles[0]["generated_text"] != singles[1]["generated_text"]
     assert pipe(chats, batch_size=2, num_frames=4, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False) == [
@@ -206,7 +170,7 @@ def video_tokens(pipe, result):
 
 def test_generation_and_frame_sampling_options(files, reference, pipe):
     _, video = files
-    messages = chat(video)
+    messages = video_question(video)
     per_frame = pipe.model.config.tokens_per_frame
     prompt_length = chat_inputs(reference, messages, num_frames=2)["input_ids"].shape[1]
 
@@ -237,7 +201,7 @@ def test_generation_and_frame_sampling_options(files, reference, pipe):
 def test_streaming_matches_generate(files, reference, pipe):
     _, video = files
     model, processor = reference
-    inputs = chat_inputs(reference, chat(video), num_frames=4)
+    inputs = chat_inputs(reference, video_question(video), num_frames=4)
     answer = generate_answers(reference, inputs)[0]
 
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60)
@@ -253,7 +217,7 @@ def test_streaming_matches_generate(files, reference, pipe):
     thread = threading.Thread(
         target=lambda: results.update(
             out=pipe(
-                chat(video),
+                video_question(video),
                 num_frames=4,
                 max_new_tokens=MAX_NEW_TOKENS,
                 return_full_text=False,
@@ -274,4 +238,4 @@ def test_bad_inputs_name_the_problem(files, pipe):
     with pytest.raises(ValueError, match="video"):
         pipe(text="No placeholder here.", videos=str(video), num_frames=2)
     with pytest.raises(ValueError, match="num_frames"):
-        pipe(chat(video), num_frames=0)
+        pipe(video_question(video), num_frames=0)

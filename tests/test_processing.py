@@ -3,24 +3,18 @@ expansion and layouts, chat template into a tiny model, and the saved folder thr
 
 import json
 import os
-import subprocess
-import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from crosslmm_cli import build_tokenizer
-from isolated import PRELUDE
-from processing_crosslmm import (
-    CHAT_TEMPLATE,
-    CrossLMMImageProcessor,
-    CrossLMMProcessor,
-    CrossLMMVideoProcessor,
-    VideoLoadError,
-    read_video,
-)
-from tiny import IMAGE_SIZE, tiny_config
+from chats import video_question
+from crosslmm.samples import build_tokenizer, processor_for_config
+from isolated import load_as_users_do
+from processing_crosslmm import CHAT_TEMPLATE, CrossLMMImageProcessor, CrossLMMProcessor
+from tiny import IMAGE_SIZE, tiny_config, tiny_model
+from video_processing_crosslmm import CrossLMMVideoProcessor, VideoLoadError, read_video
 from videos import (
     corrupt,
     encode_audio_only,
@@ -32,7 +26,6 @@ from videos import (
 )
 
 
-SMALL = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}  # keep pixel tensors tiny; the model in tests is 28 px
 # A Python whose transformers is the oldest release supported (5.17), set by .ci/run: a processor saved with the
 # installed transformers must load there too, as a checkpoint pushed with a newer release is pulled with an older one.
 OLDEST_PYTHON = os.environ.get("CROSSLMM_OLDEST_TRANSFORMERS_PYTHON")
@@ -74,12 +67,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def processor(tokenizer):
-    return CrossLMMProcessor(
-        image_processor=CrossLMMImageProcessor(size=SMALL),
-        video_processor=CrossLMMVideoProcessor(size=SMALL),
-        tokenizer=tokenizer,
-        pool_size=2,
-    )
+    """The tiny model's processor: 28 px frames, 2 x 2 tokens per frame."""
+    return processor_for_config(tiny_config(), tokenizer)
 
 
 def sample(video, **kwargs):
@@ -106,6 +95,7 @@ def test_uniform_sampling_returns_the_right_frames_in_every_codec(clips, codec):
     assert shown(frames) == metadata.frames_indices
     assert metadata.timestamps == pytest.approx([0.0, 0.7, 1.4, 2.2, 2.9])
     assert metadata.requested_num_frames == 5
+    assert metadata.frame_times == pytest.approx([i / 10 for i in range(30)])  # every frame's time, from the reader
 
 
 def test_fps_sampling_and_max_frames(clips):
@@ -143,17 +133,17 @@ def test_seeking_gives_the_exact_pixels_of_a_full_sequential_decode(tmp_path):
 
 def test_sparse_sampling_seeks_instead_of_decoding_everything(tmp_path, monkeypatch):
     """A keyframe every 10 frames: 4 samples out of 120 decode at most a GOP each, and are exactly the frames asked."""
-    import processing_crosslmm
+    import video_processing_crosslmm
 
     decoded = []
-    original = processing_crosslmm._decoded_frames
+    original = video_processing_crosslmm._decoded_frames
 
     def counting(*args):
         for frame in original(*args):
             decoded.append(frame.pts)
             yield frame
 
-    monkeypatch.setattr(processing_crosslmm, "_decoded_frames", counting)
+    monkeypatch.setattr(video_processing_crosslmm, "_decoded_frames", counting)
     path = encode_video(tmp_path / "keyframes.mp4", 120, options={"g": "10"})
     frames, metadata = sample(str(path), num_frames=4)
     assert metadata.frames_indices == [0, 40, 79, 119] == shown(frames)
@@ -322,6 +312,17 @@ def test_placeholders_expand_to_frames_times_pool_size_squared(clips, processor)
     assert out["pixel_values_videos"].min() >= -1 and out["pixel_values_videos"].max() <= 1
 
 
+def test_placeholder_counts_without_processing_match_the_expansion(clips, processor):
+    """`_get_num_multimodal_tokens`, as serving code calls it, counts what the processor puts in the prompt."""
+    image = np.zeros((20, 30, 3), np.uint8)
+    out = processor(text="<video> and <image>?", videos=[clips["h264"]], images=[image], num_frames=5)
+    counts = processor._get_num_multimodal_tokens(image_sizes=[(20, 30)], video_sizes=[(5, 48, 64), (2, 480, 640)])
+    assert counts.num_video_tokens[0] == int((out["input_ids"] == processor.video_token_id).sum()) == 5 * 4
+    assert counts.num_video_tokens[1] == 2 * 4
+    assert counts.num_image_tokens == [int((out["input_ids"] == processor.image_token_id).sum())] == [4]
+    assert counts.num_image_patches == [1]
+
+
 def test_batch_with_unequal_frame_counts_is_padded_with_video_num_frames(clips, processor):
     out = processor(
         text=["<video> first, then <video>", "<video> alone", "no media"],
@@ -366,12 +367,8 @@ def test_model_input_names_and_decoding(processor, tokenizer):
 # ---- chat template into the model -----------------------------------------------------------------------------------
 
 
-def messages(video, text="What happens in this video?"):
-    return [{"role": "user", "content": [{"type": "video", **video}, {"type": "text", "text": text}]}]
-
-
 def test_chat_template_renders_chatml(processor):
-    text = processor.apply_chat_template(messages({"path": "x.mp4"}), add_generation_prompt=True)
+    text = processor.apply_chat_template(video_question({"path": "x.mp4"}), add_generation_prompt=True)
     assert text == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\n<video>\nWhat happens in this video?<|im_end|>\n<|im_start|>assistant\n"
@@ -380,8 +377,6 @@ def test_chat_template_renders_chatml(processor):
 
 
 def test_apply_chat_template_loads_samples_tokenises_and_feeds_the_model(clips, processor, tokenizer):
-    from tiny import tiny_model
-
     config = tiny_config(
         text={"vocab_size": len(tokenizer)},
         image_token_id=processor.image_token_id,
@@ -413,15 +408,13 @@ def test_apply_chat_template_loads_samples_tokenises_and_feeds_the_model(clips, 
 
 
 def test_batched_chat_with_unequal_videos_feeds_the_model(clips, processor, tokenizer):
-    from tiny import tiny_model
-
     config = tiny_config(
         text={"vocab_size": len(tokenizer)},
         image_token_id=processor.image_token_id,
         video_token_id=processor.video_token_id,
     )
     model = tiny_model(config, gates=0.3)
-    batch = [messages({"path": clips["h264"]}), messages({"url": "file://" + clips["short"]}, "And this one?")]
+    batch = [video_question(clips["h264"]), video_question({"url": "file://" + clips["short"]}, "And this one?")]
     inputs = processor.apply_chat_template(
         batch, tokenize=True, return_dict=True, add_generation_prompt=True, num_frames=5, return_tensors="pt"
     )
@@ -433,9 +426,8 @@ def test_batched_chat_with_unequal_videos_feeds_the_model(clips, processor, toke
 # ---- saved folder through the Auto classes --------------------------------------------------------------------------
 
 
-def save_folder(processor, tmp_path):
-    folder = tmp_path / "crosslmm-processor"
-    processor.save_pretrained(folder)
+def check_saved_processor(folder):
+    """The files a processor's save_pretrained writes, the Auto classes named where each part loads them from."""
     files = {p.name for p in folder.iterdir()}
     assert {
         "processor_config.json",
@@ -445,71 +437,55 @@ def save_folder(processor, tmp_path):
         "tokenizer_config.json",
         "chat_template.jinja",
         "processing_crosslmm.py",
+        "video_processing_crosslmm.py",
     } <= files, files
     processor_config = json.loads((folder / "processor_config.json").read_text())
     assert processor_config["pool_size"] == 2
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_crosslmm.CrossLMMProcessor"
     video_config = json.loads((folder / "video_preprocessor_config.json").read_text())
-    assert video_config["auto_map"]["AutoVideoProcessor"] == "processing_crosslmm.CrossLMMVideoProcessor"
+    assert video_config["auto_map"]["AutoVideoProcessor"] == "video_processing_crosslmm.CrossLMMVideoProcessor"
     image_config = json.loads((folder / "preprocessor_config.json").read_text())
     assert image_config["auto_map"]["AutoImageProcessor"] == "processing_crosslmm.CrossLMMImageProcessor"
-    return folder
 
 
-ROUND_TRIP = """
-import sys, torch, transformers
-from transformers import AutoImageProcessor, AutoProcessor, AutoVideoProcessor
-folder, video = sys.argv[1], sys.argv[2]
-processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-assert type(processor).__name__ == "CrossLMMProcessor", type(processor)
-assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
-assert processor.pool_size == 2 and processor.video_processor.size["height"] == 28
-assert type(AutoVideoProcessor.from_pretrained(folder, trust_remote_code=True)).__name__ == "CrossLMMVideoProcessor"
-assert type(AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)).__name__ == "CrossLMMImageProcessor"
-conversation = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": "Why?"}]}]
-inputs = processor.apply_chat_template(conversation, tokenize=True, return_dict=True, add_generation_prompt=True,
-                                       processor_kwargs={"num_frames": 4}, return_tensors="pt")
-torch.save(dict(inputs), "inputs.pt")
-print(transformers.__version__)
-"""
-
-
-def run_round_trip(python, folder, video, workdir):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "modules"), HF_HOME=str(workdir / "hf_home"))
-    result = subprocess.run(
-        [python, "-c", PRELUDE + textwrap.dedent(ROUND_TRIP), str(folder), video],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout.strip(), torch.load(workdir / "inputs.pt", weights_only=False)
-
-
-@pytest.mark.parametrize("python", ["current", "transformers-5.17"])
-def test_saved_processor_loads_through_auto_classes_without_the_repository(clips, processor, tmp_path, python):
-    if python == "transformers-5.17":
-        if not OLDEST_PYTHON:
-            pytest.skip("CROSSLMM_OLDEST_TRANSFORMERS_PYTHON is not set (.ci/run sets it)")
-        python = OLDEST_PYTHON
-    else:
-        import sys
-
-        python = sys.executable
-    folder = save_folder(processor, tmp_path)
-    version, loaded = run_round_trip(python, folder, clips["h264"], tmp_path)
+def assert_loads_as_processor(report, loaded, processor, job):
+    """What a fresh process reported (`isolated.LOAD_AS_USERS_DO`, "processor") is `processor` from its own code."""
+    assert report["class"] == "CrossLMMProcessor"
+    assert report["module"].startswith("transformers_modules"), report["module"]
+    assert report["pool_size"] == 2 and report["height"] == IMAGE_SIZE
+    assert report["AutoVideoProcessor"] == "CrossLMMVideoProcessor"
+    assert report["AutoImageProcessor"] == "CrossLMMImageProcessor"
     expected = processor.apply_chat_template(
-        messages({"path": clips["h264"]}, "Why?"),
+        job["conversation"],
         tokenize=True,
         return_dict=True,
         add_generation_prompt=True,
-        processor_kwargs={"num_frames": 4},
+        processor_kwargs={"num_frames": job["num_frames"]},
         return_tensors="pt",
     )
     assert torch.equal(loaded["input_ids"], expected["input_ids"])
     assert torch.allclose(loaded["pixel_values_videos"], expected["pixel_values_videos"], atol=1e-6)
-    if python == OLDEST_PYTHON:
-        assert version.startswith("5.17"), version
+
+
+def test_saved_processor_loads_through_auto_classes_without_the_repository(fresh_process, processor):
+    """The `processor` part of the fresh process (conftest.py): the tiny checkpoint's processor, the same as this
+    module's `processor` (the tiny size's, with the shared tokenizer), saved by build_sample_checkpoint."""
+    job = fresh_process.request["processor"]
+    check_saved_processor(Path(job["folder"]))
+    loaded = torch.load(fresh_process.workdir / "processor-inputs.pt", weights_only=False)
+    assert_loads_as_processor(fresh_process.report["processor"], loaded, processor, job)
+
+
+def test_saved_processor_loads_with_the_oldest_transformers(tiny_files, processor, tmp_path):
+    """A processor saved with the installed transformers loads with the oldest release supported, as a checkpoint
+    pushed with a newer release is pulled with an older one."""
+    if not OLDEST_PYTHON:
+        pytest.skip("CROSSLMM_OLDEST_TRANSFORMERS_PYTHON is not set (.ci/run sets it)")
+    folder = tmp_path / "crosslmm-processor"
+    processor.save_pretrained(folder)
+    check_saved_processor(folder)
+    job = {"folder": str(folder), "conversation": video_question(tiny_files[1], "Why?"), "num_frames": 4}
+    report = load_as_users_do({"processor": job}, tmp_path, python=OLDEST_PYTHON)
+    assert report["transformers"].startswith("5.17"), report["transformers"]
+    loaded = torch.load(tmp_path / "processor-inputs.pt", weights_only=False)
+    assert_loads_as_processor(report["processor"], loaded, processor, job)

@@ -4,15 +4,13 @@ import json
 
 import torch
 
-from isolated import run_isolated
-from tiny import frames, prompt, tiny_model
+from modeling_crosslmm import CrossLMMForConditionalGeneration
+from tiny import tiny_model
 
 
-def test_saved_folder_loads_through_auto_classes_with_identical_logits(tmp_path):
-    model = tiny_model(gates=0.4)
-    folder = tmp_path / "crosslmm-tiny"
-    model.save_pretrained(folder)
-
+def test_saved_folder_loads_through_auto_classes_with_identical_logits(fresh_process):
+    """The `model` part of the fresh process (conftest.py): a tiny model saved with save_pretrained."""
+    folder = fresh_process.model_folder
     files = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "modeling_crosslmm.py", "configuration_crosslmm.py"} <= files
     assert not any(name.endswith(".bin") for name in files)
@@ -22,33 +20,18 @@ def test_saved_folder_loads_through_auto_classes_with_identical_logits(tmp_path)
     assert auto_map["AutoModelForImageTextToText"] == "modeling_crosslmm.CrossLMMForConditionalGeneration"
     assert auto_map["AutoModelForCausalLM"] == "modeling_crosslmm.CrossLMMForConditionalGeneration"
 
-    ids = prompt(model.config, [1, 2], ("video", 2), [3], ("image",), [4, 5])
-    inputs = dict(input_ids=ids, pixel_values_videos=frames(2)[None], pixel_values=frames(1, seed=3))
-    torch.save(inputs, tmp_path / "inputs.pt")
+    inputs = torch.load(fresh_process.request["model"]["inputs"], weights_only=True)
     # The reference is this repository's class loading the same folder: weights read from the file (memory-mapped)
     # can sit at other alignments than freshly initialised ones, and the CPU kernels then round differently (seen:
     # 1.2e-7), so the in-memory model is not the exact reference for what a load computes.
-    reloaded = type(model).from_pretrained(folder).eval()
+    reloaded = CrossLMMForConditionalGeneration.from_pretrained(folder).eval()
     with torch.no_grad():
         expected = reloaded(**inputs).logits
-        torch.testing.assert_close(expected, model(**inputs).logits)
+        torch.testing.assert_close(expected, tiny_model(gates=0.4)(**inputs).logits)  # the model that was saved
 
-    run_isolated(
-        """
-        import torch
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
-        folder = "crosslmm-tiny"
-        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        inputs = torch.load("inputs.pt", weights_only=True)
-        with torch.no_grad():
-            torch.save(model(**inputs).logits, "logits.pt")
-        assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "CrossLMMModel"
-        assert type(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)).__name__ == (
-            "CrossLMMForConditionalGeneration"
-        )
-        assert AutoConfig.from_pretrained(folder, trust_remote_code=True).model_type == "crosslmm"
-        """,
-        tmp_path,
-    )
-    assert torch.equal(torch.load(tmp_path / "logits.pt", weights_only=True), expected)
+    report = fresh_process.report["model"]
+    assert report["module"].startswith("transformers_modules"), report
+    assert report["AutoModel"] == "CrossLMMModel"
+    assert report["AutoModelForCausalLM"] == "CrossLMMForConditionalGeneration"
+    assert report["model_type"] == "crosslmm"
+    assert torch.equal(torch.load(fresh_process.workdir / "model-logits.pt", weights_only=True), expected)

@@ -1,29 +1,29 @@
 """Fine-tuning: the collator's labels, Trainer, gradient checkpointing, the paper's two stages, LoRA, bad inputs."""
 
-import os
-import sys
-
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
 
-from crosslmm_cli import build_tokenizer
-from processing_crosslmm import CrossLMMImageProcessor, CrossLMMProcessor, CrossLMMVideoProcessor
-from tiny import frames, prompt, set_gates, tiny_model
-from training_crosslmm import (
+from chats import training_sample
+from crosslmm.samples import (
+    build_sample_checkpoint,
+    build_tokenizer,
+    moving_square,
+    processor_for_config,
+    video_qa_samples,
+)
+from crosslmm.training import (
     ASSISTANT_HEADER,
     LORA_TARGET_MODULES,
     STAGE2_LEARNING_RATES,
     CrossLMMDataCollator,
+    CrossLMMTrainer,
     parameter_groups,
     setup_stage1,
     setup_stage2,
 )
-
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-import finetune_tiny  # noqa: E402
+from tiny import IMAGE_SIZE, frames, prompt, set_gates, tiny_config, tiny_model
 
 
 def video_batch(config, seed=0):
@@ -42,21 +42,21 @@ def video_batch(config, seed=0):
 
 @pytest.fixture(scope="module")
 def processor():
-    size = {"height": 56, "width": 56}
-    video_processor = CrossLMMVideoProcessor(size=size, do_sample_frames=False)
-    image_processor = CrossLMMImageProcessor(size=size)
-    return CrossLMMProcessor(
-        tokenizer=build_tokenizer(), video_processor=video_processor, image_processor=image_processor, pool_size=2
+    """The tiny model's processor with the shared tokenizer; the generated videos are already the frames to use."""
+    tokenizer = build_tokenizer()
+    config = tiny_config(
+        text={"vocab_size": len(tokenizer)},
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
     )
+    processor = processor_for_config(config, tokenizer)
+    processor.video_processor.do_sample_frames = False
+    return processor
 
 
 def chat(turns):
     """A sample from (question, answer) turns; the first question comes with a video."""
-    messages = []
-    for i, (question, answer) in enumerate(turns):
-        content = ([{"type": "video"}] if i == 0 else []) + [{"type": "text", "text": question}]
-        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
-    return {"messages": messages, "videos": [finetune_tiny.moving_square("red", "left", num_frames=2 + len(turns))]}
+    return training_sample(turns, moving_square("red", "left", num_frames=2 + len(turns)))
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
@@ -93,12 +93,13 @@ def test_collator_batches_images_and_videos_for_the_model(processor):
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
             {"role": "assistant", "content": "Blue."},
         ],
-        "images": [finetune_tiny.moving_square("blue", "left")[0]],
+        "images": [moving_square("blue", "left")[0]],
     }
     batch = CrossLMMDataCollator(processor)([image_sample, chat([("Describe the video.", "A red square.")])])
-    assert batch["pixel_values"].shape == (1, 3, 56, 56) and batch["pixel_values_videos"].shape == (1, 3, 3, 56, 56)
+    size = IMAGE_SIZE
+    assert batch["pixel_values"].shape == (1, 3, size, size)
+    assert batch["pixel_values_videos"].shape == (1, 3, 3, size, size)
     model = tiny_model(
-        vision={"image_size": 56, "patch_size": 8},
         text={"vocab_size": len(processor.tokenizer)},
         image_token_id=processor.image_token_id,
         video_token_id=processor.video_token_id,
@@ -122,9 +123,34 @@ def test_collator_refuses_bad_samples(processor):
 
 
 def test_trainer_with_the_collator_and_gradient_checkpointing_lowers_the_loss(tmp_path):
-    losses = finetune_tiny.main(
-        ["--output-dir", str(tmp_path), "--steps", "8", "--log-every", "1", "--gradient-checkpointing"]
+    """What examples/finetune_tiny.py runs: stage 2 of a tiny checkpoint (at learning rates that move a random model
+    within a few steps) on the generated video questions, with CrossLMMTrainer, the collator and gradient
+    checkpointing."""
+    checkpoint = build_sample_checkpoint(tmp_path / "checkpoint", "tiny")
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    processor.video_processor.do_sample_frames = False
+    model.gradient_checkpointing_enable()
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        remove_unused_columns=False,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
     )
+    trainer = CrossLMMTrainer(
+        model=model,
+        args=arguments,
+        train_dataset=video_qa_samples(),
+        data_collator=CrossLMMDataCollator(processor),
+        learning_rates=setup_stage2(model, vision_tower_lr=2e-4, connector_lr=1e-3, llm_lr=1e-3),
+    )
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.5, losses
 

@@ -1,50 +1,19 @@
-"""Tiny random CrossLMM configurations and inputs shared by the tests (no downloads)."""
+"""Tiny random CrossLMM models, inputs and checkpoint folders shared by the tests: the `tiny` size of
+`crosslmm.samples` (no downloads)."""
 
 import torch
 
-from configuration_crosslmm import CrossLMMConfig
+from crosslmm.samples import build_sample_checkpoint, build_sample_video, crosslmm_config
 
 
-IMAGE_TOKEN_ID = 150
-VIDEO_TOKEN_ID = 151
-IMAGE_SIZE = 28  # 7 x 7 patches of 4 px
+IMAGE_SIZE = crosslmm_config("tiny").image_size  # 28 px: 7 x 7 patches of 4 px
+# The tiny checkpoint's video: 8 frames a second for 1 s, 64 x 48 px.
+VIDEO_SECONDS, VIDEO_FPS = 1.0, 8
 
 
-def tiny_config(**overrides) -> CrossLMMConfig:
-    vision = {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": IMAGE_SIZE,
-        "patch_size": 4,
-        "vision_use_head": False,
-    }
-    text = {
-        "model_type": "qwen2",
-        "vocab_size": 160,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "tie_word_embeddings": False,
-    }
-    vision.update(overrides.pop("vision", {}))
-    text.update(overrides.pop("text", {}))
-    kwargs = dict(
-        vision_config=vision,
-        text_config=text,
-        pool_size=2,
-        cross_attention_interval=2,
-        image_token_id=IMAGE_TOKEN_ID,
-        video_token_id=VIDEO_TOKEN_ID,
-        vision_batch_size=3,
-    )
-    kwargs.update(overrides)
-    return CrossLMMConfig(**kwargs)
+def tiny_config(**overrides):
+    """The tiny size's `CrossLMMConfig`; `vision`/`text` update its sub-configs, other keys its CrossLMM fields."""
+    return crosslmm_config("tiny", **overrides)
 
 
 def tiny_model(config=None, gates=0.0, seed=0, **overrides):
@@ -76,9 +45,9 @@ def prompt(config, *parts):
         if isinstance(part, int):
             ids.append(part)
         elif part[0] == "video":
-            ids += [config.video_token_id] * (part[1] * config.pool_size**2)
+            ids += [config.video_token_id] * (part[1] * config.tokens_per_frame)
         elif part[0] == "image":
-            ids += [config.image_token_id] * config.pool_size**2
+            ids += [config.image_token_id] * config.tokens_per_frame
         else:
             ids += list(part)
     return torch.tensor([ids])
@@ -93,3 +62,52 @@ def reference_llm(model):
     state["lm_head.weight"] = model.lm_head.weight
     llm.load_state_dict(state)
     return llm
+
+
+def sample_inputs(config, seed=0):
+    """One sample: text, a 2-frame video, text, an image, text."""
+    ids = prompt(config, [1, 2], ("video", 2), [3], ("image",), [4, 5])
+    return dict(input_ids=ids, pixel_values_videos=frames(2, seed=seed)[None], pixel_values=frames(1, seed=seed + 7))
+
+
+def left_padded(rows):
+    """(input_ids, attention_mask) of 1-D id tensors padded on the left, as for generation."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = row
+        attention_mask[i, width - len(row) :] = 1
+    return input_ids, attention_mask
+
+
+# Ragged on purpose: different frame counts, an image after the text of the first sample, left padding. Samples 0 and
+# 2 share a frame count (one V2V call for both in "video" scope) and samples 0 and 2 see the same T2V memory length,
+# with sample 1 between them (the gathered, non-consecutive rows of the cached memory).
+VIDEO_FRAMES = (2, 3, 2)
+
+
+def padded_batch(config):
+    """Three samples of different lengths and frame counts, an image in the first, padded on the left."""
+    rows = [
+        prompt(config, [1, 2], ("video", 2), [3, 4, 5], ("image",), [6])[0],
+        prompt(config, [7], ("video", 3), [8, 9])[0],
+        prompt(config, [10, 11, 12], ("video", 2), [13, 14])[0],
+    ]
+    input_ids, attention_mask = left_padded(rows)
+    videos = [frames(n, seed=i) for i, n in enumerate(VIDEO_FRAMES)]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values_videos": videos,
+        "pixel_values": frames(1, seed=9),
+    }
+
+
+def tiny_checkpoint(folder):
+    """A tiny checkpoint folder (model, processor, tokenizer, code), built as `crosslmm-answer` builds its sample."""
+    return build_sample_checkpoint(folder, "tiny")
+
+
+def tiny_video(path):
+    return build_sample_video(path, seconds=VIDEO_SECONDS, fps=VIDEO_FPS, width=64, height=48)

@@ -24,30 +24,12 @@ from transformers import (
     SiglipModel,
 )
 
-from crosslmm_cli import build_tokenizer
+from crosslmm.samples import build_tokenizer, geometry
 
 
-VISION = dict(
-    model_type="siglip_vision_model",
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=28,
-    patch_size=4,
-    vision_use_head=False,
-)
-TEXT = dict(
-    model_type="qwen2",
-    vocab_size=768,  # build_tokenizer's vocabulary
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-)
+# The tiny size of crosslmm.samples, with the shared tokenizer's vocabulary.
+VISION = geometry("tiny")["vision_config"]
+TEXT = {**geometry("tiny")["text_config"], "vocab_size": len(build_tokenizer())}
 
 
 def llava_onevision_model(seed=0, **text_overrides) -> LlavaOnevisionForConditionalGeneration:

@@ -1,9 +1,10 @@
 """Write a LLaVA-OneVision checkpoint of a real model's shapes (random values, std 0.02) to disk, shard by shard,
-without ever holding it in memory: the source for measuring convert_checkpoint.py's memory and time on full-size
-models (and, below 3B parameters, its verification).
+without ever holding it in memory: the source for measuring crosslmm-convert's memory and time on full-size models
+(and, below 3B parameters, its verification). The sizes are those of crosslmm.samples: the LLMs of
+llava-onevision-qwen2-7b and -0.5b, SigLIP-so400m/14 at 384 px with the 26 layers LLaVA-OneVision keeps.
 
-    PYTHONPATH=. python tests/full_size_source.py /data/llava-ov-7b-shaped --size 7b
-    /usr/bin/time -v python convert_checkpoint.py --source /data/llava-ov-7b-shaped --output /data/out --no-verify
+    python benchmarks/full_size_source.py /data/llava-ov-7b-shaped --size 7b
+    /usr/bin/time -v crosslmm-convert --source /data/llava-ov-7b-shaped --output /data/out --no-verify
 """
 
 import argparse
@@ -15,18 +16,11 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-from crosslmm_cli import build_tokenizer
+from crosslmm.samples import build_tokenizer, geometry
 
 
-# Qwen2-7B / Qwen2-0.5B as in llava-onevision-qwen2-{7b,0.5b}; SigLIP-so400m/14 at 384 px with 26 layers.
-TEXT = {
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-}  # fmt: skip
-VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
-              image_size=384, patch_size=14, vision_use_head=False)  # fmt: skip
+SIZES = ("7b", "0.5b")
+
 
 # transformers 5's model keys -> the keys it writes (the llava conversion mapping, reversed)
 SAVED_PREFIXES = [("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
@@ -37,14 +31,15 @@ SAVED_PREFIXES = [("model.vision_tower.", "vision_tower."), ("model.multi_modal_
 def write(folder: Path, size: str, dtype=torch.bfloat16, max_shard_size="4GB"):
     folder.mkdir(parents=True)
     tokenizer = build_tokenizer()
+    parts = geometry(size)
     config = LlavaOnevisionConfig(
-        vision_config={"model_type": "siglip_vision_model", **VISION},
-        text_config={"model_type": "qwen2", **TEXT[size]},
+        vision_config=parts["vision_config"],
+        text_config=parts["text_config"],
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
-        tie_word_embeddings=TEXT[size]["tie_word_embeddings"],
+        tie_word_embeddings=parts["text_config"]["tie_word_embeddings"],
         dtype="bfloat16",
     )
     with torch.device("meta"):
@@ -75,6 +70,6 @@ def write(folder: Path, size: str, dtype=torch.bfloat16, max_shard_size="4GB"):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--size", choices=sorted(TEXT), default="7b")
+    parser.add_argument("--size", choices=SIZES, default="7b")
     args = parser.parse_args()
     write(args.folder, args.size)

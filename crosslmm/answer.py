@@ -1,0 +1,334 @@
+"""`crosslmm-answer`: ask a CrossLMM checkpoint a question about a video, from the command line.
+
+With no arguments it builds (once, into a cache folder) the random-weight sample checkpoint and the sample video of
+`crosslmm.samples`, and runs the whole path: decode frames, encode them, prefill, generate. It reports the answer,
+the visual tokens the LLM sees against what LLaVA-OneVision would spend, and the time of each stage.
+"""
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from crosslmm import log, samples
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The sample checkpoint and video, built once
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def cache_folder() -> Path:
+    """Where the sample checkpoint and video are built: $CROSSLMM_CACHE (else ~/.cache/crosslmm), in a subfolder
+    named after the code that builds them and the code the checkpoint carries. A checkpoint folder runs its own copy of
+    the model code, so after an upgrade a new sample is built instead of an old one silently running old code."""
+    digest = hashlib.sha256()
+    for path in [*samples.shipped_code_files(), Path(samples.__file__)]:
+        digest.update(path.read_bytes())
+    root = Path(os.environ.get("CROSSLMM_CACHE") or Path.home() / ".cache" / "crosslmm")
+    return root / f"sample-{digest.hexdigest()[:12]}"
+
+
+def _build_once(target: Path, build) -> Path:
+    """Build `target` (a folder or file) with `build(path)` unless it exists. The build goes to a scratch path renamed
+    into place at the end, so an interrupted build never leaves a half-written sample behind."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        built = build(scratch / target.name)
+        if not target.exists():  # another process may have finished the same build meanwhile
+            os.replace(built, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def sample_checkpoint() -> Path:
+    return _build_once(cache_folder() / "sample-checkpoint", samples.build_sample_checkpoint)
+
+
+def sample_video() -> Path:
+    return _build_once(cache_folder() / "sample-video.mp4", samples.build_sample_video)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Timing one pipeline call
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class StageTimer:
+    """Splits one pipeline call into its stages with forward hooks on the model's modules, without changing what runs.
+
+    The model's first forward is the prefill, every later one a generated token. Inside the prefill, the visual
+    encoding (vision tower, pooler, projector) runs from the tower's patch embedding to the projector's output; it is
+    timed on its own. Everything before the prefill is reading, sampling and resizing the frames, and tokenizing. On
+    CUDA each mark waits for the device, so the times are the work's, not the kernel launches'. The prefill's inputs
+    (what the processor made) are kept in `prefill_inputs`.
+    """
+
+    def __init__(self, model):
+        self.sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+        self.calls = []  # [start, end] of every forward of the model
+        self.vision_seconds = 0.0
+        self._vision_start = None
+        self.prefill_inputs = None
+        tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+        self.hooks = [
+            model.register_forward_pre_hook(self._model_start, with_kwargs=True),
+            model.register_forward_hook(self._model_end),
+            tower.embeddings.register_forward_pre_hook(self._vision_start_hook),
+            projector.register_forward_hook(self._vision_end_hook),
+        ]
+
+    def _now(self):
+        self.sync()
+        return time.perf_counter()
+
+    def _model_start(self, module, args, kwargs):
+        if not self.calls:
+            self.prefill_inputs = dict(kwargs)
+        self.calls.append([self._now(), None])
+
+    def _model_end(self, module, args, output):
+        self.calls[-1][1] = self._now()
+
+    def _vision_start_hook(self, module, args):
+        if self._vision_start is None:  # the first chunk of frames: the tower runs them in `vision_batch_size` chunks
+            self._vision_start = self._now()
+
+    def _vision_end_hook(self, module, args, output):
+        self.vision_seconds += self._now() - self._vision_start
+        self._vision_start = None
+
+    def run(self, call):
+        """Run `call()`; return its result and the stage times in seconds (plus the number of generated tokens)."""
+        start = self._now()
+        try:
+            result = call()
+        finally:
+            for hook in self.hooks:
+                hook.remove()
+        end = self._now()
+        if not self.calls:
+            raise RuntimeError("The pipeline finished without running the model.")
+        (prefill_start, prefill_end), last_end = self.calls[0], self.calls[-1][1]
+        times = {
+            "decode": prefill_start - start,
+            "encode": self.vision_seconds,
+            "prefill": prefill_end - prefill_start - self.vision_seconds,
+            "generate": last_end - prefill_end,
+            "total": end - start,
+            # The prefill gives the first token, each later forward one more.
+            "tokens": len(self.calls),
+        }
+        return result, times
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# crosslmm-answer
+# --------------------------------------------------------------------------------------------------------------------
+DEFAULT_PROMPT = "What happens in this video?"
+DEFAULT_NUM_FRAMES = 8
+
+
+class UsageError(Exception):
+    """A bad command-line input: reported as one line, exit code 2."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see crosslmm-answer --help)")
+
+
+def _positive(kind):
+    def parse(value):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {value!r}") from None
+        if not number > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {value!r}")
+        return number
+
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = _ArgumentParser(
+        prog="crosslmm-answer",
+        description="Answer a question about a video with a CrossLMM checkpoint. With no arguments: a small "
+        "random-weight sample checkpoint (built once) on a sample video, to show the whole path and its costs.",
+    )
+    parser.add_argument("--model", help="checkpoint folder or Hub id (default: the built-in random sample checkpoint)")
+    parser.add_argument("--video", help="video file (default: the built-in sample video)")
+    parser.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help=f"question about the video (default: {DEFAULT_PROMPT!r})"
+    )
+    sampling = parser.add_mutually_exclusive_group()
+    sampling.add_argument(
+        "--num-frames", type=_positive(int), help=f"frames sampled uniformly (default: {DEFAULT_NUM_FRAMES})"
+    )
+    sampling.add_argument("--fps", type=_positive(float), help="sample frames at this rate instead")
+    parser.add_argument("--max-new-tokens", type=_positive(int), default=32, help="answer length limit (default: 32)")
+    parser.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="weights and activations (default: bfloat16 on CUDA, float32 elsewhere)",
+    )
+    args = parser.parse_args(argv)
+    if not args.prompt.strip():
+        parser.error("--prompt is empty")
+    if args.num_frames is None and args.fps is None:
+        args.num_frames = DEFAULT_NUM_FRAMES
+    return args
+
+
+def _check_video(path: str) -> str:
+    """Fail before loading the model, naming the file, when it is missing or holds no video stream; the processor
+    reports what goes wrong while decoding (corrupt or truncated data, no decodable frame)."""
+    import av
+
+    if not os.path.exists(path):
+        raise UsageError(f"video file not found: {path}")
+    if not os.path.isfile(path):
+        raise UsageError(f"not a file: {path}")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise UsageError(f"no video stream in {path}")
+    except av.FFmpegError as error:
+        raise UsageError(f"{path} is not a readable video ({error.strerror or error})") from None
+    return path
+
+
+def _check_model(model: str) -> str:
+    """A checkpoint folder (with config.json), or else a Hub id (`org/name`) left to `from_pretrained`."""
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UsageError(f"{model} has no config.json: not a checkpoint folder")
+        return path
+    if os.path.exists(path):
+        raise UsageError(f"--model {model} is a file; give a checkpoint folder or a Hub id")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise UsageError(f"model folder not found: {model}")
+    return model
+
+
+def _resolve_device(device: str | None, dtype: str):
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a torch device (try cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for CUDA, but no CUDA device is available")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return device, getattr(torch, dtype)
+
+
+def _visual_inputs(inputs: dict, config) -> tuple[int, int, int]:
+    """(frames, frame size in px, visual tokens) of the one video of a prefill, read from what the processor made:
+    its frames from `pixel_values_videos` (or `video_num_frames`), its tokens from the placeholders in `input_ids`."""
+    pixels = inputs["pixel_values_videos"]
+    counts = inputs.get("video_num_frames")
+    frames = int(counts[0]) if counts is not None else len(pixels[0])
+    ids = inputs["input_ids"]
+    tokens = int(((ids == config.video_token_id) | (ids == config.image_token_id)).sum())
+    return frames, int(pixels[0].shape[-1]), tokens
+
+
+def _report(answer: str, times: dict, config, inputs: dict, random_weights: bool, device, dtype):
+    frames, size, visual_tokens = _visual_inputs(inputs, config)
+    grid, per_frame = config.patch_grid_size, config.tokens_per_frame
+    onevision = samples.llava_onevision_video_tokens(frames, grid)
+    onevision_per_frame = samples.llava_onevision_tokens_per_frame(grid)
+
+    print(f"Answer: {answer}")
+    if random_weights:
+        print("(Random weights: the sample checkpoint is untrained, so this answer is meaningless text. It shows that")
+        print(" the whole path runs: decode -> vision tower -> pooling -> LLM with DCALs -> generate.)")
+    print()
+    print(f"Frames: {frames}, {size} px, {grid} x {grid} patches each")
+    print(f"Visual tokens in the LLM's sequence: {visual_tokens} ({frames} frames x {per_frame} pooled)")
+    print(
+        f"LLaVA-OneVision for the same frames: {onevision} ({frames} x {onevision_per_frame} + 1 newline), "
+        f"{onevision / visual_tokens:.1f}x as many"
+    )
+    print(
+        f"Original visual tokens the DCALs attend to (after decoder layers {config.dcal_layer_indices}): "
+        f"{frames * grid * grid} ({frames} x {grid * grid}), kept out of the self-attention KV cache"
+    )
+    steps = times["tokens"] - 1  # tokens after the first, which the prefill gives
+    rate = f", {steps / times['generate']:.1f} tokens/s" if steps and times["generate"] > 0 else ""
+    print(
+        f"Times: decode frames {times['decode']:.3f} s | encode (vision tower, pooling) {times['encode']:.3f} s | "
+        f"prefill {times['prefill']:.3f} s | generate {times['generate']:.3f} s ({times['tokens']} tokens{rate}) | "
+        f"total {times['total']:.3f} s  [{device}, {str(dtype).removeprefix('torch.')}]"
+    )
+
+
+def answer(args: argparse.Namespace):
+    """Check the inputs, build the samples if needed, load the pipeline, answer and report."""
+    video = _check_video(args.video) if args.video is not None else None
+    model = _check_model(args.model) if args.model is not None else None
+    device, dtype = _resolve_device(args.device, args.dtype)
+    if model is None:
+        if not (cache_folder() / "sample-checkpoint").exists():
+            log(f"Building the random-weight sample checkpoint in {cache_folder()} (once) ...")
+        model = str(sample_checkpoint())
+    if video is None:
+        if not (cache_folder() / "sample-video.mp4").exists():
+            log(f"Encoding the sample video in {cache_folder()} (once) ...")
+        video = str(sample_video())
+
+    from transformers import AutoConfig, pipeline
+
+    log(f"Loading {model} on {device} ({str(dtype).removeprefix('torch.')}) ...")
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=True)
+        if "video-text-to-text" not in (getattr(config, "custom_pipelines", None) or {}):
+            raise UsageError(
+                f"{model} is a {config.model_type!r} checkpoint, which has no video-text-to-text pipeline"
+            )
+        pipe = pipeline("video-text-to-text", model=model, trust_remote_code=True, device=device, dtype=dtype)
+    except OSError as error:
+        raise UsageError(f"cannot load model {model!r}: {str(error).strip().splitlines()[0]}") from None
+    messages = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": args.prompt}]}]
+    sampling = {"num_frames": args.num_frames} if args.num_frames is not None else {"fps": args.fps}
+    log(f"Reading {video} and answering ({sampling}, up to {args.max_new_tokens} new tokens) ...")
+    timer = StageTimer(pipe.model)
+    try:
+        outputs, times = timer.run(
+            lambda: pipe(text=messages, max_new_tokens=args.max_new_tokens, return_full_text=False, **sampling)
+        )
+    except ValueError as error:  # the processor names bad videos, time windows and placeholders
+        raise UsageError(str(error).strip().splitlines()[0]) from None
+    config = pipe.model.config
+    _report(outputs[0]["generated_text"], times, config, timer.prefill_inputs, args.model is None, device, dtype)
+
+
+def main(argv=None) -> int:
+    """Console script `crosslmm-answer`: 0 on success, 2 (with one error line on stderr) on bad input."""
+    try:
+        answer(parse_args(argv))
+    except UsageError as error:
+        print(f"crosslmm-answer: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Build a CrossLMM checkpoint folder from checkpoints that exist, ready for `from_pretrained` and the Hub.
+
+    crosslmm-convert --source llava-hf/llava-onevision-qwen2-0.5b-ov-hf --output crosslmm-0.5b
+    crosslmm-convert --vision google/siglip2-so400m-patch14-384 --text Qwen/Qwen2.5-1.5B-Instruct \\
+        --output crosslmm-2b
+    crosslmm-convert --source path/to/llava-next-crosslmm-run --output crosslmm-trained
+
+(`python convert_checkpoint.py ...` in a checkout runs the same command.)
+
+Sources (local folders or Hub ids; Hub files come through huggingface_hub and its cache):
+
+1. LLaVA-OneVision (the same SigLIP + 2-layer MLP projector + Qwen2 stack), in the transformers format
+   (`LlavaOnevisionForConditionalGeneration`) or in the original LLaVA-NeXT format (`LlavaQwenForCausalLM`:
+   `model.vision_tower.vision_tower.vision_model.*`, `model.mm_projector.0/2`, `model.layers.*`, `lm_head`).
+   The vision tower, projector and LLM are carried over; the DCALs are new, with gates at 0, norms at 1, random
+   cross-attention projections and (by default) a copy of the preceding decoder layer's MLP.
+2. A SigLIP/SigLIP2 vision checkpoint plus a Qwen2.5 LLM checkpoint (`--vision`, `--text`). The tower is cut as
+   LLaVA-OneVision cuts it (its last encoder layer and the attention-pooling head dropped, so that the original visual
+   tokens are the penultimate layer's output); the projector is random.
+3. A CrossLMM trained in the LLaVA-NeXT code base (a LLaVA-NeXT checkpoint whose keys also hold DCALs), with the DCAL
+   names of `crosslmm.convert.sources.LLAVA_NEXT_DCAL_KEY_MAP` (`model.cross_attn_layers.N.{v2v,t2v}_cross_attn`,
+   `ffn`, ...), or those of a `--key-map` JSON file.
+
+Every source tensor is either placed, or dropped on purpose with a reason that the run prints; any other tensor, any
+CrossLMM tensor left without a source and any shape mismatch fails the run, naming each key. Tensors stream from the
+source shards to the output shards (peak memory about one output shard). The folder is written next to `--output`
+under a temporary name and renamed at the end, so a failed run leaves nothing behind.
+"""
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from crosslmm import log
+from crosslmm.convert import DTYPES, ConversionError
+from crosslmm.convert.plan import build_config, expected_tensors, plan_conversion, report_plan
+from crosslmm.convert.sources import load_source, load_tokenizer, resolve, source_dtype
+from crosslmm.convert.verify import VERIFY_MAX_PARAMETERS, run_verification
+from crosslmm.convert.write import (
+    push_folder,
+    set_permissions,
+    write_code,
+    write_generation_config,
+    write_model_card,
+    write_processor,
+    write_weights,
+)
+
+
+def convert(args) -> Path:
+    """Convert as `args` (from `parse_args`) say; returns the folder written. Raises ConversionError on bad input."""
+    output = Path(args.output).expanduser().resolve()
+    if output.exists() and not args.overwrite:
+        raise ConversionError(f"{output} exists; pass --overwrite to replace it.")
+    source = load_source(args)
+    tokenizer = load_tokenizer(resolve(args.tokenizer, "--tokenizer") if args.tokenizer else source.tokenizer_folder)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else source_dtype(source)
+    config = build_config(source, tokenizer, args, dtype)
+    plan = plan_conversion(source, config, args.dcal_init)
+    shapes = expected_tensors(config)
+    num_parameters = sum(torch.Size(shape).numel() for shape in shapes.values())
+    verify = args.verify if args.verify is not None else num_parameters < VERIFY_MAX_PARAMETERS
+    report_plan(plan, source, num_parameters)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.converting-", dir=output.parent))
+    try:
+        write_weights(plan, temporary, dtype, args.max_shard_size, args.seed, shapes)
+        write_code(temporary, config)
+        config.save_pretrained(temporary)
+        write_processor(temporary, tokenizer, config)
+        write_generation_config(temporary, source, tokenizer)
+        write_model_card(temporary, source, config, args.push_to_hub)
+        if verify:
+            run_verification(temporary, source.reference, dtype)
+        else:
+            log(f"Not verified ({num_parameters / 1e9:.1f}B parameters, or --no-verify; --verify forces it).")
+        set_permissions(temporary)
+        if output.exists():
+            shutil.rmtree(output)
+        temporary.rename(output)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    log(f"Wrote {output}")
+    if args.push_to_hub:
+        push_folder(output, args.push_to_hub)
+    return output
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="crosslmm-convert",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
+    parser.add_argument(
+        "--source",
+        help="LLaVA-OneVision (transformers or LLaVA-NeXT format, or a LLaVA-NeXT-trained "
+        "CrossLMM): local folder or Hub id.",
+    )
+    parser.add_argument("--vision", help="SigLIP/SigLIP2 checkpoint (folder or Hub id), with --text.")
+    parser.add_argument("--text", help="Qwen2/Qwen2.5 LLM checkpoint (folder or Hub id), with --vision.")
+    parser.add_argument("--output", required=True, help="Folder to create.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
+    parser.add_argument("--tokenizer", help="Tokenizer folder or Hub id (default: the source's, or --text's).")
+    parser.add_argument(
+        "--key-map",
+        help="JSON file of regex -> replacement for the DCAL keys of a LLaVA-NeXT-trained "
+        "CrossLMM, used instead of the built-in LLAVA_NEXT_DCAL_KEY_MAP.",
+    )
+    parser.add_argument("--pool-size", type=int, default=3, help="Pooled tokens per frame side (1, 3, 4; default 3).")
+    parser.add_argument(
+        "--cross-attention-interval",
+        type=int,
+        default=4,
+        help="A DCAL after every K-th decoder layer (default 4; a trained source's own layout wins).",
+    )
+    parser.add_argument(
+        "--v2v-scope",
+        choices=("video", "frame"),
+        default="video",
+        help="What a pooled token sees in V2V: its whole video (default) or its frame.",
+    )
+    parser.add_argument(
+        "--dcal-init",
+        choices=("copy", "random"),
+        default="copy",
+        help="New DCALs' MLP: a copy of the preceding decoder layer's MLP (default) or random.",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="Weights' dtype (default: the source LLM's embedding dtype).",
+    )
+    parser.add_argument("--max-shard-size", default="5GB", help="Largest output shard (default 5GB).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the randomly initialised tensors.")
+    parser.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"Compare the result with the source (default: on below {VERIFY_MAX_PARAMETERS / 1e9:.0f}B parameters).",
+    )
+    parser.add_argument("--push-to-hub", metavar="REPO", help="Upload the folder to this Hub repository at the end.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Console script `crosslmm-convert` (and `python convert_checkpoint.py`): exit status 1 with one error line on
+    bad input."""
+    args = parse_args(argv)
+    try:
+        convert(args)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

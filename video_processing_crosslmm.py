@@ -1,0 +1,449 @@
+"""CrossLMM video processor: video files and frame arrays in, SigLIP-normalised frames out.
+
+Three parts, each with one job:
+
+- `read_video` is the reader. It lists every frame of a file from its packets (exact presentation times, also for
+  variable frame rate) into a `CrossLMMVideoMetadata`, asks a sampler which frames to keep, and decodes only those:
+  it seeks to the keyframe before each, applies rotation metadata and blends alpha over white.
+- `sample_frame_indices` is the sampler: a function of the frames' times and the sampling options that returns the
+  indices to keep (uniformly, or at a rate, optionally inside a time window), plus how many frames were asked for.
+- `CrossLMMVideoProcessor` (transformers' `BaseVideoProcessor`) ties them together and resizes and normalises the
+  frames for the SigLIP tower.
+
+Videos are read with PyAV on top of what transformers offers: the base video processor decodes paths with torchcodec
+only, and transformers' PyAV reader decodes every frame up to the last sampled one and trusts the container's frame
+count (0 for WebM).
+"""
+
+import io
+import os
+import urllib.request
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import BatchFeature
+from transformers.image_utils import PILImageResampling
+from transformers.processing_utils import VideosKwargs
+from transformers.utils import logging
+from transformers.video_processing_utils import BaseVideoProcessor
+from transformers.video_utils import VideoMetadata, get_video_size, make_batched_metadata, make_batched_videos
+
+
+try:
+    import av
+except ImportError:  # only needed to read video files
+    av = None
+
+
+logger = logging.get_logger(__name__)
+
+# SigLIP at 384 px, as LLaVA-OneVision feeds it: mean/std 0.5, bicubic resize to a square.
+SIGLIP_SIZE = {"height": 384, "width": 384}
+SIGLIP_MEAN = [0.5, 0.5, 0.5]
+SIGLIP_STD = [0.5, 0.5, 0.5]
+
+
+class VideoLoadError(ValueError):
+    """A video file that cannot be used: not a video, corrupt or truncated, or without a decodable frame."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Metadata: what the reader knows about a video, and which of its frames were sampled
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CrossLMMVideoMetadata(VideoMetadata):
+    """transformers' `VideoMetadata` plus what the reader lists and what the caller needs to know.
+
+    `frame_times` are the presentation times, in seconds from the first frame, of every frame of the video (from the
+    pts, so right for variable frame rate), listed by the reader; `timestamps` are those of the sampled frames.
+    `requested_num_frames` is how many frames were asked for, more than `len(frames_indices)` when the video (or the
+    time window) is shorter; `start_time`/`end_time` the time window sampled (clipped to the video); `rotation` the
+    counter-clockwise rotation applied from the file's display matrix.
+    """
+
+    source: str | None = None
+    frame_times: list[float] | None = field(default=None, repr=False)
+    requested_num_frames: int | None = None
+    rotation: int = 0
+    start_time: float | None = None
+    end_time: float | None = None
+
+    @property
+    def timestamps(self) -> list[float]:
+        if self.frame_times is not None and self.frames_indices is not None:
+            return [round(self.frame_times[i], 6) for i in self.frames_indices]
+        return super().timestamps
+
+
+def frame_times_of(metadata: VideoMetadata) -> list[float] | None:
+    """Every frame's time in seconds: as the reader listed them, or from the frame rate of metadata given with an
+    array of frames; None when neither is known."""
+    times = getattr(metadata, "frame_times", None)
+    if times is None and metadata.fps:
+        times = [i / metadata.fps for i in range(metadata.total_num_frames)]
+    return times
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The sampler
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FrameSelection:
+    """What the sampler picked: frame `indices` (ascending), how many frames the options asked for, and the time
+    window sampled (None: the whole video)."""
+
+    indices: list[int]
+    requested_num_frames: int
+    start_time: float | None = None
+    end_time: float | None = None
+
+
+def sample_frame_indices(
+    num_total: int,
+    frame_times: list[float] | None = None,
+    duration: float | None = None,
+    num_frames: int | None = 32,
+    fps: float | None = None,
+    max_frames: int | None = 256,
+    start_time: float | None = None,
+    end_time: float | None = None,
+    source: str | None = None,
+) -> FrameSelection:
+    """Which of `num_total` frames to keep. Uniformly `num_frames` over the video (or the `start_time`/`end_time`
+    window), first and last included as LLaVA-NeXT/OneVision sample; or, when `fps` is set (it takes precedence), the
+    frame nearest to every 1/fps seconds, capped at `max_frames` spread evenly. Sampling by time needs `frame_times`
+    (every frame's time in seconds). A video with fewer frames than asked gives all of its frames, with a warning.
+    """
+    for name, value in (("num_frames", num_frames), ("fps", fps), ("max_frames", max_frames)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}.")
+    prefix = f"{source}: " if source else ""
+    windowed = start_time is not None or end_time is not None
+    if frame_times is None and (windowed or fps is not None):
+        raise ValueError(
+            f"{prefix}sampling by time (fps, start_time, end_time) needs the video's frame rate; pass "
+            "video_metadata with fps, or sample with num_frames."
+        )
+
+    candidates = np.arange(num_total)
+    window = (None, None)
+    if windowed:
+        times = np.asarray(frame_times)
+        if not duration:
+            duration = times[-1] + (times[-1] - times[-2] if len(times) > 1 else 0)
+        start = 0.0 if start_time is None else float(start_time)
+        end = duration if end_time is None else float(end_time)
+        if start < 0 or end <= start or start >= duration:
+            raise ValueError(
+                f"{prefix}the time window start_time={start_time}, end_time={end_time} is outside the video "
+                f"(0 to {duration:.3f} s) or empty."
+            )
+        candidates = candidates[(times >= start) & (times < end)]
+        if len(candidates) == 0:
+            raise ValueError(f"{prefix}no frame lies in the time window {start}-{end} s.")
+        window = (start, min(end, duration))
+
+    if fps is not None:
+        times = np.asarray(frame_times)[candidates]
+        targets = np.arange(times[0], times[-1] + 1e-9, 1.0 / fps)
+        # The frame nearest to each target time (frames may be unevenly spaced: variable frame rate).
+        after = np.clip(np.searchsorted(times, targets), 1, len(times) - 1) if len(times) > 1 else np.zeros(1, int)
+        before = np.maximum(after - 1, 0)
+        nearest = np.where(np.abs(times[before] - targets) <= np.abs(times[after] - targets), before, after)
+        picked = np.unique(nearest)
+        wanted = len(targets)
+        if max_frames is not None and len(picked) > max_frames:
+            picked = picked[np.linspace(0, len(picked) - 1, max_frames).round().astype(int)]
+            wanted = max_frames
+        indices = candidates[picked]
+    else:
+        wanted = int(num_frames)
+        positions = np.linspace(0, len(candidates) - 1, min(wanted, len(candidates))).round().astype(int)
+        indices = candidates[np.unique(positions)]
+    if len(indices) < wanted:
+        logger.warning_once(
+            f"{prefix}the video has {len(indices)} frames to sample from, fewer than the {wanted} asked; using all "
+            "of them."
+        )
+    return FrameSelection([int(i) for i in indices], wanted, *window)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The reader
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _open_container(video: str):
+    """Open a local path or an http(s)/file URL with PyAV; one clear error for each way it can fail."""
+    if av is None:
+        raise ImportError("Reading video files needs PyAV: pip install av")
+    if not isinstance(video, (str, os.PathLike)):
+        raise TypeError(f"A video must be a file path, a URL or an array of frames, got {type(video).__name__}.")
+    video = os.fspath(video)
+    if "://" in video:
+        with urllib.request.urlopen(video) as response:
+            source = io.BytesIO(response.read())
+    elif not os.path.isfile(video):
+        raise FileNotFoundError(f"Video file not found: {video}")
+    else:
+        source = video
+    try:
+        return av.open(source)
+    except av.FFmpegError as error:
+        raise VideoLoadError(
+            f"{video} is not a video PyAV can read (unknown format, or a corrupt/truncated file): {error}"
+        ) from None
+
+
+def _list_frames(container, stream, video: str):
+    """Presentation timestamps (stream time base) and keyframe flags of every frame, in presentation order, read from
+    the packets without decoding them."""
+    packets = []
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:  # the demuxer's end-of-stream marker
+                continue
+            pts = packet.pts if packet.pts is not None else packet.dts
+            if pts is not None:
+                packets.append((pts, packet.is_keyframe, packet.duration or 0))
+    except av.FFmpegError as error:
+        raise VideoLoadError(f"{video} is corrupt or truncated (reading its packets failed: {error})") from None
+    if not packets:
+        raise VideoLoadError(f"{video} has no decodable video frames (an empty stream, or a corrupt file).")
+    if stream.frames and len(packets) < stream.frames:
+        raise VideoLoadError(
+            f"{video} is truncated or corrupt: its header lists {stream.frames} frames but only {len(packets)} are "
+            "in the file."
+        )
+    packets.sort()
+    return packets
+
+
+def _to_rgb(frame) -> np.ndarray:
+    """(H, W, 3) uint8 RGB with the display rotation applied; gray converts, alpha is blended over white."""
+    if any(component.is_alpha for component in frame.format.components):
+        rgba = frame.to_ndarray(format="rgba").astype(np.float32)
+        alpha = rgba[..., 3:] / 255.0
+        image = (rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
+    else:
+        image = frame.to_ndarray(format="rgb24")
+    quarter_turns = round((frame.rotation or 0) / 90) % 4
+    return np.ascontiguousarray(np.rot90(image, k=quarter_turns)) if quarter_turns else image
+
+
+def _decoded_frames(container, stream, wanted: set):
+    """Frames decoded from the current position on. Packets of frames nobody asked for are decoded with
+    `skip_frame="NONREF"`: frames no other frame refers to (most B-frames) are then skipped, not decoded."""
+    codec = stream.codec_context
+    for packet in container.demux(stream):
+        codec.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in wanted else "NONREF"
+        yield from codec.decode(packet)
+
+
+def _decode_at(container, stream, targets: list[int], keyframes: list[int], video: str) -> list:
+    """Decode the frames whose pts are `targets` (ascending). Seeks to the keyframe before a target only when that
+    keyframe lies past the current position, so dense samples decode straight through and sparse ones skip ahead."""
+    frames, position, decoder, wanted = [], None, None, set(targets)
+    try:
+        for target in targets:
+            keyframe = keyframes[np.searchsorted(keyframes, target, side="right") - 1]
+            if decoder is None or position is None or keyframe > position:
+                container.seek(keyframe, stream=stream, backward=True)
+                decoder = _decoded_frames(container, stream, wanted)
+            for frame in decoder:
+                if frame.pts is None:
+                    continue
+                position = frame.pts
+                if frame.pts >= target:
+                    frames.append(frame)
+                    break
+            else:
+                break  # the decoder ran dry before this target
+    except av.FFmpegError as error:
+        raise VideoLoadError(f"{video} is corrupt or truncated (decoding failed: {error})") from None
+    if not frames:
+        raise VideoLoadError(f"{video} has no decodable video frames (an empty stream, or a corrupt file).")
+    if len(frames) < len(targets):
+        raise VideoLoadError(
+            f"{video} is truncated or corrupt: only {len(frames)} of the {len(targets)} sampled frames decode."
+        )
+    return frames
+
+
+def _record_selection(metadata: VideoMetadata, selection) -> list[int]:
+    """The indices of `selection` (a `FrameSelection` or plain indices), noted in `metadata` with what was asked."""
+    if isinstance(selection, FrameSelection):
+        if isinstance(metadata, CrossLMMVideoMetadata):
+            metadata.requested_num_frames = selection.requested_num_frames
+            metadata.start_time, metadata.end_time = selection.start_time, selection.end_time
+        selection = selection.indices
+    indices = [int(i) for i in selection]
+    metadata.frames_indices = indices
+    return indices
+
+
+def read_video(video: str, sample_indices_fn=None) -> tuple[np.ndarray, CrossLMMVideoMetadata]:
+    """Decode the frames `sample_indices_fn(metadata=...)` picks (all frames without it) from a file or URL.
+
+    The sampler gets the reader's `CrossLMMVideoMetadata` (every frame's time in `frame_times`) and returns frame
+    indices, or a `FrameSelection`. Returns (T, H, W, 3) uint8 RGB frames and the metadata, with the sampled
+    `frames_indices`.
+    """
+    container = _open_container(video)
+    with container:
+        if not container.streams.video:
+            raise VideoLoadError(f"{video} has no video stream.")
+        stream = container.streams.video[0]
+        packets = _list_frames(container, stream, video)
+        time_base = float(stream.time_base)
+        first_pts = packets[0][0]
+        frame_times = [(pts - first_pts) * time_base for pts, _, _ in packets]
+        last_duration = packets[-1][2] * time_base or (frame_times[-1] / (len(packets) - 1) if len(packets) > 1 else 0)
+        duration = frame_times[-1] + last_duration
+        average_rate = float(stream.average_rate) if stream.average_rate else None
+        metadata = CrossLMMVideoMetadata(
+            total_num_frames=len(packets),
+            fps=average_rate or (len(packets) / duration if duration else None),
+            width=stream.width,
+            height=stream.height,
+            duration=round(duration, 6),
+            video_backend="pyav",
+            source=str(video),
+            frame_times=frame_times,
+        )
+        selection = range(len(packets)) if sample_indices_fn is None else sample_indices_fn(metadata=metadata)
+        indices = _record_selection(metadata, selection)
+        keyframes = [pts for pts, is_keyframe, _ in packets if is_keyframe] or [first_pts]
+        frames = _decode_at(container, stream, [packets[i][0] for i in indices], keyframes, video)
+        images = [_to_rgb(frame) for frame in frames]
+    if len({image.shape for image in images}) > 1:  # resolution changes mid-stream: bring frames to the first size
+        height, width = images[0].shape[:2]
+        images = [
+            av.VideoFrame.from_ndarray(image, format="rgb24").reformat(width, height).to_ndarray() for image in images
+        ]
+    metadata.rotation = round((frames[0].rotation or 0) / 90) % 4 * 90
+    metadata.height, metadata.width = images[0].shape[:2]
+    return np.stack(images), metadata
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The video processor
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class CrossLMMVideoProcessorKwargs(VideosKwargs, total=False):
+    """Sampling options on top of transformers' `num_frames`/`fps`: `max_frames` caps `fps` sampling and
+    `start_time`/`end_time` (seconds) restrict sampling to a window of the video."""
+
+    max_frames: int | None
+    start_time: int | float | None
+    end_time: int | float | None
+
+
+class CrossLMMVideoProcessor(BaseVideoProcessor):
+    """SigLIP-normalised frames for CrossLMM. Samples `num_frames` frames uniformly over the video (or the
+    `start_time`/`end_time` window), or, when `fps` is set, one frame every 1/fps seconds capped at `max_frames`."""
+
+    resample = PILImageResampling.BICUBIC
+    image_mean = SIGLIP_MEAN
+    image_std = SIGLIP_STD
+    size = SIGLIP_SIZE
+    rescale_factor = 1 / 255
+    default_to_square = False
+    crop_size = None
+    do_resize = True
+    do_center_crop = None
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+    do_sample_frames = True
+    num_frames = 32
+    fps = None
+    max_frames = 256
+    start_time = None
+    end_time = None
+    valid_kwargs = CrossLMMVideoProcessorKwargs
+    model_input_names = ["pixel_values_videos", "video_num_frames"]
+
+    def sample_frames(
+        self,
+        metadata: VideoMetadata,
+        num_frames: int | None = None,
+        fps: float | None = None,
+        max_frames: int | None = None,
+        start_time: float | None = None,
+        end_time: float | None = None,
+        **kwargs,
+    ) -> FrameSelection:
+        """The frames `sample_frame_indices` keeps, with this processor's defaults for the options not given."""
+        return sample_frame_indices(
+            metadata.total_num_frames,
+            frame_times_of(metadata),
+            metadata.duration,
+            num_frames=self.num_frames if num_frames is None else num_frames,
+            fps=fps,
+            max_frames=self.max_frames if max_frames is None else max_frames,
+            start_time=start_time,
+            end_time=end_time,
+            source=getattr(metadata, "source", None),
+        )
+
+    def _decode_and_sample_videos(self, videos, video_metadata, do_sample_frames=None, sample_indices_fn=None):
+        """Paths and URLs are read with `read_video` (transformers' default reader needs torchcodec); arrays of frames
+        are sampled in memory. Both may be mixed in one batch, as chat messages mix them."""
+        videos = make_batched_videos(videos)
+        if video_metadata is None:
+            video_metadata = [None] * len(videos)
+        else:
+            video_metadata = make_batched_metadata(videos, video_metadata)
+        sample_indices_fn = sample_indices_fn if do_sample_frames else None
+        out_videos, out_metadata = [], []
+        for video, metadata in zip(videos, video_metadata):
+            if isinstance(video, (str, os.PathLike)):
+                video, metadata = read_video(video, sample_indices_fn)
+            else:
+                if len(video) == 0:
+                    raise ValueError("A video given as an array of frames has no frames.")
+                if metadata is None:
+                    height, width = get_video_size(video)
+                    metadata = CrossLMMVideoMetadata(total_num_frames=len(video), height=height, width=width)
+                if sample_indices_fn is None:
+                    _record_selection(metadata, range(len(video)))
+                else:
+                    video = video[_record_selection(metadata, sample_indices_fn(metadata=metadata))]
+            out_videos.append(video)
+            out_metadata.append(metadata)
+        return out_videos, out_metadata
+
+    def _preprocess(self, videos, return_tensors=None, **kwargs) -> BatchFeature:
+        """transformers' resize/rescale/normalise, then the layout CrossLMM takes: (V, T, 3, H, W) when every video
+        has T frames, otherwise zero-padded to the longest with `video_num_frames` (V,)."""
+        clips = super()._preprocess(videos, return_tensors=None, **kwargs)["pixel_values_videos"]
+        if return_tensors is None:
+            return BatchFeature({"pixel_values_videos": clips})
+        counts = [clip.shape[0] for clip in clips]
+        if len(set(counts)) == 1:
+            return BatchFeature({"pixel_values_videos": torch.stack(clips)}, tensor_type=return_tensors)
+        padded = clips[0].new_zeros((len(clips), max(counts), *clips[0].shape[1:]))
+        for i, clip in enumerate(clips):
+            padded[i, : clip.shape[0]] = clip
+        data = {"pixel_values_videos": padded, "video_num_frames": torch.tensor(counts)}
+        return BatchFeature(data, tensor_type=return_tensors)
+
+
+CrossLMMVideoProcessor.register_for_auto_class("AutoVideoProcessor")
+
+__all__ = [
+    "CrossLMMVideoMetadata",
+    "CrossLMMVideoProcessor",
+    "CrossLMMVideoProcessorKwargs",
+    "FrameSelection",
+    "VideoLoadError",
+    "read_video",
+    "sample_frame_indices",
+]
