@@ -176,6 +176,12 @@ class CrossLMMModelManager(_model_manager.ModelManager):
         )
         return model.eval()
 
+    def get_gen_models(self, cache_dir=None) -> list:
+        """`/v1/models` of transformers 5.17 lists the Hub cache's models with built-in architectures; list the served
+        one instead, as 5.24 does for a server pinned to one model (5.24 no longer calls this)."""
+        owner = "local" if os.path.exists(self.force_model) else self.force_model.partition("/")[0]
+        return [{"id": self.force_model, "object": "model", "created": 0, "owned_by": owner}]
+
     @staticmethod
     def get_model_modality(model, processor=None):
         # An image-text-to-text model ("VLM") gets text, image_url and video_url parts. "MULTIMODAL" would also ask

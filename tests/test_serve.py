@@ -133,6 +133,10 @@ def question(source, text="What happens in this video?") -> list:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def test_lists_the_served_model(server):
+    assert [model.id for model in server.client.models.list().data] == [str(server.folder)]
+
+
 def test_text_answer(server):
     answer = server.ask("Describe a sunset.", max_tokens=6)
     choice = answer.choices[0]
