@@ -210,10 +210,10 @@ def lm(evaluation, local_task):
         f"pretrained={local_task['folder']},num_frames=4,trust_remote_code=true,batch_size=2",
         {"batch_size": 1, "max_batch_size": None, "device": "cpu"},
     )
-    docs = sample_docs()
-    model.task_dict = {"local": {"test": docs}}
-    os.environ["CROSSLMM_EVAL_VIDEO_DIR"] = str(local_task["tasks"])
-    return model
+    model.task_dict = {"local": {"test": sample_docs()}}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CROSSLMM_EVAL_VIDEO_DIR", str(local_task["tasks"]))
+        yield model
 
 
 def request(*args, kind="generate_until"):
