@@ -15,8 +15,11 @@ only, and transformers' PyAV reader decodes every frame up to the last sampled o
 count (0 for WebM).
 """
 
+import base64
+import binascii
 import io
 import os
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 
@@ -178,25 +181,53 @@ def sample_frame_indices(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _source_name(video: str) -> str:
+    """How messages and metadata name a video: its path or URL; a `data:` URL by its media type and size only."""
+    if video.startswith("data:"):
+        header, _, payload = video.partition(",")
+        media_type = header[len("data:") :].split(";")[0] or "no media type"
+        return f"the data: URL ({media_type}, {len(payload)} characters)"
+    return video
+
+
+def _data_url_bytes(video: str) -> bytes:
+    """The bytes of a `data:[<media type>][;base64],<data>` URL (RFC 2397), as OpenAI-style clients send files."""
+    header, comma, payload = video.partition(",")
+    if not comma:
+        raise VideoLoadError(f"{_source_name(video)} is malformed: no ',' separates its header from its data.")
+    if not header.endswith(";base64"):
+        return urllib.parse.unquote_to_bytes(payload)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as error:
+        raise VideoLoadError(f"{_source_name(video)} does not hold valid base64 data ({error}).") from None
+
+
 def _open_container(video: str):
-    """Open a local path or an http(s)/file URL with PyAV; one clear error for each way it can fail."""
+    """Open a local path, an http(s)/file URL or a base64 `data:` URL with PyAV; one clear error for each way it can
+    fail."""
     if av is None:
         raise ImportError("Reading video files needs PyAV: pip install av")
     if not isinstance(video, (str, os.PathLike)):
         raise TypeError(f"A video must be a file path, a URL or an array of frames, got {type(video).__name__}.")
     video = os.fspath(video)
-    if "://" in video:
+    # A file:// URL is read as the file it names (seekable, not copied into memory).
+    path = urllib.request.url2pathname(urllib.parse.urlparse(video).path) if video.startswith("file://") else video
+    if video.startswith("data:"):
+        source = io.BytesIO(_data_url_bytes(video))
+    elif "://" in path:
         with urllib.request.urlopen(video) as response:
             source = io.BytesIO(response.read())
-    elif not os.path.isfile(video):
+    elif not os.path.isfile(path):
         raise FileNotFoundError(f"Video file not found: {video}")
     else:
-        source = video
+        source = path
     try:
         return av.open(source)
     except av.FFmpegError as error:
         raise VideoLoadError(
-            f"{video} is not a video PyAV can read (unknown format, or a corrupt/truncated file): {error}"
+            f"{_source_name(video)} is not a video PyAV can read (unknown format, or a corrupt/truncated file): "
+            f"{error}"
         ) from None
 
 
@@ -288,13 +319,15 @@ def _record_selection(metadata: VideoMetadata, selection) -> list[int]:
 
 
 def read_video(video: str, sample_indices_fn=None) -> tuple[np.ndarray, CrossLMMVideoMetadata]:
-    """Decode the frames `sample_indices_fn(metadata=...)` picks (all frames without it) from a file or URL.
+    """Decode the frames `sample_indices_fn(metadata=...)` picks (all frames without it) from a file, a URL or a
+    `data:` URL.
 
     The sampler gets the reader's `CrossLMMVideoMetadata` (every frame's time in `frame_times`) and returns frame
     indices, or a `FrameSelection`. Returns (T, H, W, 3) uint8 RGB frames and the metadata, with the sampled
     `frames_indices`.
     """
     container = _open_container(video)
+    video = _source_name(os.fspath(video))  # what messages and the metadata call it
     with container:
         if not container.streams.video:
             raise VideoLoadError(f"{video} has no video stream.")

@@ -20,19 +20,23 @@ REPO_MODULES = sorted(
     | {path.parent.name for path in ROOT.glob("*/__init__.py")}
 )
 
-PRELUDE = f"""
+# What a checkpoint carries: the model's own files. A tool of the `crosslmm` package may run beside them (`blocked=`).
+SHIPPED_MODULES = sorted(path.stem for path in ROOT.glob("*_crosslmm.py"))
+
+PRELUDE = """
 import importlib.abc, sys
 class _BlockRepo(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in {REPO_MODULES!r}:
+        if name.partition(".")[0] in {blocked!r}:
             raise ImportError(f"{{name}} must come from the saved folder, not the repository")
 sys.meta_path.insert(0, _BlockRepo())
 """
 
 
-def run_isolated(code: str, workdir, extra_env=None, python=None, args=(), timeout=300) -> str:
+def run_isolated(code: str, workdir, extra_env=None, python=None, args=(), timeout=300, blocked=REPO_MODULES) -> str:
     """Run `code` (dedented) with `python` (default: this interpreter) and `args` as its sys.argv[1:], in `workdir`,
-    offline, with transformers' module cache and HF_HOME inside `workdir`. Returns stdout; fails with both outputs."""
+    offline, with transformers' module cache and HF_HOME inside `workdir`, the repository's `blocked` modules
+    refused. Returns stdout; fails with both outputs."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env.update(
         HF_HUB_OFFLINE="1",
@@ -42,7 +46,7 @@ def run_isolated(code: str, workdir, extra_env=None, python=None, args=(), timeo
     )
     env.update(extra_env or {})
     result = subprocess.run(
-        [python or sys.executable, "-c", PRELUDE + textwrap.dedent(code), *map(str, args)],
+        [python or sys.executable, "-c", PRELUDE.format(blocked=blocked) + textwrap.dedent(code), *map(str, args)],
         cwd=workdir,
         env=env,
         capture_output=True,
