@@ -27,6 +27,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -349,6 +350,9 @@ class CommandTrainer(CrossLMMTrainer):
         if "loss" in logs or "train_runtime" in logs:  # logged on every process: the sync's collective is safe
             self.skipped.sync(self.accelerator)
             logs["skipped_samples"] = self.skipped.total
+        if "learning_rate" in logs and self.optimizer is not None:  # Trainer logs the first group's rate only
+            for group in self.optimizer.param_groups:
+                logs.setdefault(f"learning_rate_{group.get('name', 'group')}", group["lr"])
         return super().log(logs, *args, **kwargs)
 
     # ---- checkpoints: whole, with the model's code ----
@@ -605,8 +609,10 @@ def train(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: 
     run_info = {
         "command": ["crosslmm-train", *argv],
         "stage": args.stage,
+        "lora": args.lora,
         "samples": len(data),
         "data_fingerprint": fingerprint,
+        "global_micro_batch": training_args.per_device_train_batch_size * max(1, training_args.world_size),
     }
     counts = data.counts()
     logger.info(
@@ -621,14 +627,29 @@ def train(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: 
 
     skipped = SkippedSamples()
     if resume is not None:
-        previous = _read_json(resume / RUN_FILE)
-        if previous and previous.get("data_fingerprint") != fingerprint:
+        previous = _read_json(resume / RUN_FILE) or {}
+        for key in ("stage", "lora"):
+            if key in previous and previous[key] != run_info[key]:
+                raise UsageError(
+                    f"{resume} is a checkpoint of a run with --{key} {previous[key]}, this one has --{key} "
+                    f"{run_info[key]}: give this run another --output_dir (or its own --resume_from_checkpoint)"
+                )
+        if previous.get("data_fingerprint", fingerprint) != fingerprint:
             logger.warning(
                 "The data differ from those of %s (%s samples then, %d now): the resumed run will not see the "
                 "order an uninterrupted run would have.",
                 resume,
                 previous.get("samples"),
                 len(data),
+            )
+        if previous.get("global_micro_batch", run_info["global_micro_batch"]) != run_info["global_micro_batch"]:
+            logger.warning(
+                "%s was written with %s samples per micro-step over all processes, this run has %d (another "
+                "number of processes or --per_device_train_batch_size): samples are grouped into batches "
+                "differently from here on.",
+                resume,
+                previous["global_micro_batch"],
+                run_info["global_micro_batch"],
             )
         state = _read_json(resume / SKIPPED_FILE)
         if state:
@@ -669,6 +690,16 @@ def train(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: 
         run_info=run_info,
     )
     result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    if trainer.state.global_step < trainer.state.max_steps:  # stopped early: --enable_jit_checkpoint on SIGTERM
+        skipped.sync(trainer.accelerator)
+        logger.warning(
+            "Training stopped at step %d of %d (last checkpoint: %s). %s Run the same command to resume.",
+            trainer.state.global_step,
+            trainer.state.max_steps,
+            last_checkpoint(output_dir),
+            skipped.summary(),
+        )
+        return None
     trainer.save_model()
     metrics = {**result.metrics, "skipped_samples": skipped.total}
     trainer.log_metrics("train", metrics)
@@ -739,17 +770,18 @@ def merge_lora(state_dict: dict, lora_config) -> dict:
 
 
 def main(argv=None) -> int:
-    """Console script `crosslmm-train`: 0 when training finished, 2 (with one error line) on a bad configuration."""
+    """Console script `crosslmm-train`: 0 when training finished, 2 (with one error line) on a bad configuration,
+    143 when it stopped early after a checkpoint on SIGTERM (`--enable_jit_checkpoint`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args, training_args = parse_args(argv)
-        train(args, training_args, argv)
+        trainer = train(args, training_args, argv)
     except UsageError as error:
         if _is_main_process():
             print(f"crosslmm-train: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return 0 if trainer is not None else 128 + signal.SIGTERM  # unfinished: as a process ended by SIGTERM
 
 
 if __name__ == "__main__":

@@ -157,6 +157,35 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(stage2_run,
     assert skipped["reasons"] == {"missing": 2, "corrupt": 2, "too short": 2}  # counted across the kill, once each
 
 
+def test_sigterm_with_jit_checkpointing_saves_and_stops_without_a_final_model(tiny_checkpoint, dataset, tmp_path):
+    """transformers' --enable_jit_checkpoint: SIGTERM (a preemption) -> a checkpoint a few seconds later, exit 143."""
+    argv = command(tiny_checkpoint, dataset, tmp_path, "--enable_jit_checkpoint", steps=100000)
+    argv[argv.index("--save_steps") + 1] = "100000"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [str(CONSOLE_SCRIPT), *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines = []
+    for line in process.stdout:  # training has begun once a loss is logged
+        lines.append(line)
+        if "'loss'" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    output = "".join(lines) + process.communicate(timeout=120)[0]
+    assert process.returncode == 143, output[-3000:]
+    (checkpoint,) = tmp_path.glob("checkpoint-*")
+    assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "model.safetensors").is_file()
+    assert not (tmp_path / "config.json").exists()  # no final model from an unfinished run
+    assert "Run the same command to resume" in output
+
+
+def test_a_checkpoint_of_another_stage_is_not_resumed(stage2_run, tiny_checkpoint, dataset, capsys):
+    argv = command(tiny_checkpoint, dataset, stage2_run, "--stage", "1")
+    del argv[argv.index("--vision_tower_lr") : argv.index("--vision_tower_lr") + 2]
+    assert main(argv) == 2
+    assert "checkpoint of a run with --stage 2, this one has --stage 1" in capsys.readouterr().err
+
+
 def test_a_checkpoint_is_whole_or_absent(tiny_checkpoint, dataset, tmp_path, monkeypatch):
     """A save that fails half-way (here: after the weights, while the processor is written) leaves no checkpoint
     folder; the next run resumes from the previous whole one and clears what the failed save left."""
