@@ -321,7 +321,8 @@ class CommandTrainer(CrossLMMTrainer):
     """`CrossLMMTrainer` with what `crosslmm-train` adds: its length-grouped sampler, skipped-sample counting, whole
     checkpoints (written to a staging folder, renamed into place when complete) and the run's own files in each."""
 
-    def __init__(self, *args, lengths, skipped: SkippedSamples, run_info: dict, **kwargs):
+    def __init__(self, *args, lengths, skipped: SkippedSamples, run_info: dict, base_checkpoint: str, **kwargs):
+        self.base_checkpoint = base_checkpoint  # where a LoRA run's frozen weights can be read back
         self.lengths = lengths
         self.skipped = skipped
         self.run_info = run_info
@@ -384,7 +385,21 @@ class CommandTrainer(CrossLMMTrainer):
         )
         model.save_pretrained(folder / LORA_FOLDER, state_dict=state_dict)
         base = model.get_base_model()
-        merged = merge_lora(state_dict, model.peft_config["default"])
+        expected = {
+            key.removeprefix("base_model.model.")
+            .replace(".base_layer.", ".")
+            .replace(".modules_to_save.default.", ".")
+            for key in model.state_dict()
+            if ".lora_" not in key and ".original_module." not in key
+        }
+        text_config = base.config.get_text_config()
+        tied = set(getattr(base, "_tied_weights_keys", None) or ()) if text_config.tie_word_embeddings else set()
+        merged = merge_lora(
+            state_dict,
+            model.peft_config["default"],
+            expected=sorted(expected - tied),
+            frozen=lambda names: checkpoint_weights(self.base_checkpoint, names),
+        )
         base.save_pretrained(folder, state_dict=merged)
         _restore_code_files(folder, base)
         if self.processing_class is not None:
@@ -688,6 +703,7 @@ def train(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: 
         lengths=lengths,
         skipped=skipped,
         run_info=run_info,
+        base_checkpoint=model_path,
     )
     result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     if trainer.state.global_step < trainer.state.max_steps:  # stopped early: --enable_jit_checkpoint on SIGTERM
@@ -746,27 +762,57 @@ def _apply_lora(model, args: CrossLMMTrainArguments, learning_rates: dict):
     return model, {"connector": learning_rates["connector"], "llm": learning_rates["llm"]}
 
 
-def merge_lora(state_dict: dict, lora_config) -> dict:
+def merge_lora(state_dict: dict, lora_config, expected=(), frozen=None) -> dict:
     """A plain CrossLMM state dict from a PEFT LoRA model's: each adapted weight plus scaling x B @ A, the trained
-    copy of each `modules_to_save` module in place of the original, PEFT's prefixes and suffixes gone."""
+    copy of each `modules_to_save` module in place of the original, PEFT's prefixes and suffixes gone.
+
+    DeepSpeed ZeRO-3 gathers only the trained tensors of a PEFT model: each of the `expected` plain names missing from
+    `state_dict` (frozen weights, those LoRA adapts included) comes from `frozen(names)`, the starting checkpoint's.
+    """
     adapter = "default"
     scaling = lora_config.lora_alpha / (math.sqrt(lora_config.r) if lora_config.use_rslora else lora_config.r)
-    merged = {}
+    merged, deltas = {}, {}
     for key, value in state_dict.items():
         name = key.removeprefix("base_model.model.")
-        if ".lora_A." in name or ".lora_B." in name or ".original_module." in name:
+        if f".lora_A.{adapter}." in name:
+            module = name.split(".lora_A.")[0]
+            lora_b = state_dict[key.replace(f".lora_A.{adapter}.", f".lora_B.{adapter}.")]
+            deltas[f"{module}.weight"] = scaling * (lora_b.detach().cpu().float() @ value.detach().cpu().float())
+        elif ".lora_" in name or ".original_module." in name:
             continue
-        if ".base_layer." in name:
-            module, leaf = name.split(".base_layer.")
-            value = value.detach().cpu()
-            if leaf == "weight" and f"base_model.model.{module}.lora_A.{adapter}.weight" in state_dict:
-                lora_a = state_dict[f"base_model.model.{module}.lora_A.{adapter}.weight"].detach().cpu().float()
-                lora_b = state_dict[f"base_model.model.{module}.lora_B.{adapter}.weight"].detach().cpu().float()
-                value = (value.float() + scaling * (lora_b @ lora_a)).to(value.dtype)
-            merged[f"{module}.{leaf}"] = value
-            continue
-        merged[name.replace(f".modules_to_save.{adapter}.", ".")] = value.detach().cpu()
+        else:
+            name = name.replace(".base_layer.", ".").replace(f".modules_to_save.{adapter}.", ".")
+            merged[name] = value.detach().cpu()
+    missing = [name for name in expected if name not in merged]
+    missing += [name for name in deltas if name not in merged and name not in missing]
+    if missing:
+        if frozen is None:
+            raise ValueError(f"the state dict lacks {len(missing)} frozen weight(s), e.g. {missing[0]}")
+        merged.update(frozen(missing))
+    for name, delta in deltas.items():
+        merged[name] = (merged[name].float() + delta).to(merged[name].dtype)
     return merged
+
+
+def checkpoint_weights(model: str, names: list[str]) -> dict:
+    """Tensors `names` of a checkpoint folder or Hub repository (already in the local cache: it was loaded)."""
+    from safetensors import safe_open
+
+    folder = Path(model)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(model, allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
+    index = folder / "model.safetensors.index.json"
+    files = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+    tensors, by_file = {}, {}
+    for name in names:
+        by_file.setdefault(files[name] if files else "model.safetensors", []).append(name)
+    for file, wanted in by_file.items():
+        with safe_open(folder / file, framework="pt") as weights:
+            for name in wanted:
+                tensors[name] = weights.get_tensor(name)
+    return tensors
 
 
 def main(argv=None) -> int:

@@ -250,6 +250,32 @@ def test_lora_checkpoints_load_merged_and_resume(tiny_checkpoint, dataset, tmp_p
     assert not all(torch.equal(resumed[name], trained[name]) for name in trained)
 
 
+def test_lora_merge_reads_frozen_weights_back_when_only_trained_ones_were_gathered(tiny_checkpoint):
+    """DeepSpeed ZeRO-3 hands a PEFT model's save only its trained tensors: the merge takes the frozen ones (those
+    LoRA adapts included) from the starting checkpoint and gives the same weights."""
+    from peft import LoraConfig, get_peft_model
+
+    from crosslmm.train import checkpoint_weights, merge_lora
+    from training_crosslmm import LORA_TARGET_MODULES
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGET_MODULES, init_lora_weights=False)
+    model = get_peft_model(
+        AutoModelForImageTextToText.from_pretrained(tiny_checkpoint, trust_remote_code=True), config
+    )
+    full = model.state_dict()
+    expected = merge_lora(full, config)
+    trained_only = {name: full[name] for name, param in model.named_parameters() if param.requires_grad}
+    with pytest.raises(ValueError, match="lacks"):
+        merge_lora(trained_only, config, expected=list(weights(tiny_checkpoint)))
+    names = list(weights(tiny_checkpoint))
+    merged = merge_lora(
+        trained_only, config, expected=names, frozen=lambda wanted: checkpoint_weights(tiny_checkpoint, wanted)
+    )
+    assert sorted(merged) == sorted(names)
+    for name in names:
+        assert torch.equal(merged[name], expected[name]), name
+
+
 # ---- bad configurations --------------------------------------------------------------------------------------------
 
 
