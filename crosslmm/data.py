@@ -41,6 +41,14 @@ try:  # the reader's home in the layout where video processing has its own file
 except ImportError:
     from processing_crosslmm import VideoLoadError, read_video
 
+try:
+    from av import FFmpegError
+except ImportError:  # no PyAV: read_video says so
+    FFmpegError = VideoLoadError
+
+# What reading a video or an image can raise for a bad file (anything else is a bug, and stops the run).
+VIDEO_ERRORS = (VideoLoadError, FFmpegError, OSError, ValueError, EOFError, RuntimeError)
+
 
 logger = logging.getLogger(__name__)
 
@@ -340,8 +348,9 @@ def media_path(source: Source, kind: str, path: str) -> Path:
 
 
 def check_media(data: TrainingData, per_source: int = 32) -> list[str]:
-    """Look for the visuals of up to `per_source` samples spread over each source: DataError when none of a source's
-    checked files exists (a wrong --video-folder/--image-folder), else warnings for the missing ones."""
+    """Look for the visuals of up to `per_source` samples spread over each source: DataError when most of a source's
+    checked files are missing (a wrong --video-folder/--image-folder, archives not unpacked), else warnings for the
+    missing ones."""
     warnings = []
     start = 0
     for source, count in zip(data.sources, data.per_source):
@@ -356,11 +365,12 @@ def check_media(data: TrainingData, per_source: int = 32) -> list[str]:
             sample = parse_sample(record)
             missing += [p for p in (media_path(source, sample.kind, v) for v in sample.visuals) if not p.exists()]
         total = sum(int(data.num_visuals[i]) for i in checked)
-        if missing and len(missing) == total:
+        if missing and 2 * len(missing) > total:
             folder = "--video-folder" if data.kinds[checked[0]] == 1 else "--image-folder"
+            found = "none" if len(missing) == total else f"only {total - len(missing)}"
             raise DataError(
-                f"{source.path}: none of the {total} visual file(s) checked exists, e.g. {missing[0]} (is {folder} "
-                "right?)"
+                f"{source.path}: {found} of the {total} visual file(s) checked exist(s), e.g. {missing[0]} is "
+                f"missing (is {folder} right?)"
             )
         if missing:
             warnings.append(
@@ -400,8 +410,9 @@ class VideoChatDataset(torch.utils.data.Dataset):
 
     Frames are sampled by the video processor's `sample_frames` (`num_frames` uniformly, or `fps` capped by
     `max_frames`). A sample that cannot be used (missing, corrupt or unreadable media; fewer than `min_frames`
-    frames; more than `max_length` tokens) is replaced by the next usable sample in dataset order, deterministically,
-    and described in "skipped" (so the count reaches the training process from the DataLoader workers).
+    frames; more than `max_length` tokens) is replaced by a usable sample drawn from the dataset (deterministically,
+    see `replacement`) and described in "skipped" (so the count reaches the training process from the DataLoader
+    workers).
     """
 
     def __init__(
@@ -413,13 +424,13 @@ class VideoChatDataset(torch.utils.data.Dataset):
         max_frames: int | None = None,
         min_frames: int = 1,
         max_length: int | None = None,
-        max_consecutive_bad: int = 20,
+        max_attempts: int = 50,
     ):
         self.data = data
         self.processor = processor
         self.num_frames, self.fps, self.max_frames = num_frames, fps, max_frames
         self.min_frames, self.max_length = min_frames, max_length
-        self.max_consecutive_bad = max_consecutive_bad
+        self.max_attempts = max_attempts
         self.epoch = 0
         self._warned = 0
 
@@ -448,16 +459,20 @@ class VideoChatDataset(torch.utils.data.Dataset):
             metadata, num_frames=self.num_frames, fps=self.fps, max_frames=self.max_frames
         )
 
+    def _uniform_indices(self, metadata, **kwargs):
+        """A folder of frames has no frame rate: `--fps` sampling takes `--max-frames` of them uniformly."""
+        return self.processor.video_processor.sample_frames(metadata, num_frames=self.frames_per_video)
+
     def _video(self, path: Path) -> np.ndarray:
         if not path.exists():
             raise BadSample("missing", f"video file not found: {path}")
         try:
-            frames = _frames_folder(path, self._sample_indices) if path.is_dir() else None
+            frames = _frames_folder(path, self._uniform_indices) if path.is_dir() else None
             if frames is None:
                 frames, _ = read_video(str(path), self._sample_indices)
         except BadSample:
             raise
-        except (VideoLoadError, OSError, ValueError, EOFError, RuntimeError) as error:
+        except VIDEO_ERRORS as error:
             raise BadSample("corrupt", f"{path}: {str(error).strip().splitlines()[0]}") from None
         if len(frames) < self.min_frames:
             raise BadSample(
@@ -473,7 +488,7 @@ class VideoChatDataset(torch.utils.data.Dataset):
         try:
             with Image.open(path) as image:
                 return image.convert("RGB")
-        except (OSError, ValueError, EOFError) as error:
+        except (OSError, ValueError, EOFError, Image.DecompressionBombError) as error:
             raise BadSample("corrupt", f"{path}: {str(error).strip().splitlines()[0]}") from None
 
     def load(self, index: int) -> dict:
@@ -506,12 +521,18 @@ class VideoChatDataset(torch.utils.data.Dataset):
         record = entry["r"]
         return {"id": record.get("id"), "file": str(self.data.sources[entry["s"]].path), "index": entry["i"]}
 
+    def replacement(self, index: int, attempt: int) -> int:
+        """The sample tried in place of `index` at the `attempt`-th try: drawn from the whole dataset, seeded by
+        both, so that a run of bad samples in a row (a folder of videos that did not unpack) does not exhaust the
+        tries, and a resumed run draws the same."""
+        return int(np.random.default_rng([index, attempt]).integers(len(self))) if attempt else index
+
     def __getitem__(self, index: int) -> dict:
-        """The sample at `index`, or when it cannot be used the next usable one. Only `index` itself counts as
-        skipped: a bad sample met while looking for a replacement is counted when its own turn comes."""
+        """The sample at `index`, or when it cannot be used a usable one drawn in its place. Only `index` itself
+        counts as skipped: a bad sample met while looking for a replacement is counted when its own turn comes."""
         skipped, last = [], None
-        for attempt in range(self.max_consecutive_bad):
-            current = (index + attempt) % len(self)
+        for attempt in range(self.max_attempts):
+            current = self.replacement(index, attempt)
             try:
                 item = self.load(current)
             except BadSample as bad:
@@ -524,8 +545,8 @@ class VideoChatDataset(torch.utils.data.Dataset):
             item["skipped"] = skipped
             return item
         raise RuntimeError(
-            f"{self.max_consecutive_bad} samples in a row from index {index} could not be used (the last: "
-            f"{last.detail}); check --video-folder / --image-folder and the data files."
+            f"Sample {index} and {self.max_attempts - 1} samples drawn in its place could not be used (the last: "
+            f"{last.detail}); most of the data is unusable: check --video-folder / --image-folder and the files."
         )
 
     def _warn(self, entry: dict):

@@ -167,12 +167,20 @@ def parse_args(argv: list[str]) -> tuple[CrossLMMTrainArguments, TrainingArgumen
     preset = {**COMMON_PRESET, **STAGE_PRESETS[stage]}
     preset["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     parser.set_defaults(**preset)
-    if not _given(argv, "output_dir"):
-        raise UsageError("--output_dir is required: the folder for checkpoints, logs and the final model")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        default = "FULL_STATE_DICT" if os.environ.get("FSDP_VERSION", "1") == "1" else "SHARDED_STATE_DICT"
+        if os.environ.get("FSDP_STATE_DICT_TYPE", default).upper() != "FULL_STATE_DICT":
+            raise UsageError(
+                "FSDP with a sharded state dict writes checkpoints that from_pretrained cannot load, and no final "
+                "model: set fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config (as "
+                "examples/accelerate_fsdp.yaml does)"
+            )
     try:
         args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as error:  # TrainingArguments' own checks, unknown flags
         raise UsageError(str(error).strip().splitlines()[0]) from None
+    if not _given(argv, "output_dir"):
+        raise UsageError("--output_dir is required: the folder for checkpoints, logs and the final model")
 
     if args.stage == 1 and args.lora:
         raise UsageError("--lora is for stage 2 (stage 1 trains the projector and the V2V branches in full)")

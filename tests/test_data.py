@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from llava_data import SIZE, dataset_fixture, tiny_checkpoint_fixture  # noqa: F401  (pytest fixtures)
 from transformers import AutoProcessor
 
 from crosslmm.data import (
@@ -21,6 +20,7 @@ from crosslmm.data import (
     read_sources,
     select,
 )
+from llava_data import SIZE, dataset_fixture, tiny_checkpoint_fixture  # noqa: F401  (pytest fixtures)
 
 
 def load(data, paths=None, **kwargs):
@@ -170,7 +170,7 @@ def test_a_wrong_media_folder_is_caught_before_training(dataset, tmp_path):
     with pytest.raises(DataError, match="is not a folder"):
         read_sources([str(dataset["json"])], video_folder=str(tmp_path / "nowhere"))
     data = load_training_data(read_sources([str(dataset["json"])], video_folder=str(tmp_path)))
-    with pytest.raises(DataError, match=r"none of the .* visual file\(s\) checked exists.*--video-folder"):
+    with pytest.raises(DataError, match=r"none of the .* visual file\(s\) checked exist.*--video-folder"):
         check_media(data)
     warnings = check_media(load(dataset))  # the one missing video of the real folder: a warning, not an error
     assert len(warnings) == 1 and "1 of" in warnings[0] and "missing.mp4" in warnings[0]
@@ -216,10 +216,10 @@ def test_frames_are_decoded_when_a_sample_is_read(dataset, processor, monkeypatc
 def test_missing_corrupt_and_short_videos_are_replaced_and_reported(dataset, processor):
     data = VideoChatDataset(load(dataset), processor, num_frames=4, min_frames=2)
     missing = dataset["video_samples"] - 3
-    item = data[missing]  # missing, then corrupt, then short: the first image sample replaces it
-    assert [entry["reason"] for entry in item["skipped"]] == ["missing"]  # the others count on their own turn
+    item = data[missing]  # replaced by a usable sample drawn from the dataset
+    assert [entry["reason"] for entry in item["skipped"]] == ["missing"]  # bad draws count on their own turn
     assert item["skipped"][0]["id"] == "missing" and "missing.mp4" in item["skipped"][0]["detail"]
-    assert item["images"] and item["messages"][-1]["content"][0]["text"] == "The square is red."
+    assert item["messages"][-1]["role"] == "assistant" and data[missing]["messages"] == item["messages"]
     assert [entry["reason"] for entry in data[missing + 1]["skipped"]] == ["corrupt"]
     short = data[missing + 2]["skipped"]
     assert short[0]["reason"] == "too short" and "1 frame(s), fewer than --min-frames 2" in short[0]["detail"]
@@ -229,16 +229,39 @@ def test_missing_corrupt_and_short_videos_are_replaced_and_reported(dataset, pro
     length = data.token_count(item)
     assert length == TrainingCollator(processor)([item])["input_ids"].shape[1]  # exact, placeholders expanded
     limited = VideoChatDataset(load(dataset), processor, num_frames=4, max_length=length - 1)
-    item = limited[last_video]  # too long: replaced by the short video (1 frame: 12 tokens fewer)
+    item = limited[last_video]  # too long: replaced by a shorter sample
     assert item["skipped"][0]["reason"] == "too long" and f"{length} tokens" in item["skipped"][0]["detail"]
-    assert item["videos"][0].shape[0] == 1
+    assert limited.token_count(item) < length
 
 
-def test_too_many_bad_samples_in_a_row_stop_with_a_clear_error(dataset, processor, tmp_path):
-    data = VideoChatDataset(load(dataset, [str(dataset["json"])]), processor, num_frames=4, max_consecutive_bad=2)
-    data.data.sources[0] = type(data.data.sources[0])(dataset["json"], video_folder=tmp_path)
-    with pytest.raises(RuntimeError, match="2 samples in a row from index 0 could not be used"):
-        data[0]
+def test_replacements_are_drawn_from_the_whole_dataset_and_give_up_on_unusable_data(dataset, processor, tmp_path):
+    data = VideoChatDataset(load(dataset), processor, num_frames=4, min_frames=2)
+    draws = [data.replacement(12, attempt) for attempt in range(1, 30)]
+    assert data.replacement(12, 0) == 12 and len(set(draws)) > 10  # spread out, not the next ones in a row
+    assert draws == [data.replacement(12, attempt) for attempt in range(1, 30)]  # and the same every time
+    unusable = VideoChatDataset(load(dataset, [str(dataset["json"])]), processor, num_frames=4, max_attempts=3)
+    unusable.data.sources[0] = type(unusable.data.sources[0])(dataset["json"], video_folder=tmp_path)
+    with pytest.raises(RuntimeError, match="Sample 0 and 2 samples drawn in its place could not be used"):
+        unusable[0]
+
+
+def test_a_video_given_as_a_folder_of_frames(dataset, processor, tmp_path):
+    from PIL import Image
+
+    from llava_data import square_frames
+
+    (tmp_path / "frames" / "clip").mkdir(parents=True)
+    for number, frame in enumerate(square_frames("blue", "right", num_frames=10)):
+        Image.fromarray(frame).save(tmp_path / "frames" / "clip" / f"{number:03d}.jpg")
+    path = tmp_path / "frames.json"
+    sample = {
+        "video": "clip",
+        "conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"}],
+    }
+    path.write_text(json.dumps([sample]))
+    data = load_training_data(read_sources([str(path)], video_folder=str(tmp_path / "frames")))
+    assert VideoChatDataset(data, processor, num_frames=4)[0]["videos"][0].shape == (4, SIZE, SIZE, 3)
+    assert VideoChatDataset(data, processor, fps=1.0, max_frames=6)[0]["videos"][0].shape == (6, SIZE, SIZE, 3)
 
 
 def test_worker_processes_give_the_same_batches(dataset, processor):

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from llava_data import answer_main, dataset_fixture, tiny_checkpoint_fixture  # noqa: F401  (pytest fixtures)
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from crosslmm.train import main
+from llava_data import answer_main, dataset_fixture, tiny_checkpoint_fixture  # noqa: F401  (pytest fixtures)
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,6 +179,14 @@ def test_sigterm_with_jit_checkpointing_saves_and_stops_without_a_final_model(ti
     assert "Run the same command to resume" in output
 
 
+def test_fsdp_without_a_full_state_dict_is_refused(tiny_checkpoint, dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")  # accelerate's default for FSDP2: a sharded state dict
+    monkeypatch.delenv("FSDP_STATE_DICT_TYPE", raising=False)
+    assert main(command(tiny_checkpoint, dataset, tmp_path)) == 2
+    assert "set fsdp_state_dict_type: FULL_STATE_DICT" in capsys.readouterr().err
+
+
 def test_a_checkpoint_of_another_stage_is_not_resumed(stage2_run, tiny_checkpoint, dataset, capsys):
     argv = command(tiny_checkpoint, dataset, stage2_run, "--stage", "1")
     del argv[argv.index("--vision_tower_lr") : argv.index("--vision_tower_lr") + 2]
@@ -288,7 +296,7 @@ def test_lora_merge_reads_frozen_weights_back_when_only_trained_ones_were_gather
         (lambda a, d, t: a.__setitem__(a.index("--data") + 1, str(d["empty"])), "no samples in"),
         (lambda a, d, t: a.__setitem__(a.index("--data") + 1, str(d["no_reply"])), "has no reply"),
         (lambda a, d, t: a.__setitem__(a.index("--data") + 1, str(d["mismatch"])), r"placeholder\(s\) but 1 video"),
-        (lambda a, d, t: a.__setitem__(a.index("--video-folder") + 1, str(t)), "none of the .* checked exists"),
+        (lambda a, d, t: a.__setitem__(a.index("--video-folder") + 1, str(t)), "none of the .* checked exist"),
         (lambda a, d, t: a.extend(["--stage", "3"]), "invalid choice: 3"),
         (lambda a, d, t: a.extend(["--stage", "1"]), "--vision_tower_lr is for stage 2"),
         (lambda a, d, t: a.extend(["--lora", "--stage", "1"]), "--lora is for stage 2"),
