@@ -4,8 +4,9 @@ Encodes (once, cached) a set of 30-second 640x360 30 fps H.264 clips with PyAV (
 keyframe interval), writes a LLaVA-Video JSON file with one question per clip, and times the real input path of
 `crosslmm-train`: `crosslmm.data.VideoChatDataset` (PyAV seek-and-decode of the sampled frames) plus the collator
 (chat template, placeholder expansion, resize to 384 px and normalisation) in a torch DataLoader, for each number of
-workers and frames per video. The first batch (worker start-up) is left out of the rate. Prints a table and writes
-the numbers as JSON.
+workers and frames per video. The first batch (worker start-up) is left out of the rate. Also the time one thread
+spends per sample on decoding and on resizing/normalising, which tells how many workers a GPU step needs. Prints
+tables and writes the numbers as JSON.
 
     python benchmarks/data_loading.py [--workers 0 1 2 4] [--frames 32 64] [--samples 48] [--repeats 1]
 
@@ -105,6 +106,23 @@ def rate(dataset, collator, workers: int, batch_size: int) -> dict:
     }
 
 
+def cost_per_sample(dataset, collator, samples: int = 8) -> dict:
+    """Seconds one thread spends on a sample: decoding its frames (the dataset) and preparing them (the collator)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    decode = prepare = 0.0
+    try:
+        for index in range(samples):
+            start = time.perf_counter()
+            item = dataset[index]
+            middle = time.perf_counter()
+            collator([item])
+            decode, prepare = decode + middle - start, prepare + time.perf_counter() - middle
+    finally:
+        torch.set_num_threads(threads)
+    return {"decode_s": round(decode / samples, 3), "prepare_s": round(prepare / samples, 3)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/crosslmm_bench_data_loading"))
@@ -132,8 +150,11 @@ def main(argv=None):
     )
     data = load_training_data(read_sources([str(data_file)], video_folder=str(args.folder)))
     rows = []
+    costs = {}
     for frames in args.frames:
         dataset = VideoChatDataset(data, processor, num_frames=frames)
+        costs[frames] = cost_per_sample(dataset, TrainingCollator(collate_processor))
+        print(f"{frames} frames, one thread, per sample: {costs[frames]}", flush=True)
         for workers in args.workers:
             runs = [
                 rate(dataset, TrainingCollator(collate_processor), workers, args.batch_size)
@@ -144,6 +165,11 @@ def main(argv=None):
             rows.append(row)
             print(row, flush=True)
 
+    print()
+    print("| frames per video | decoding, one thread | resizing and normalising, one thread |")
+    print("| --- | --- | --- |")
+    for frames, cost in costs.items():
+        print(f"| {frames} | {cost['decode_s']:.3f} s | {cost['prepare_s']:.3f} s |")
     print()
     print("| frames per video | DataLoader workers | samples/s | first batch |")
     print("| --- | --- | --- | --- |")
@@ -162,6 +188,7 @@ def main(argv=None):
             "pyav": av.__version__,
             "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         },
+        "seconds_per_sample_one_thread": {str(frames): cost for frames, cost in costs.items()},
         "rows": rows,
     }
     args.json.write_text(json.dumps(result, indent=2) + "\n")

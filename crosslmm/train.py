@@ -202,6 +202,8 @@ def parse_args(argv: list[str]) -> tuple[CrossLMMTrainArguments, TrainingArgumen
         training_args.gradient_checkpointing = True  # the preset (newer transformers call it activation_checkpointing)
         if hasattr(training_args, "activation_checkpointing"):
             training_args.activation_checkpointing = True
+    if _given(argv, "gradient_accumulation_steps") and _given(argv, "global_batch_size"):
+        logger.warning("--gradient_accumulation_steps is given: --global_batch_size is ignored.")
     if not _given(argv, "gradient_accumulation_steps"):
         per_step = training_args.per_device_train_batch_size * max(1, training_args.world_size)
         training_args.gradient_accumulation_steps = max(1, round(args.global_batch_size / per_step))

@@ -101,7 +101,7 @@ def test_stage2_lowers_the_loss_counts_skipped_samples_and_saves_hub_ready_check
     torch.testing.assert_close(model.lm_head.weight.detach(), final["model.language_model.embed_tokens.weight"])
     capsys.readouterr()
     video = dataset["videos"] / "clips/blue-right.mp4"
-    code = answer_main(["--model", str(stage2_run), "--video", str(video), "--max-new-tokens", "3"])
+    code = answer_main(["--model", str(stage2_run / "checkpoint-5"), "--video", str(video), "--max-new-tokens", "3"])
     assert code == 0 and "Answer:" in capsys.readouterr().out
 
 
