@@ -105,6 +105,16 @@ class FrameSelection:
     start_time: float | None = None
     end_time: float | None = None
 
+    # A sequence of its indices, as transformers' samplers return them, for code that takes indices.
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __getitem__(self, item):
+        return self.indices[item]
+
 
 def sample_frame_indices(
     num_total: int,

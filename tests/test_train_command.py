@@ -1,0 +1,416 @@
+"""`crosslmm-train` on the tiny LLaVA-format dataset of tests/llava_data.py: both stages through the command, the loss
+falling, skipped samples counted, Hub-ready checkpoints, a killed run resuming to the same weights, checkpoints whole
+or absent, LoRA, bad configurations failing before the model loads, and FSDP2 on two CPU processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText
+
+from crosslmm.train import main
+from llava_data import answer_main, dataset_fixture, tiny_checkpoint_fixture  # noqa: F401  (pytest fixtures)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+CONSOLE_SCRIPT = Path(sys.executable).with_name("crosslmm-train")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread per process: on a small machine shared with other work, two threads per tiny matrix product are
+    many times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def command(checkpoint, data, output_dir, *extra, steps=10):
+    """A short stage-2 run: 20 samples in batches of 4, so 10 steps are 2 epochs and every sample (the bad ones too)
+    is met exactly twice; rates a tiny random model learns from within a few steps."""
+    return [
+        *("--model", str(checkpoint), "--data", str(data["yaml"])),
+        *("--video-folder", str(data["videos"]), "--image-folder", str(data["images"])),
+        *("--output_dir", str(output_dir), "--max_steps", str(steps), "--save_steps", "5"),
+        *("--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"),
+        *("--num_frames", "4", "--min_frames", "2", "--learning_rate", "1e-3", "--vision_tower_lr", "2e-4"),
+        *("--lr_scheduler_type", "constant", "--warmup_steps", "0", "--logging_steps", "1"),
+        *("--dataloader_num_workers", "0", "--use_cpu", "--seed", "3"),
+        *extra,
+    ]
+
+
+def losses(output_dir):
+    state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def weights(folder):
+    return load_file(Path(folder) / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def stage2_run(tiny_checkpoint, dataset, tmp_path_factory):
+    """The uninterrupted stage-2 run, in this process: what the other tests compare with."""
+    output_dir = tmp_path_factory.mktemp("stage2")
+    assert main(command(tiny_checkpoint, dataset, output_dir)) == 0
+    return output_dir
+
+
+# ---- both stages ---------------------------------------------------------------------------------------------------
+
+
+def test_stage2_lowers_the_loss_counts_skipped_samples_and_saves_hub_ready_checkpoints(stage2_run, dataset, capsys):
+    values = losses(stage2_run)
+    assert len(values) == 10 and values[-1] < 0.6 * values[0], values
+    # Each bad sample was met twice (two epochs); the summary reaches the logs, the metrics and a file.
+    skipped = json.loads((stage2_run / "skipped_samples.json").read_text())
+    assert skipped["reasons"] == {"missing": 2, "corrupt": 2, "too short": 2} and skipped["total"] == 6
+    assert {entry["id"] for entry in skipped["examples"]} == {"missing", "corrupt", "short"}
+    state = json.loads((stage2_run / "trainer_state.json").read_text())
+    assert state["log_history"][-2]["skipped_samples"] == 6
+    assert json.loads((stage2_run / "train_results.json").read_text())["skipped_samples"] == 6
+
+    checkpoints = sorted(path.name for path in stage2_run.iterdir() if path.name.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-10", "checkpoint-5"] and not (stage2_run / ".staging").exists()
+    for folder in (stage2_run / "checkpoint-10", stage2_run):  # the last checkpoint and the final model
+        for name in (
+            "modeling_crosslmm.py",
+            "configuration_crosslmm.py",
+            "processing_crosslmm.py",
+            "pipeline_crosslmm.py",
+            "chat_template.jinja",
+            "tokenizer.json",
+            "processor_config.json",
+        ):
+            assert (folder / name).is_file(), (folder, name)
+        video_processor = json.loads((folder / "video_preprocessor_config.json").read_text())
+        assert video_processor["num_frames"] == 4 and video_processor["do_sample_frames"]  # sampled as trained
+    final = weights(stage2_run)
+    assert all(torch.equal(final[name], value) for name, value in weights(stage2_run / "checkpoint-10").items())
+    model = AutoModelForImageTextToText.from_pretrained(stage2_run / "checkpoint-10", trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules") and model.config.use_t2v
+    torch.testing.assert_close(model.lm_head.weight.detach(), final["model.language_model.embed_tokens.weight"])
+    capsys.readouterr()
+    video = dataset["videos"] / "clips/blue-right.mp4"
+    code = answer_main(["--model", str(stage2_run / "checkpoint-5"), "--video", str(video), "--max-new-tokens", "3"])
+    assert code == 0 and "Answer:" in capsys.readouterr().out
+
+
+def test_stage1_trains_only_the_projector_and_v2v_and_turns_t2v_off(tiny_checkpoint, dataset, tmp_path):
+    argv = command(tiny_checkpoint, dataset, tmp_path, "--stage", "1", "--learning_rate", "3e-2", steps=6)
+    argv.remove("--vision_tower_lr")
+    argv.remove("2e-4")
+    assert main(argv) == 0
+    values = losses(tmp_path)
+    assert values[-1] < values[0], values
+    before, after = weights(tiny_checkpoint), weights(tmp_path)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(
+        name.startswith("model.multi_modal_projector.")
+        or (".cross_attention_layers." in name and any(part in name for part in ("v2v_attn", "v2v_norm", "v2v_gate")))
+        for name in changed
+    ), sorted(changed)
+    assert any(".v2v_attn." in name for name in changed)
+    assert not json.loads((tmp_path / "config.json").read_text())["use_t2v"]
+
+
+# ---- a run that is killed ------------------------------------------------------------------------------------------
+
+
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(stage2_run, tiny_checkpoint, dataset, tmp_path):
+    """The console script in a real process, with a DataLoader worker, killed (SIGKILL to its process group: the
+    process and its worker, as a node failure would) once its first checkpoint is in place; the same command then
+    resumes from that checkpoint and ends with the same weights as the run that was never interrupted."""
+    argv = command(tiny_checkpoint, dataset, tmp_path / "run")
+    argv[argv.index("--dataloader_num_workers") + 1] = "1"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [str(CONSOLE_SCRIPT), *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    first = tmp_path / "run" / "checkpoint-5"
+    deadline = time.monotonic() + 120
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    output = process.communicate()[0].decode(errors="replace")
+    assert first.is_dir(), output[-3000:]
+    assert not (tmp_path / "run" / "checkpoint-10").exists(), "the run ended before it could be killed"
+    assert (first / "trainer_state.json").is_file() and (first / "optimizer.pt").is_file()
+
+    assert main(argv) == 0  # the same command again: resumes from checkpoint-5
+    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
+    resumed_losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert resumed_losses == losses(stage2_run)  # steps 1-5 from the checkpoint's history, 6-10 recomputed
+    expected, resumed = weights(stage2_run), weights(tmp_path / "run")
+    for name, value in expected.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
+    skipped = json.loads((tmp_path / "run" / "skipped_samples.json").read_text())
+    assert skipped["reasons"] == {"missing": 2, "corrupt": 2, "too short": 2}  # counted across the kill, once each
+
+
+def test_sigterm_with_jit_checkpointing_saves_and_stops_without_a_final_model(tiny_checkpoint, dataset, tmp_path):
+    """transformers' --enable_jit_checkpoint: SIGTERM (a preemption) -> a checkpoint a few seconds later, exit 143."""
+    argv = command(tiny_checkpoint, dataset, tmp_path, "--enable_jit_checkpoint", steps=100000)
+    argv[argv.index("--save_steps") + 1] = "100000"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [str(CONSOLE_SCRIPT), *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines = []
+    for line in process.stdout:  # training has begun once a loss is logged
+        lines.append(line)
+        if "'loss'" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    output = "".join(lines) + process.communicate(timeout=120)[0]
+    assert process.returncode == 143, output[-3000:]
+    (checkpoint,) = tmp_path.glob("checkpoint-*")
+    assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "model.safetensors").is_file()
+    assert not (tmp_path / "config.json").exists()  # no final model from an unfinished run
+    assert "Run the same command to resume" in output
+
+
+def test_fsdp_without_a_full_state_dict_is_refused(tiny_checkpoint, dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")  # accelerate's default for FSDP2: a sharded state dict
+    monkeypatch.delenv("FSDP_STATE_DICT_TYPE", raising=False)
+    assert main(command(tiny_checkpoint, dataset, tmp_path)) == 2
+    assert "set fsdp_state_dict_type: FULL_STATE_DICT" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_stage_is_not_resumed(stage2_run, tiny_checkpoint, dataset, capsys):
+    argv = command(tiny_checkpoint, dataset, stage2_run, "--stage", "1")
+    del argv[argv.index("--vision_tower_lr") : argv.index("--vision_tower_lr") + 2]
+    assert main(argv) == 2
+    assert "checkpoint of a run with --stage 2, this one has --stage 1" in capsys.readouterr().err
+
+
+def test_a_checkpoint_is_whole_or_absent(tiny_checkpoint, dataset, tmp_path, monkeypatch):
+    """A save that fails half-way (here: after the weights, while the processor is written) leaves no checkpoint
+    folder; the next run resumes from the previous whole one and clears what the failed save left."""
+    from processing_crosslmm import CrossLMMProcessor
+
+    argv = command(tiny_checkpoint, dataset, tmp_path, "--save_steps", "1", steps=3)
+    save = CrossLMMProcessor.save_pretrained
+    calls = []
+
+    def failing_save(self, folder, *args, **kwargs):
+        calls.append(folder)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        return save(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(CrossLMMProcessor, "save_pretrained", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        main(argv)
+    assert (tmp_path / "checkpoint-1" / "trainer_state.json").is_file()
+    assert not (tmp_path / "checkpoint-2").exists()
+    assert (tmp_path / ".staging" / "checkpoint-2" / "model.safetensors").is_file()  # the half-written one
+    monkeypatch.setattr(CrossLMMProcessor, "save_pretrained", save)
+    assert main(argv) == 0
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and not (tmp_path / ".staging").exists()
+    assert len([entry for entry in state["log_history"] if "loss" in entry]) == 3
+
+
+# ---- LoRA ----------------------------------------------------------------------------------------------------------
+
+
+def test_lora_checkpoints_load_merged_and_resume(tiny_checkpoint, dataset, tmp_path):
+    from peft import PeftModel
+
+    argv = command(tiny_checkpoint, dataset, tmp_path, "--lora", "--lora_r", "4", "--lora_alpha", "8", steps=2)
+    argv[argv.index("--save_steps") + 1] = "1"
+    assert main(argv) == 0
+    checkpoint = tmp_path / "checkpoint-2"
+    merged = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint, trust_remote_code=True)
+    adapted = PeftModel.from_pretrained(base, checkpoint / "lora").eval()
+    trained = load_file(checkpoint / "lora" / "trained.safetensors")
+    assert any("lora_A" in name for name in trained) and any(name.endswith("t2v_gate") for name in trained)
+    assert not adapted.load_state_dict(trained, strict=False).unexpected_keys
+    ids = torch.tensor([[5, 6] + [merged.config.video_token_id] * 8 + [7, 8, 9]])
+    size = merged.config.image_size
+    frames = torch.randn(1, 2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = adapted(input_ids=ids, pixel_values_videos=frames).logits
+        merged_logits = merged(input_ids=ids, pixel_values_videos=frames).logits
+        torch.testing.assert_close(merged_logits, expected, rtol=1e-4, atol=1e-4)  # W + s B A, rounded once
+    before = weights(tiny_checkpoint)
+    assert torch.equal(
+        weights(checkpoint)["model.vision_tower.embeddings.patch_embedding.weight"],
+        before["model.vision_tower.embeddings.patch_embedding.weight"],
+    )  # the tower stays frozen
+
+    argv[argv.index("--max_steps") + 1] = "3"
+    assert main(argv) == 0  # resumes from checkpoint-2 (its trained tensors), one more step
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    resumed = load_file(tmp_path / "checkpoint-3" / "lora" / "trained.safetensors")
+    assert not all(torch.equal(resumed[name], trained[name]) for name in trained)
+
+
+def test_lora_merge_reads_frozen_weights_back_when_only_trained_ones_were_gathered(tiny_checkpoint):
+    """DeepSpeed ZeRO-3 hands a PEFT model's save only its trained tensors: the merge takes the frozen ones (those
+    LoRA adapts included) from the starting checkpoint and gives the same weights."""
+    from peft import LoraConfig, get_peft_model
+
+    from crosslmm.train import checkpoint_weights, merge_lora
+    from crosslmm.training import LORA_TARGET_MODULES
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGET_MODULES, init_lora_weights=False)
+    model = get_peft_model(
+        AutoModelForImageTextToText.from_pretrained(tiny_checkpoint, trust_remote_code=True), config
+    )
+    full = model.state_dict()
+    expected = merge_lora(full, config)
+    trained_only = {name: full[name] for name, param in model.named_parameters() if param.requires_grad}
+    with pytest.raises(ValueError, match="lacks"):
+        merge_lora(trained_only, config, expected=list(weights(tiny_checkpoint)))
+    names = list(weights(tiny_checkpoint))
+    merged = merge_lora(
+        trained_only, config, expected=names, frozen=lambda wanted: checkpoint_weights(tiny_checkpoint, wanted)
+    )
+    assert sorted(merged) == sorted(names)
+    for name in names:
+        assert torch.equal(merged[name], expected[name]), name
+
+
+# ---- bad configurations --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a, d, t: a.remove("--output_dir") or a.remove(str(t)), "--output_dir is required"),
+        (lambda a, d, t: a.__setitem__(a.index("--model") + 1, str(t / "nothing")), "--model folder not found"),
+        (lambda a, d, t: a.__setitem__(a.index("--data") + 1, str(t / "no.json")), "data file not found"),
+        (lambda a, d, t: a.__setitem__(a.index("--data") + 1, str(d["empty"])), "no samples in"),
+        (lambda a, d, t: a.__setitem__(a.index("--data") + 1, str(d["no_reply"])), "has no reply"),
+        (lambda a, d, t: a.__setitem__(a.index("--data") + 1, str(d["mismatch"])), r"placeholder\(s\) but 1 video"),
+        (lambda a, d, t: a.__setitem__(a.index("--video-folder") + 1, str(t)), "none of the .* checked exist"),
+        (lambda a, d, t: a.extend(["--stage", "3"]), "invalid choice: 3"),
+        (lambda a, d, t: a.extend(["--stage", "1"]), "--vision_tower_lr is for stage 2"),
+        (lambda a, d, t: a.extend(["--lora", "--stage", "1"]), "--lora is for stage 2"),
+        (lambda a, d, t: a.extend(["--no_such_flag", "1"]), "no_such_flag"),
+        (lambda a, d, t: a.extend(["--num_frames", "0"]), "--num_frames must be at least 1"),
+    ],
+)
+def test_a_bad_configuration_is_one_line_and_exit_2_before_the_model_loads(
+    tiny_checkpoint,
+    dataset,
+    tmp_path,
+    monkeypatch,
+    capsys,
+    change,
+    message,
+):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    from modeling_crosslmm import CrossLMMForConditionalGeneration
+
+    monkeypatch.setattr(CrossLMMForConditionalGeneration, "from_pretrained", no_model)
+    files = {"empty": [], "no_reply": [{"conversations": [{"from": "human", "value": "Hi"}]}]}
+    files["mismatch"] = [
+        {
+            "video": "clips/red-left.mp4",
+            "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}],
+        }
+    ]
+    data = dict(dataset)
+    for name, samples in files.items():
+        data[name] = tmp_path / f"{name}.json"
+        data[name].write_text(json.dumps(samples))
+    argv = command(tiny_checkpoint, dataset, tmp_path)
+    change(argv, data, tmp_path)
+    capsys.readouterr()
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("crosslmm-train: error: "), captured.err
+    assert __import__("re").search(message, lines[0]), lines[0]
+
+
+# ---- FSDP2 on two CPU processes ------------------------------------------------------------------------------------
+
+
+WORKER = ROOT / "tests" / "train_worker.py"
+ACCELERATE_FSDP = [sys.executable, "-m", "accelerate.commands.launch"] + [
+    *("--config_file", str(ROOT / "examples" / "accelerate_fsdp.yaml")),
+    *("--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"),
+]
+
+
+FSDP_RUNS = {
+    # Every micro-batch has a video or an image: both processes run the same modules.
+    "visual": ["red-left-colour", "green-right-way", "blue-left-colour", "image-red"],
+    # The second process's first micro-batch is text only.
+    "text-only": ["red-left-colour", "text-0", "blue-left-colour", "green-right-way"],
+}
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tiny_checkpoint, dataset, tmp_path_factory):
+    """Train on each sample list of FSDP_RUNS in two FSDP2 processes with batches of 1 (a global batch of 2: process
+    r takes sample 2k + r), both runs in one launch, and in this process with batches of 2. SGD: Adam turns the
+    rounding noise of gradients that are zero in exact arithmetic into full steps."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    records = {record["id"]: record for record in json.loads(dataset["json"].read_text())}
+    records.update({line["id"]: line for line in map(json.loads, dataset["jsonl"].read_text().splitlines())})
+    common = {}
+    for name, samples in FSDP_RUNS.items():
+        (folder / f"{name}.json").write_text(json.dumps([records[sample] for sample in samples]))
+        common[name] = [
+            *("--model", str(tiny_checkpoint), "--data", str(folder / f"{name}.json")),
+            *("--video-folder", str(dataset["videos"]), "--image-folder", str(dataset["images"])),
+            *("--max_steps", "2", "--save_steps", "2", "--gradient_accumulation_steps", "1", "--num_frames", "4"),
+            *("--optim", "sgd", "--learning_rate", "0.5", "--vision_tower_lr", "0.1"),
+            *("--lr_scheduler_type", "constant", "--warmup_steps", "0", "--logging_steps", "1"),
+            *("--dataloader_num_workers", "0", "--use_cpu", "--train_sampling_strategy", "sequential"),
+        ]
+    launch = [*ACCELERATE_FSDP, str(WORKER)]
+    for number, name in enumerate(FSDP_RUNS):
+        launch += ["--then"] * (number > 0) + common[name]
+        launch += ["--output_dir", str(folder / name / "fsdp"), "--per_device_train_batch_size", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    for name in FSDP_RUNS:
+        single = folder / name / "one"
+        assert main([*common[name], "--output_dir", str(single), "--per_device_train_batch_size", "2"]) == 0
+    return folder, result
+
+
+def assert_same_training(folder, result, name):
+    sharded, single = folder / name / "fsdp", folder / name / "one"
+    log = result.stdout[-3000:] + result.stderr[-6000:]
+    assert (sharded / "trainer_state.json").is_file(), log
+    assert losses(sharded) == pytest.approx(losses(single), rel=1e-5)
+    expected, weights_of_sharded = weights(single / "checkpoint-2"), weights(sharded / "checkpoint-2")
+    for key, value in expected.items():
+        torch.testing.assert_close(weights_of_sharded[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    # Hub-ready although FSDP2 swapped the model's class: CrossLMM's code and auto_map, not torch's FSDP files.
+    assert not list((sharded / "checkpoint-2").glob("_fsdp*.py"))
+    config = json.loads((sharded / "checkpoint-2" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_crosslmm.CrossLMMForConditionalGeneration"
+    assert (sharded / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()  # FSDP's own state, for resuming
+    AutoModelForImageTextToText.from_pretrained(sharded / "checkpoint-2", trust_remote_code=True)
+
+
+def test_fsdp2_on_two_cpu_processes_equals_one_process(fsdp_runs):
+    assert_same_training(*fsdp_runs, "visual")
+
+
+def test_fsdp2_with_a_text_only_micro_batch_on_one_process(fsdp_runs):
+    folder, result = fsdp_runs
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_training(folder, result, "text-only")
