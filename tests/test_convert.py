@@ -97,6 +97,8 @@ def test_llava_onevision_transformers_format(tmp_path, layout):
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_crosslmm.CrossLMMForConditionalGeneration"
     assert "video-text-to-text" in config["custom_pipelines"]
     assert (config["image_token_id"], config["video_token_id"]) == (3, 4)  # the tokenizer's <image>/<video>
+    generation = json.loads((output / "generation_config.json").read_text())
+    assert {3, 4} <= set(generation["suppress_tokens"])  # placeholders are never generated
     card = ModelCard.load(output / "README.md")
     assert card.data.pipeline_tag == "video-text-to-text" and card.data.library_name == "transformers"
     usage = card.text.split("```python\n")[1].split("```")[0]

@@ -73,7 +73,7 @@ def convert(args) -> Path:
         write_code(temporary, config)
         config.save_pretrained(temporary)
         write_processor(temporary, tokenizer, config)
-        write_generation_config(temporary, source, tokenizer)
+        write_generation_config(temporary, source, tokenizer, config)
         write_model_card(temporary, source, config, args.push_to_hub)
         if verify:
             run_verification(temporary, source.reference, dtype)

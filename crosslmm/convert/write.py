@@ -70,14 +70,18 @@ def write_processor(folder: Path, tokenizer, config: CrossLMMConfig):
     processor_for_config(config, tokenizer).save_pretrained(folder)
 
 
-def write_generation_config(folder: Path, source: Source, tokenizer):
+def write_generation_config(folder: Path, source: Source, tokenizer, config: CrossLMMConfig):
+    """The source's generation settings (else: end a turn at <|im_end|> as Qwen2.5-Instruct does), never generating
+    the `<image>`/`<video>` placeholders, which stand for visual tokens."""
     try:
         generation = GenerationConfig.from_pretrained(source.generation_folder)
-    except OSError:  # none in the source: end a turn at <|im_end|> as Qwen2.5-Instruct does
+    except OSError:
         eos = [
             tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>") if t in tokenizer.get_vocab()
         ]
         generation = GenerationConfig(eos_token_id=eos or tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    placeholders = [config.image_token_id, config.video_token_id]
+    generation.suppress_tokens = sorted(set(generation.suppress_tokens or []) | set(placeholders))
     generation.save_pretrained(folder)
 
 
