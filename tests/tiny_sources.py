@@ -32,11 +32,11 @@ VISION = geometry("tiny")["vision_config"]
 TEXT = {**geometry("tiny")["text_config"], "vocab_size": len(build_tokenizer())}
 
 
-def llava_onevision_model(seed=0, **text_overrides) -> LlavaOnevisionForConditionalGeneration:
+def llava_onevision_model(seed=0, vision=None, **text_overrides) -> LlavaOnevisionForConditionalGeneration:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     config = LlavaOnevisionConfig(
-        vision_config=dict(VISION),
+        vision_config={**VISION, **(vision or {})},
         text_config={**TEXT, **text_overrides},
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
