@@ -1,19 +1,26 @@
 import os
-from types import SimpleNamespace
-
-import numpy as np
-import pytest
-import torch
-from PIL import Image
-
-from chats import image_question, video_question
-from isolated import load_as_users_do
-from tiny import sample_inputs, tiny_checkpoint, tiny_model, tiny_video
 
 
+# Set before anything imports huggingface_hub or torch, which read them once, on import.
 # Nothing in the tests downloads: models, tokenizers and videos are built by the tests, the Hub is a local cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One CPU thread, here and in every process the tests start (they inherit the environment): the tiny models' operations
+# are too small to gain from a second thread, and on a shared 2-core machine waiting threads spin; test_modeling,
+# test_backends and test_training took half the time with one (two runs each, 2026-11-28).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from types import SimpleNamespace  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from chats import image_question, video_question  # noqa: E402
+from isolated import load_as_users_do  # noqa: E402
+from tiny import sample_inputs, tiny_checkpoint, tiny_model, tiny_video  # noqa: E402
+
 
 MAX_NEW_TOKENS = 6  # what the pipeline tests generate
 

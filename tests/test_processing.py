@@ -14,7 +14,13 @@ from crosslmm.samples import build_tokenizer, processor_for_config
 from isolated import load_as_users_do
 from processing_crosslmm import CHAT_TEMPLATE, CrossLMMImageProcessor, CrossLMMProcessor
 from tiny import IMAGE_SIZE, tiny_config, tiny_model
-from video_processing_crosslmm import CrossLMMVideoProcessor, VideoLoadError, read_video
+from video_processing_crosslmm import (
+    CrossLMMVideoProcessor,
+    FrameSelection,
+    VideoLoadError,
+    read_video,
+    sample_frame_indices,
+)
 from videos import (
     corrupt,
     encode_audio_only,
@@ -116,6 +122,20 @@ def test_time_window(clips):
     # A window running past the end is clipped to the video.
     _, metadata = sample(clips["h264"], num_frames=2, start_time=2.0, end_time=60)
     assert metadata.frames_indices == [20, 29] and metadata.end_time == pytest.approx(3.0)
+
+
+def test_the_sampler_is_a_function_of_the_frame_times_and_writes_no_metadata(clips):
+    """The reader lists the frames' times; the sampler only reads them and returns its selection."""
+    times = [0.0, 0.1, 0.15, 0.7, 1.0]  # variable frame rate
+    selection = sample_frame_indices(5, times, 1.1, fps=2)
+    assert selection == FrameSelection([0, 3, 4], requested_num_frames=3)
+    assert sample_frame_indices(5, times, 1.1, num_frames=2, start_time=0.1, end_time=0.8) == FrameSelection(
+        [1, 3], requested_num_frames=2, start_time=0.1, end_time=0.8
+    )
+    _, metadata = read_video(clips["vfr"])  # every frame, no sampler
+    before = dict(metadata)
+    CrossLMMVideoProcessor().sample_frames(metadata, fps=2)
+    assert dict(metadata) == before
 
 
 def test_seeking_gives_the_exact_pixels_of_a_full_sequential_decode(tmp_path):
