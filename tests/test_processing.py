@@ -509,3 +509,19 @@ def test_saved_processor_loads_with_the_oldest_transformers(tiny_files, processo
     assert report["transformers"].startswith("5.17"), report["transformers"]
     loaded = torch.load(tmp_path / "processor-inputs.pt", weights_only=False)
     assert_loads_as_processor(report["processor"], loaded, processor, job)
+
+
+def test_the_video_processors_own_options_are_its_valid_kwargs(tmp_path, caplog):
+    """`CrossLMMVideoProcessorKwargs`, named as transformers names them, declares the sampling options, so that
+    transformers' checks and `from_pretrained(..., option=...)` take them."""
+    from video_processing_crosslmm import CrossLMMVideoProcessor, CrossLMMVideoProcessorKwargs
+
+    assert CrossLMMVideoProcessor.valid_kwargs is CrossLMMVideoProcessorKwargs
+    assert {"max_frames", "start_time", "end_time", "num_frames", "fps"} <= set(
+        CrossLMMVideoProcessorKwargs.__annotations__
+    )
+    CrossLMMVideoProcessor().save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        loaded = CrossLMMVideoProcessor.from_pretrained(tmp_path, max_frames=8, start_time=1.5)
+    assert (loaded.max_frames, loaded.start_time) == (8, 1.5)
+    assert "valid_kwargs" not in caplog.text
