@@ -25,14 +25,13 @@ Every source tensor is either placed, or dropped on purpose with a reason that t
 CrossLMM tensor left without a source and any shape mismatch fails the run, naming each key. Tensors stream from the
 source shards to the output shards (peak memory about one output shard). The folder is written next to `--output`
 under a temporary name and renamed at the end, so a failed or interrupted run (SIGINT, SIGTERM, SIGHUP) leaves
-nothing behind. The rename never replaces a folder that appeared at `--output` meanwhile (another conversion, say);
+nothing behind. The rename never replaces a folder with files in it that appeared at `--output` meanwhile (another conversion, say);
 with `--overwrite` the old folder is moved aside and deleted only once the new one is in place.
 
 Exit status: 0 on success, 1 with one error line on bad input, 128 + the signal's number when interrupted.
 """
 
 import argparse
-import ctypes
 import errno
 import os
 import shutil
@@ -108,38 +107,15 @@ def _check_output(output: Path, args):
         raise ConversionError(f"Cannot create {output}: {ancestor} is not writable ({error.strerror}).") from None
 
 
-def _libc_renameat2():
-    try:
-        function = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return function
-
-
-_RENAMEAT2 = _libc_renameat2() if sys.platform.startswith("linux") else None
-_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
-
-
 def rename_no_replace(source: Path, target: Path):
-    """Rename `source` to `target` only if nothing is at `target`, atomically where the system allows it (Linux:
-    renameat2 with RENAME_NOREPLACE); elsewhere a check then rename(2), which itself refuses a file or a non-empty
-    folder in the way. Raises FileExistsError when `target` exists."""
-    if _RENAMEAT2 is not None:
-        if _RENAMEAT2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
-            return
-        error = ctypes.get_errno()
-        if error == errno.EEXIST:
-            raise FileExistsError(error, os.strerror(error), str(target))
-        if error not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # else: no RENAME_NOREPLACE on this filesystem
-            raise OSError(error, os.strerror(error), str(target))
-    if os.path.lexists(target):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    """Rename the folder `source` to `target` unless something that holds data is there: rename(2) itself refuses a
+    file or a non-empty folder at `target`, atomically (an empty folder, which holds nothing, is replaced). Raises
+    FileExistsError naming `target` when it refuses."""
     try:
         os.rename(source, target)
     except OSError as error:
         if error.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from None
+            raise FileExistsError(error.errno, os.strerror(error.errno), str(target)) from None
         raise
 
 
