@@ -25,8 +25,8 @@ Every source tensor is either placed, or dropped on purpose with a reason that t
 CrossLMM tensor left without a source and any shape mismatch fails the run, naming each key. Tensors stream from the
 source shards to the output shards (peak memory about one output shard). The folder is written next to `--output`
 under a temporary name and renamed at the end, so a failed or interrupted run (SIGINT, SIGTERM, SIGHUP) leaves
-nothing behind. The rename never replaces a folder with files in it that appeared at `--output` meanwhile (another conversion, say);
-with `--overwrite` the old folder is moved aside and deleted only once the new one is in place.
+nothing behind. The rename never replaces a folder with files in it that appeared at `--output` meanwhile (another
+conversion, say); with `--overwrite` the old folder is moved aside and deleted only once the new one is in place.
 
 Exit status: 0 on success, 1 with one error line on bad input, 128 + the signal's number when interrupted.
 """
