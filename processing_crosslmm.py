@@ -21,6 +21,8 @@ try:  # inside a Hub repository, loaded by transformers' dynamic-module loader
         SIGLIP_STD,
         CrossLMMVideoProcessor,
         CrossLMMVideoProcessorKwargs,
+        map_pixel_arrays,
+        pixels_in_0_255,
     )
 except ImportError:  # imported from a checkout
     from video_processing_crosslmm import (
@@ -29,6 +31,8 @@ except ImportError:  # imported from a checkout
         SIGLIP_STD,
         CrossLMMVideoProcessor,
         CrossLMMVideoProcessorKwargs,
+        map_pixel_arrays,
+        pixels_in_0_255,
     )
 
 
@@ -57,12 +61,19 @@ CHAT_TEMPLATE = (
 
 
 class CrossLMMImageProcessor(SiglipImageProcessor):
-    """SigLIP image processor at 384 px (mean/std 0.5, bicubic): an image is a one-frame video for CrossLMM."""
+    """SigLIP image processor at 384 px (mean/std 0.5, bicubic): an image is a one-frame video for CrossLMM. Float
+    arrays are checked and scaled as the video processor's are (`pixels_in_0_255`): floats in [0, 1] are not divided
+    by 255 a second time, NaN or infinite pixels are refused."""
 
     size = SIGLIP_SIZE
     image_mean = SIGLIP_MEAN
     image_std = SIGLIP_STD
     model_input_names = ["pixel_values"]
+
+    def preprocess(self, images, *args, **kwargs):
+        do_rescale = self.do_rescale if kwargs.get("do_rescale") is None else kwargs["do_rescale"]
+        images = map_pixel_arrays(images, lambda pixels: pixels_in_0_255(pixels, do_rescale, "An image array"))
+        return super().preprocess(images, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -17,8 +17,13 @@ count (0 for WebM).
 
 import base64
 import binascii
+import contextlib
+import contextvars
 import io
+import math
 import os
+import re
+import threading
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -129,12 +134,16 @@ def sample_frame_indices(
 ) -> FrameSelection:
     """Which of `num_total` frames to keep. Uniformly `num_frames` over the video (or the `start_time`/`end_time`
     window), first and last included as LLaVA-NeXT/OneVision sample; or, when `fps` is set (it takes precedence), the
-    frame nearest to every 1/fps seconds, capped at `max_frames` spread evenly. Sampling by time needs `frame_times`
-    (every frame's time in seconds). A video with fewer frames than asked gives all of its frames, with a warning.
+    frame nearest to every 1/fps seconds. Either way at most `max_frames` (spread evenly; a `num_frames` above it is
+    lowered to it, with a warning), and never more than the frames that exist: the work is bounded by the video, not
+    by the numbers asked (an `fps` of 1e10 over a 10^9-second gap costs what the frames cost). Sampling by time
+    needs `frame_times` (every frame's time in seconds). A video with fewer frames than asked gives all of its frames,
+    with a warning.
     """
     for name, value in (("num_frames", num_frames), ("fps", fps), ("max_frames", max_frames)):
-        if value is not None and not value > 0:
-            raise ValueError(f"{name} must be positive, got {value}.")
+        finite = isinstance(value, (int, float, np.number)) and math.isfinite(value)
+        if value is not None and not (finite and value > 0):
+            raise ValueError(f"{name} must be a finite positive number, got {value!r}.")
     prefix = f"{source}: " if source else ""
     windowed = start_time is not None or end_time is not None
     if frame_times is None and (windowed or fps is not None):
@@ -162,20 +171,20 @@ def sample_frame_indices(
         window = (start, min(end, duration))
 
     if fps is not None:
-        times = np.asarray(frame_times)[candidates]
-        targets = np.arange(times[0], times[-1] + 1e-9, 1.0 / fps)
-        # The frame nearest to each target time (frames may be unevenly spaced: variable frame rate).
-        after = np.clip(np.searchsorted(times, targets), 1, len(times) - 1) if len(times) > 1 else np.zeros(1, int)
-        before = np.maximum(after - 1, 0)
-        nearest = np.where(np.abs(times[before] - targets) <= np.abs(times[after] - targets), before, after)
-        picked = np.unique(nearest)
-        wanted = len(targets)
-        if max_frames is not None and len(picked) > max_frames:
-            picked = picked[np.linspace(0, len(picked) - 1, max_frames).round().astype(int)]
-            wanted = max_frames
+        picked, wanted = _nearest_to_rate(np.asarray(frame_times, dtype=np.float64)[candidates], float(fps))
+        if max_frames is not None:
+            wanted = min(wanted, int(max_frames))
+            if len(picked) > max_frames:
+                picked = picked[np.linspace(0, len(picked) - 1, int(max_frames)).round().astype(int)]
         indices = candidates[picked]
     else:
         wanted = int(num_frames)
+        if max_frames is not None and wanted > max_frames:
+            logger.warning_once(
+                f"{prefix}num_frames={wanted} is above max_frames={int(max_frames)}: sampling {int(max_frames)} "
+                "frames (raise max_frames to sample more)."
+            )
+            wanted = int(max_frames)
         positions = np.linspace(0, len(candidates) - 1, min(wanted, len(candidates))).round().astype(int)
         indices = candidates[np.unique(positions)]
     if len(indices) < wanted:
@@ -184,6 +193,32 @@ def sample_frame_indices(
             "of them."
         )
     return FrameSelection([int(i) for i in indices], wanted, *window)
+
+
+# Up to this many target times (or this many per frame) are laid out one by one; beyond, the frames are picked
+# from the targets' count per frame, so that the work follows the frames that exist and not the rate asked.
+_EXPLICIT_TARGETS = 4096
+
+
+def _nearest_to_rate(times: np.ndarray, fps: float) -> tuple[np.ndarray, int]:
+    """The positions in `times` (ascending seconds) of the frames nearest to the times t0, t0 + 1/fps, ... up to the
+    last frame (unique, ascending), and how many such target times there are (at most 2**62)."""
+    step = 1.0 / fps
+    with np.errstate(over="ignore"):  # a rate of 1e300 makes infinitely many targets: that is fine below
+        count = np.ceil((float(times[-1] - times[0]) + 1e-9) / step)
+        if count <= max(_EXPLICIT_TARGETS, 4 * len(times)):
+            targets = np.arange(times[0], times[-1] + 1e-9, step)
+            # The frame nearest to each target time (frames may be unevenly spaced: variable frame rate).
+            after = np.clip(np.searchsorted(times, targets), 1, len(times) - 1) if len(times) > 1 else np.zeros(1, int)
+            before = np.maximum(after - 1, 0)
+            nearest = np.where(np.abs(times[before] - targets) <= np.abs(times[after] - targets), before, after)
+            return np.unique(nearest), len(targets)
+        # Frame i is the nearest to the targets in (midpoint(i-1, i), midpoint(i, i+1)]: it is picked when a target
+        # t0 + k * step (0 <= k < count) lies there. O(frames), whatever the rate or the gaps between frames.
+        middles = (times[:-1] + times[1:]) / 2 - times[0]
+        first = np.maximum(np.floor(np.concatenate([[-np.inf], middles]) / step) + 1, 0)
+        last = np.minimum(np.floor(np.concatenate([middles, [np.inf]]) / step), count - 1)
+    return np.flatnonzero(first <= last), int(min(count, 2**62))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -228,6 +263,8 @@ def _open_container(video: str):
     elif "://" in path:
         with urllib.request.urlopen(video) as response:
             source = io.BytesIO(response.read())
+    elif os.path.isdir(path):
+        raise IsADirectoryError(f"{video} is a directory, not a video file.")
     elif not os.path.isfile(path):
         raise FileNotFoundError(f"Video file not found: {video}")
     else:
@@ -241,9 +278,70 @@ def _open_container(video: str):
         ) from None
 
 
-def _list_frames(container, stream, video: str):
-    """Presentation timestamps (stream time base) and keyframe flags of every frame, in presentation order, read from
-    the packets without decoding them."""
+@contextlib.contextmanager
+def _ffmpeg_errors():
+    """The messages FFmpeg logs at level ERROR (or worse) in this thread while the block runs, as (level, name,
+    message). PyAV drops FFmpeg's log unless a level is set, and drops a message identical to the one before (the
+    same damage in a second file would go unseen), so both settings are changed for as long as any thread is inside
+    this block, and put back after; PyAV's capture is per thread."""
+    logging_ = getattr(av, "logging", None)
+    if logging_ is None or not hasattr(logging_, "Capture") or not hasattr(logging_, "set_skip_repeated"):
+        yield []
+        return
+    with _log_settings["lock"]:
+        if _log_settings["users"] == 0:
+            _log_settings["before"] = (logging_.get_level(), logging_.get_skip_repeated())
+            level = _log_settings["before"][0]
+            logging_.set_level(logging_.ERROR if level is None else max(level, logging_.ERROR))
+            logging_.set_skip_repeated(False)
+        _log_settings["users"] += 1
+    try:
+        with logging_.Capture() as logs:
+            yield logs
+    finally:
+        with _log_settings["lock"]:
+            _log_settings["users"] -= 1
+            if _log_settings["users"] == 0:
+                level, skip_repeated = _log_settings["before"]
+                logging_.set_level(level)
+                logging_.set_skip_repeated(skip_repeated)
+
+
+_log_settings = {"lock": threading.Lock(), "users": 0, "before": None}
+
+
+def _tag_seconds(value) -> float | None:
+    """Seconds of a Matroska DURATION tag ("HH:MM:SS.nnnnnnnnn"), None when absent or unreadable."""
+    match = re.fullmatch(r"\s*(\d+):(\d{1,2}):(\d{1,2}(?:\.\d*)?)\s*", str(value or ""))
+    if not match:
+        return None
+    hours, minutes, seconds = match.groups()
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def _header_frames_and_seconds(container, stream) -> tuple[int | None, float | None]:
+    """What the file's header says the video stream holds: a frame count (MP4/MOV/AVI headers, Matroska's
+    NUMBER_OF_FRAMES tag) and a duration in seconds (the stream's, Matroska's per-track DURATION tag, or the
+    container's when the video is its only stream). None where the header says nothing."""
+    tags = {key.upper(): value for key, value in (stream.metadata or {}).items()}
+    frames = stream.frames or None
+    if frames is None and str(tags.get("NUMBER_OF_FRAMES", "")).strip().isdigit():
+        frames = int(tags["NUMBER_OF_FRAMES"])
+    seconds = None
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    if seconds is None:
+        seconds = _tag_seconds(tags.get("DURATION"))
+    if seconds is None and container.duration and len(container.streams) == 1:
+        seconds = container.duration / 1e6  # microseconds (av.time_base)
+    return frames, seconds
+
+
+def _list_frames(container, stream, video: str, logs: list):
+    """Presentation timestamps (stream time base), keyframe flags and durations of every frame, in presentation
+    order, read from the packets without decoding them. Fails when the file holds less than its header says (a
+    truncated download) or when the demuxer reported damage while the file was opened and listed (`logs`, from
+    `_ffmpeg_errors`: corrupt bytes it skipped, and the frames in them): what is listed is then not the whole video."""
     packets = []
     try:
         for packet in container.demux(stream):
@@ -256,12 +354,30 @@ def _list_frames(container, stream, video: str):
         raise VideoLoadError(f"{video} is corrupt or truncated (reading its packets failed: {error})") from None
     if not packets:
         raise VideoLoadError(f"{video} has no decodable video frames (an empty stream, or a corrupt file).")
-    if stream.frames and len(packets) < stream.frames:
+    packets.sort()
+    header_frames, header_seconds = _header_frames_and_seconds(container, stream)
+    if header_frames and len(packets) < header_frames:
         raise VideoLoadError(
-            f"{video} is truncated or corrupt: its header lists {stream.frames} frames but only {len(packets)} are "
+            f"{video} is truncated or corrupt: its header lists {header_frames} frames but only {len(packets)} are "
             "in the file."
         )
-    packets.sort()
+    if header_seconds and not stream.frames:  # MP4/MOV/AVI: the exact frame count above is the check
+        time_base = float(stream.time_base)
+        first, last = packets[0][0], packets[-1][0]
+        listed = (last - first + packets[-1][2]) * time_base
+        slack = 0.5 + 2 * (last - first) * time_base / max(len(packets) - 1, 1) + max(first, 0) * time_base
+        if listed + slack < header_seconds:
+            raise VideoLoadError(
+                f"{video} is truncated or corrupt: its header says {header_seconds:.3f} s but only {listed:.3f} s "
+                "of frames are in the file."
+            )
+    demuxer = container.format.name
+    damage = [message.strip() for level, name, message in logs if level <= av.logging.ERROR and name == demuxer]
+    if damage:
+        raise VideoLoadError(
+            f"{video} is corrupt or truncated: reading it, the {demuxer} demuxer reported {len(damage)} error(s), "
+            f"frames are missing (first: {damage[0]})."
+        )
     return packets
 
 
@@ -286,8 +402,9 @@ def _decoded_frames(container, stream, wanted: set):
         yield from codec.decode(packet)
 
 
-def _decode_at(container, stream, targets: list[int], keyframes: list[int], video: str) -> list:
-    """Decode the frames whose pts are `targets` (ascending). Seeks to the keyframe before a target only when that
+def _decode_at(container, stream, targets: list[int], keyframes: list[int], video: str, convert) -> list:
+    """`convert(frame)` of each frame whose pts is in `targets` (ascending), converted as soon as it is decoded so
+    that no more than one decoded frame is held at full size. Seeks to the keyframe before a target only when that
     keyframe lies past the current position, so dense samples decode straight through and sparse ones skip ahead."""
     frames, position, decoder, wanted = [], None, None, set(targets)
     try:
@@ -301,7 +418,7 @@ def _decode_at(container, stream, targets: list[int], keyframes: list[int], vide
                     continue
                 position = frame.pts
                 if frame.pts >= target:
-                    frames.append(frame)
+                    frames.append(convert(frame))
                     break
             else:
                 break  # the decoder ran dry before this target
@@ -328,21 +445,23 @@ def _record_selection(metadata: VideoMetadata, selection) -> list[int]:
     return indices
 
 
-def read_video(video: str, sample_indices_fn=None) -> tuple[np.ndarray, CrossLMMVideoMetadata]:
+def read_video(video: str, sample_indices_fn=None, frame_transform=None) -> tuple[np.ndarray, CrossLMMVideoMetadata]:
     """Decode the frames `sample_indices_fn(metadata=...)` picks (all frames without it) from a file, a URL or a
     `data:` URL.
 
     The sampler gets the reader's `CrossLMMVideoMetadata` (every frame's time in `frame_times`) and returns frame
-    indices, or a `FrameSelection`. Returns (T, H, W, 3) uint8 RGB frames and the metadata, with the sampled
-    `frames_indices`.
+    indices, or a `FrameSelection`. `frame_transform`, if given, is applied to each frame ((H, W, 3) uint8 RGB) as
+    soon as it is decoded and must return an (h, w, 3) uint8 array: the video processor passes its own resize, so
+    that a 4K video never holds its sampled frames at full size. Returns (T, h, w, 3) uint8 RGB frames and the
+    metadata, with the sampled `frames_indices` (its `width`/`height` are the video's, as displayed).
     """
-    container = _open_container(video)
-    video = _source_name(os.fspath(video))  # what messages and the metadata call it
-    with container:
+    # The demuxer's complaints are captured from the moment the file is opened: probing it reads packets ahead.
+    with _ffmpeg_errors() as demuxer_logs, _open_container(video) as container:
+        video = _source_name(os.fspath(video))  # what messages and the metadata call it
         if not container.streams.video:
             raise VideoLoadError(f"{video} has no video stream.")
         stream = container.streams.video[0]
-        packets = _list_frames(container, stream, video)
+        packets = _list_frames(container, stream, video, demuxer_logs)
         time_base = float(stream.time_base)
         first_pts = packets[0][0]
         frame_times = [(pts - first_pts) * time_base for pts, _, _ in packets]
@@ -362,16 +481,81 @@ def read_video(video: str, sample_indices_fn=None) -> tuple[np.ndarray, CrossLMM
         selection = range(len(packets)) if sample_indices_fn is None else sample_indices_fn(metadata=metadata)
         indices = _record_selection(metadata, selection)
         keyframes = [pts for pts, is_keyframe, _ in packets if is_keyframe] or [first_pts]
-        frames = _decode_at(container, stream, [packets[i][0] for i in indices], keyframes, video)
-        images = [_to_rgb(frame) for frame in frames]
+        shown = {}  # the first frame's rotation and displayed size
+
+        def convert(frame):
+            image = _to_rgb(frame)
+            shown.setdefault("rotation", round((frame.rotation or 0) / 90) % 4 * 90)
+            shown.setdefault("size", image.shape[:2])
+            return image if frame_transform is None else frame_transform(image)
+
+        images = _decode_at(container, stream, [packets[i][0] for i in indices], keyframes, video, convert)
     if len({image.shape for image in images}) > 1:  # resolution changes mid-stream: bring frames to the first size
         height, width = images[0].shape[:2]
         images = [
             av.VideoFrame.from_ndarray(image, format="rgb24").reformat(width, height).to_ndarray() for image in images
         ]
-    metadata.rotation = round((frames[0].rotation or 0) / 90) % 4 * 90
-    metadata.height, metadata.width = images[0].shape[:2]
+    metadata.rotation = shown["rotation"]
+    metadata.height, metadata.width = shown["size"]
     return np.stack(images), metadata
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pixel values given as arrays
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def pixels_in_0_255(pixels, do_rescale: bool, what: str):
+    """`pixels` (an array or tensor of frames or an image) in the 0-255 scale the processors rescale by 1/255.
+
+    Integer pixels are taken as 0-255. Float pixels: NaN or infinite values are refused; pixels all within [0, 1]
+    are taken as already scaled to [0, 1] (as transformers' image processors detect them) and multiplied by 255
+    instead of being divided by 255 again into an all-black input, with a warning; float pixels with negative values
+    and none above 1 look normalized already and are refused (the processor would normalize them a second time);
+    other floats are taken as 0-255. With `do_rescale=False` the caller has scaled the pixels: they pass as given.
+    """
+    if isinstance(pixels, torch.Tensor):
+        if not pixels.is_floating_point() or pixels.numel() == 0:
+            return pixels
+        finite = bool(torch.isfinite(pixels).all())
+        low, high = (float(pixels.min()), float(pixels.max())) if finite else (0.0, 0.0)
+    elif isinstance(pixels, np.ndarray):
+        if not np.issubdtype(pixels.dtype, np.floating) or pixels.size == 0:
+            return pixels
+        finite = bool(np.isfinite(pixels).all())
+        low, high = (float(pixels.min()), float(pixels.max())) if finite else (0.0, 0.0)
+    else:
+        return pixels
+    if not finite:
+        raise ValueError(f"{what} holds NaN or infinite pixel values.")
+    if not do_rescale:
+        return pixels
+    if low < 0 and high <= 1:
+        raise ValueError(
+            f"{what} has float pixels in [{low:.3g}, {high:.3g}]: normalized already? Give pixels in 0-255 (uint8 "
+            "or float) or floats in [0, 1]; or pass do_rescale=False and do_normalize=False."
+        )
+    if high <= 1:
+        logger.warning_once(
+            f"{what} has float pixels in [0, 1]: taken as scaled to [0, 1] already (not divided by 255 again). "
+            "Give uint8 pixels in 0-255 to silence this, or do_rescale=False to use the values as they are."
+        )
+        return pixels * 255
+    return pixels
+
+
+def map_pixel_arrays(inputs, function):
+    """`function` applied to every array or tensor inside (nested lists/tuples of) images or videos."""
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(map_pixel_arrays(item, function) for item in inputs)
+    if isinstance(inputs, (np.ndarray, torch.Tensor)):
+        return function(inputs)
+    return inputs
+
+
+# The options of the `preprocess` call in progress (per thread and task): how `_decode_and_sample_videos`, which
+# transformers calls without them, resizes decoded frames and scales arrays of frames.
+_CALL_OPTIONS = contextvars.ContextVar("crosslmm_video_call_options", default=None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -436,9 +620,41 @@ class CrossLMMVideoProcessor(BaseVideoProcessor):
             source=getattr(metadata, "source", None),
         )
 
+    def frame_resizer(self, do_resize=None, size=None, resample=None):
+        """This processor's resize of one decoded frame ((H, W, 3) uint8 in, (h, w, 3) uint8 out), for
+        `read_video(..., frame_transform=...)`: exactly what `preprocess` does to each frame (the same torchvision
+        call, frame by frame instead of on the stacked video, which gives the same pixels), so that frames need not
+        be held at full size until all are decoded; `preprocess` then finds them at their size and leaves them as
+        they are. None when the options do not resize."""
+        if not (self.do_resize if do_resize is None else do_resize):
+            return None
+        size = self._standardize_kwargs(size=size or self.size, default_to_square=self.default_to_square)["size"]
+        resample = self.resample if resample is None else resample
+
+        def resize(image: np.ndarray) -> np.ndarray:
+            frame = torch.from_numpy(image).permute(2, 0, 1).contiguous()[None]
+            return self.resize(frame, size=size, resample=resample)[0].permute(1, 2, 0).numpy()
+
+        return resize
+
+    def preprocess(self, videos, **kwargs) -> BatchFeature:
+        """transformers' `preprocess`, with decoded frames resized as they are decoded (see `frame_resizer`) and
+        float arrays of frames checked and scaled (see `pixels_in_0_255`)."""
+        options = {
+            "resize": self.frame_resizer(kwargs.get("do_resize"), kwargs.get("size"), kwargs.get("resample")),
+            "do_rescale": self.do_rescale if kwargs.get("do_rescale") is None else kwargs["do_rescale"],
+        }
+        token = _CALL_OPTIONS.set(options)
+        try:
+            return super().preprocess(videos, **kwargs)
+        finally:
+            _CALL_OPTIONS.reset(token)
+
     def _decode_and_sample_videos(self, videos, video_metadata, do_sample_frames=None, sample_indices_fn=None):
-        """Paths and URLs are read with `read_video` (transformers' default reader needs torchcodec); arrays of frames
-        are sampled in memory. Both may be mixed in one batch, as chat messages mix them."""
+        """Paths and URLs are read with `read_video` (transformers' default reader needs torchcodec), each frame
+        resized as it is decoded; arrays of frames are sampled in memory, then checked and brought to 0-255. Both
+        may be mixed in one batch, as chat messages mix them."""
+        options = _CALL_OPTIONS.get() or {"resize": None, "do_rescale": self.do_rescale}
         videos = make_batched_videos(videos)
         if video_metadata is None:
             video_metadata = [None] * len(videos)
@@ -446,19 +662,25 @@ class CrossLMMVideoProcessor(BaseVideoProcessor):
             video_metadata = make_batched_metadata(videos, video_metadata)
         sample_indices_fn = sample_indices_fn if do_sample_frames else None
         out_videos, out_metadata = [], []
-        for video, metadata in zip(videos, video_metadata):
+        for number, (video, metadata) in enumerate(zip(videos, video_metadata)):
             if isinstance(video, (str, os.PathLike)):
-                video, metadata = read_video(video, sample_indices_fn)
+                video, metadata = read_video(video, sample_indices_fn, frame_transform=options["resize"])
             else:
                 if len(video) == 0:
                     raise ValueError("A video given as an array of frames has no frames.")
                 if metadata is None:
                     height, width = get_video_size(video)
                     metadata = CrossLMMVideoMetadata(total_num_frames=len(video), height=height, width=width)
+                elif metadata.total_num_frames != len(video):
+                    raise ValueError(
+                        f"video_metadata of video {number} says {metadata.total_num_frames} frames, but the array "
+                        f"has {len(video)}."
+                    )
                 if sample_indices_fn is None:
                     _record_selection(metadata, range(len(video)))
                 else:
                     video = video[_record_selection(metadata, sample_indices_fn(metadata=metadata))]
+                video = pixels_in_0_255(video, options["do_rescale"], f"Video {number} (an array of frames)")
             out_videos.append(video)
             out_metadata.append(metadata)
         return out_videos, out_metadata
@@ -487,6 +709,8 @@ __all__ = [
     "CrossLMMVideoProcessorKwargs",
     "FrameSelection",
     "VideoLoadError",
+    "map_pixel_arrays",
+    "pixels_in_0_255",
     "read_video",
     "sample_frame_indices",
 ]

@@ -1,12 +1,12 @@
 """Training samples per second against the number of DataLoader workers: what `crosslmm-train` reads per second.
 
-Encodes (once, cached) a set of 30-second 640x360 30 fps H.264 clips with PyAV (x264 `veryfast`, its default
-keyframe interval), writes a LLaVA-Video JSON file with one question per clip, and times the real input path of
-`crosslmm-train`: `crosslmm.data.VideoChatDataset` (PyAV seek-and-decode of the sampled frames) plus the collator
-(chat template, placeholder expansion, resize to 384 px and normalisation) in a torch DataLoader, for each number of
-workers and frames per video. The first batch (worker start-up) is left out of the rate. Also the time one thread
-spends per sample on decoding and on resizing/normalising, which tells how many workers a GPU step needs. Prints
-tables and writes the numbers as JSON.
+Encodes a set of 30-second 640x360 30 fps H.264 clips with PyAV (x264 `veryfast`, its default keyframe interval; in a
+temporary folder, or once into `--folder`), writes a LLaVA-Video JSON file with one question per clip, and times the
+real input path of `crosslmm-train`: `crosslmm.data.VideoChatDataset` (PyAV seek-and-decode of the sampled frames)
+plus the collator (chat template, placeholder expansion, resize to 384 px and normalisation) in a torch DataLoader,
+for each number of workers and frames per video. The first batch (worker start-up) is left out of the rate. Also the
+time one thread spends per sample on decoding and on resizing/normalising, which tells how many workers a GPU step
+needs. Prints tables, and writes the numbers as JSON with `--json`.
 
     python benchmarks/data_loading.py [--workers 0 1 2 4] [--frames 32 64] [--samples 48] [--repeats 1]
 
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -117,8 +118,10 @@ def cost_per_sample(dataset, collator, samples: int = 8) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--folder", type=Path, default=Path("/tmp/crosslmm_bench_data_loading"))
-    parser.add_argument("--json", type=Path, default=Path(__file__).with_name("data_loading.json"))
+    parser.add_argument(
+        "--folder", type=Path, help="where the clips are encoded and kept (default: a temporary folder, deleted)"
+    )
+    parser.add_argument("--json", type=Path, help="write the numbers here too (tracked: benchmarks/data_loading.json)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4])
     parser.add_argument("--frames", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--clips", type=int, default=8)
@@ -127,7 +130,12 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args(argv)
 
-    data_file = build_data(args.folder, args.clips, args.samples)
+    with tempfile.TemporaryDirectory(prefix="crosslmm-data-loading-") as scratch:
+        run(args, args.folder or Path(scratch))
+
+
+def run(args, folder: Path):
+    data_file = build_data(folder, args.clips, args.samples)
     processor = CrossLMMProcessor(
         image_processor=CrossLMMImageProcessor(),
         video_processor=CrossLMMVideoProcessor(),  # 384 px, SigLIP normalisation
@@ -140,7 +148,7 @@ def main(argv=None):
         tokenizer=build_tokenizer(),
         pool_size=3,
     )
-    data = load_training_data(read_sources([str(data_file)], video_folder=str(args.folder)))
+    data = load_training_data(read_sources([str(data_file)], video_folder=str(folder)))
     rows = []
     costs = {}
     for frames in args.frames:
@@ -183,8 +191,9 @@ def main(argv=None):
         "seconds_per_sample_one_thread": {str(frames): cost for frames, cost in costs.items()},
         "rows": rows,
     }
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":

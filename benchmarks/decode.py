@@ -91,7 +91,7 @@ def main():
     parser.add_argument("--frames", nargs="+", type=int, default=[8, 16, 32, 64])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", default=None, help="default: benchmarks/decode-<size>-<device>.json")
+    parser.add_argument("--json", help="write the numbers here too (tracked: benchmarks/decode-<size>-<device>.json)")
     args = parser.parse_args()
     device, dtype, models = models_from_arguments(args)
 
@@ -123,9 +123,8 @@ def main():
         "cache_ratio",
     ]
     print_table(results, columns)
-    write_json(
-        args.json or f"benchmarks/decode-{args.size}-{device.type}.json", {"settings": vars(args), "rows": results}
-    )
+    if args.json:
+        write_json(args.json, {"settings": vars(args), "rows": results})
 
 
 if __name__ == "__main__":

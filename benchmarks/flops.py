@@ -64,7 +64,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["2b", "7b"], choices=SIZES)
     parser.add_argument("--frames", nargs="+", type=int, default=[32, 64, 128, 256, 1024])
-    parser.add_argument("--json", default="benchmarks/flops.json")
+    parser.add_argument("--json", help="write the numbers here too (tracked: benchmarks/flops.json)")
     args = parser.parse_args()
 
     results = []
@@ -97,7 +97,8 @@ def main():
     ]
     print("Prefill TFLOPs (multiply-add = 2), one video + 64 text tokens\n")
     print_table(results, columns)
-    write_json(args.json, results)
+    if args.json:
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

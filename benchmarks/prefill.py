@@ -73,7 +73,7 @@ def main():
     add_model_arguments(parser)
     parser.add_argument("--frames", nargs="+", type=int, default=[8, 16, 32, 64])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", default=None, help="default: benchmarks/prefill-<size>-<device>.json")
+    parser.add_argument("--json", help="write the numbers here too (tracked: benchmarks/prefill-<size>-<device>.json)")
     args = parser.parse_args()
     device, dtype, models = models_from_arguments(args)
 
@@ -105,9 +105,8 @@ def main():
         "memory_ratio",
     ]
     print_table(results, columns)
-    write_json(
-        args.json or f"benchmarks/prefill-{args.size}-{device.type}.json", {"settings": vars(args), "rows": results}
-    )
+    if args.json:
+        write_json(args.json, {"settings": vars(args), "rows": results})
 
 
 if __name__ == "__main__":

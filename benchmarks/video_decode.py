@@ -1,10 +1,11 @@
 """Seek vs decode-all for sparse frame sampling on a long video.
 
-Encodes (once, cached) a 10-minute 1280x720 30 fps H.264 MP4 with PyAV, then times reading a few sampled frames:
+Encodes a 10-minute 1280x720 30 fps H.264 MP4 with PyAV (in a temporary folder, or once into `--video`), then
+times reading a few sampled frames:
 - decode-all: transformers' `load_video(backend="pyav")`, which decodes every frame up to the last sampled one;
 - seek: `video_processing_crosslmm.read_video`, which lists frames from the packets and seeks to the keyframe before
   each sampled frame.
-Prints a table and writes the numbers as JSON.
+Prints a table, and writes the numbers as JSON with `--json`.
 
     python benchmarks/video_decode.py [--video PATH] [--json benchmarks/video_decode.json] [--repeats 1]
 """
@@ -13,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,18 +58,27 @@ def time_call(fn, repeats: int) -> tuple[float, object]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--video", type=Path, default=Path("/tmp/crosslmm_bench_10min_720p.mp4"))
-    parser.add_argument("--json", type=Path, default=Path(__file__).with_name("video_decode.json"))
+    parser.add_argument(
+        "--video",
+        type=Path,
+        help="the video to time; encoded there (and kept) if missing (default: one in a temporary folder, deleted)",
+    )
+    parser.add_argument("--json", type=Path, help="write the numbers here too (tracked: benchmarks/video_decode.json)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--frames", type=int, nargs="+", default=[8, 32, 64])
     args = parser.parse_args(argv)
 
-    if not args.video.exists():
-        print(f"Encoding {args.video} (10 min, 1280x720, 30 fps, H.264) ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="crosslmm-video-decode-") as scratch:
+        run(args, args.video or Path(scratch) / "10min_720p.mp4")
+
+
+def run(args, video: Path):
+    if not video.exists():
+        print(f"Encoding {video} (10 min, 1280x720, 30 fps, H.264) ...", flush=True)
         start = time.perf_counter()
-        partial = args.video.with_suffix(".partial.mp4")
+        partial = video.with_suffix(".partial.mp4")
         encode_long_video(partial)
-        partial.rename(args.video)
+        partial.rename(video)
         print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
 
     from transformers.video_utils import load_video
@@ -76,9 +87,9 @@ def main(argv=None):
     rows = []
     for num_frames in args.frames:
         sample = lambda metadata, n=num_frames: processor.sample_frames(metadata, num_frames=n)  # noqa: E731
-        seek_s, (seek_frames, metadata) = time_call(lambda: read_video(str(args.video), sample), args.repeats)
+        seek_s, (seek_frames, metadata) = time_call(lambda: read_video(str(video), sample), args.repeats)
         all_s, (all_frames, _) = time_call(
-            lambda: load_video(str(args.video), num_frames=num_frames, backend="pyav"), args.repeats
+            lambda: load_video(str(video), num_frames=num_frames, backend="pyav"), args.repeats
         )
         rows.append(
             {
@@ -92,13 +103,13 @@ def main(argv=None):
         print(f"  {num_frames} frames: seek {seek_s:.2f} s, decode-all {all_s:.2f} s", flush=True)
 
     fps_s, (fps_frames, fps_metadata) = time_call(
-        lambda: read_video(str(args.video), lambda metadata: processor.sample_frames(metadata, fps=1, max_frames=256)),
+        lambda: read_video(str(video), lambda metadata: processor.sample_frames(metadata, fps=1, max_frames=256)),
         args.repeats,
     )
 
     print(
-        f"\nvideo: {args.video} ({metadata.total_num_frames} frames, {metadata.duration:.0f} s, "
-        f"{metadata.width}x{metadata.height}, {os.path.getsize(args.video) / 2**20:.0f} MiB)"
+        f"\nvideo: {video} ({metadata.total_num_frames} frames, {metadata.duration:.0f} s, "
+        f"{metadata.width}x{metadata.height}, {os.path.getsize(video) / 2**20:.0f} MiB)"
     )
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, PyAV {av.__version__}, "
@@ -112,7 +123,7 @@ def main(argv=None):
 
     report = {
         "video": {
-            "path": str(args.video),
+            "path": str(video),
             "frames": metadata.total_num_frames,
             "duration_s": metadata.duration,
             "width": metadata.width,
@@ -129,9 +140,9 @@ def main(argv=None):
         "rows": rows,
         "fps1_max256": {"seconds": round(fps_s, 3), "frames": len(fps_frames)},
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -465,7 +465,9 @@ class VideoChatDataset(torch.utils.data.Dataset):
         try:
             frames = _frames_folder(path, self._uniform_indices) if path.is_dir() else None
             if frames is None:
-                frames, _ = read_video(str(path), self._sample_indices)
+                # Resized as decoded: a 4K video is never held, nor sent from a worker, at full size.
+                resize = self.processor.video_processor.frame_resizer()
+                frames, _ = read_video(str(path), self._sample_indices, frame_transform=resize)
         except BadSample:
             raise
         except VIDEO_ERRORS as error:

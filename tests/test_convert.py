@@ -3,8 +3,11 @@ input."""
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Qwen2ForCausalLM, SiglipVisionModel
 
-from crosslmm.convert import ConversionError, plan
+from crosslmm.convert import ConversionError, cli, plan
 from crosslmm.convert.cli import convert, main, parse_args
 from modeling_crosslmm import CrossLMMForConditionalGeneration
 from tiny import tiny_model
@@ -374,6 +377,137 @@ def test_existing_output_is_kept_without_overwrite(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
     run("--source", source, "--output", tmp_path / "out", "--overwrite", "--no-verify")
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "config.json").exists()
+
+
+def test_two_conversions_into_one_new_output_cannot_both_succeed(tmp_path, monkeypatch):
+    """A folder that appears at --output while a conversion runs (here: a second conversion into the same new output,
+    finishing first) is kept as it is: the run that finishes last fails naming the folder and writes nothing."""
+    source = llava_onevision_folder(tmp_path / "llava-ov")
+    output = tmp_path / "out"
+    write_model_card = cli.write_model_card
+
+    def while_another_conversion_finishes(folder, *args, **kwargs):
+        write_model_card(folder, *args, **kwargs)
+        monkeypatch.setattr(cli, "write_model_card", write_model_card)  # the second conversion runs as usual
+        run("--source", source, "--output", output, "--no-verify", "--seed", "7")
+
+    monkeypatch.setattr(cli, "write_model_card", while_another_conversion_finishes)
+    with pytest.raises(ConversionError, match=f"{output} appeared while converting.*nothing was written"):
+        run("--source", source, "--output", output, "--no-verify")
+    assert json.loads((output / "config.json").read_text())["model_type"] == "crosslmm"  # the other run's, intact
+    key = "model.cross_attention_layers.3.t2v_attn.q_proj.weight"
+    again = run("--source", source, "--output", tmp_path / "o7", "--no-verify", "--seed", "7")
+    assert torch.equal(tensors(output)[key], tensors(again)[key])  # the second run's weights (seed 7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llava-ov", "o7", "out"]  # no hidden folder left
+
+    # A folder of the user's appearing meanwhile: kept; with --overwrite it is replaced only once the new one is done.
+    def while_the_user_makes_a_folder(folder, *args, **kwargs):
+        write_model_card(folder, *args, **kwargs)
+        (tmp_path / "mine").mkdir(exist_ok=True)
+        (tmp_path / "mine" / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(cli, "write_model_card", while_the_user_makes_a_folder)
+    with pytest.raises(ConversionError, match="appeared while converting"):
+        run("--source", source, "--output", tmp_path / "mine", "--no-verify")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    run("--source", source, "--output", tmp_path / "mine", "--no-verify", "--overwrite")
+    assert (tmp_path / "mine" / "config.json").exists() and not (tmp_path / "mine" / "notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llava-ov", "mine", "o7", "out"]
+
+
+def test_overwrite_keeps_the_old_folder_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    source = llava_onevision_folder(tmp_path / "llava-ov")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+
+    def failing_rename(source, target):
+        assert [p.name for p in (tmp_path / "out").parent.glob(".out.replaced-*")], "the old folder is moved aside"
+        raise OSError(28, "No space left on device", str(target))
+
+    monkeypatch.setattr(cli, "rename_no_replace", failing_rename)
+    with pytest.raises(ConversionError, match="Writing .*out failed, nothing was written: .*No space left"):
+        run("--source", source, "--output", tmp_path / "out", "--no-verify", "--overwrite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llava-ov", "out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]  # put back
+
+
+def unwritable_folder(tmp_path) -> Path:
+    """A folder in which making a folder fails: a read-only one, or (as root, who may write anywhere) /sys."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            os.rmdir(os.path.join(candidate, "probe"))  # in case a previous run left it
+        except OSError:
+            pass
+        try:
+            os.mkdir(candidate / "probe")
+        except OSError:
+            return candidate
+        os.rmdir(candidate / "probe")
+    pytest.skip("no unwritable folder on this machine")
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("a file", "--output .*notes.txt is a file, not a folder; nothing was written"),
+        ("a file, --overwrite", "--output .*notes.txt is a file, not a folder; nothing was written"),
+        ("the source", "--source .*llava-ov lies inside --output .*llava-ov: the conversion would replace it"),
+        ("above the source", "--source .*llava-ov lies inside --output"),
+        ("under a file", "Cannot create .*notes.txt/out: .*notes.txt is a file, not a folder"),
+        ("unwritable", "Cannot create .*: .* is not writable"),
+    ],
+)
+def test_outputs_that_cannot_be_written_give_one_line_and_write_nothing(tmp_path, capsys, case, message):
+    source = llava_onevision_folder(tmp_path / "llava-ov")
+    (tmp_path / "notes.txt").write_text("mine")
+    output = {
+        "a file": tmp_path / "notes.txt",
+        "a file, --overwrite": tmp_path / "notes.txt",
+        "the source": source,
+        "above the source": tmp_path,
+        "under a file": tmp_path / "notes.txt" / "out",
+        "unwritable": unwritable_folder(tmp_path) / "out",
+    }[case]
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    capsys.readouterr()  # what building the source printed
+    overwrite = ["--overwrite"] if "overwrite" in case or case in ("the source", "above the source") else []
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--source", str(source), "--output", str(output), "--no-verify", *overwrite])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and re.search(message, err), err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_during_the_conversion_leaves_no_temporary_folder(tmp_path, signum):
+    """The console script, stopped by a signal while its temporary folder exists: one line, exit status 128 + the
+    signal's number, nothing left (the verification process it started is stopped too)."""
+    source = llava_onevision_folder(tmp_path / "llava-ov")
+    command = Path(sys.executable).with_name("crosslmm-convert")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(
+        [command, "--source", source, "--output", tmp_path / "out", "--verify"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.converting-*")):
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signum)
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    assert (
+        err.strip().splitlines()[-1]
+        == f"error: interrupted by {signal.Signals(signum).name} (no temporary folder left)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llava-ov"]
 
 
 def test_verification_failure_leaves_nothing(tmp_path, monkeypatch):

@@ -203,7 +203,8 @@ def test_frames_are_decoded_when_a_sample_is_read(dataset, processor, monkeypatc
     item = data[1]  # red-left, "Which way does the square move?"
     assert calls == [str(dataset["videos"] / "clips/red-left.mp4")] and item["skipped"] == []
     (video,) = item["videos"]
-    assert video.shape == (4, SIZE, SIZE, 3) and video.dtype == np.uint8
+    frame_size = processor.video_processor.size["height"]  # resized as decoded, from the 64 px of the file
+    assert video.shape == (4, frame_size, frame_size, 3) and video.dtype == np.uint8 and frame_size != SIZE
     red = video[..., 0] > 200
     columns = [np.nonzero(red[t].any(axis=0))[0].mean() for t in range(4)]
     assert columns == sorted(columns, reverse=True)  # the square moves left over the sampled frames

@@ -24,13 +24,22 @@ Sources (local folders or Hub ids; Hub files come through huggingface_hub and it
 Every source tensor is either placed, or dropped on purpose with a reason that the run prints; any other tensor, any
 CrossLMM tensor left without a source and any shape mismatch fails the run, naming each key. Tensors stream from the
 source shards to the output shards (peak memory about one output shard). The folder is written next to `--output`
-under a temporary name and renamed at the end, so a failed run leaves nothing behind.
+under a temporary name and renamed at the end, so a failed or interrupted run (SIGINT, SIGTERM, SIGHUP) leaves
+nothing behind. The rename never replaces a folder with files in it that appeared at `--output` meanwhile (another
+conversion, say); with `--overwrite` the old folder is moved aside and deleted only once the new one is in place.
+
+Exit status: 0 on success, 1 with one error line on bad input, 128 + the signal's number when interrupted.
 """
 
 import argparse
+import errno
+import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+import uuid
 from pathlib import Path
 
 import torch
@@ -51,11 +60,104 @@ from crosslmm.convert.write import (
 )
 
 
+class Interrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP, raised where the run is so that its temporary folder is removed on the way out. A
+    BaseException, so that no `except Exception` on the way turns it into a conversion error."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_signals_received: list[int] = []
+
+
+def _on_signal(signum, frame):
+    """Raise `Interrupted` at the first signal only: a second one must not cut the clean-up short. The signal is
+    also noted, because an exception raised inside a C extension's call back into Python can come out of it as
+    another exception (safetensors turns it into a ValueError)."""
+    _signals_received.append(signum)
+    if len(_signals_received) == 1:
+        raise Interrupted(signum)
+
+
+def _check_output(output: Path, args):
+    """Before anything is read: the output is a folder we may create or (with --overwrite) replace, next to which we
+    can write, and no source lies inside it."""
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"--output {output} is a file, not a folder; nothing was written.")
+    if output.exists() and not args.overwrite:
+        raise ConversionError(f"{output} exists; pass --overwrite to replace it.")
+    for option in ("source", "vision", "text", "tokenizer", "key_map"):
+        given = getattr(args, option, None)
+        path = Path(given).expanduser() if given else None
+        if path is not None and path.exists() and (path.resolve() == output or output in path.resolve().parents):
+            raise ConversionError(
+                f"--{option.replace('_', '-')} {given} lies inside --output {output}: the conversion would replace "
+                "it. Choose another --output."
+            )
+    ancestor = output.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConversionError(f"Cannot create {output}: {ancestor} is a file, not a folder.")
+    try:  # the one sure test of writing there: what the run itself does at the end
+        os.rmdir(tempfile.mkdtemp(prefix=f".{output.name}.probe-", dir=ancestor))
+    except OSError as error:
+        raise ConversionError(f"Cannot create {output}: {ancestor} is not writable ({error.strerror}).") from None
+
+
+def rename_no_replace(source: Path, target: Path):
+    """Rename the folder `source` to `target` unless something that holds data is there: rename(2) itself refuses a
+    file or a non-empty folder at `target`, atomically (an empty folder, which holds nothing, is replaced). Raises
+    FileExistsError naming `target` when it refuses."""
+    try:
+        os.rename(source, target)
+    except OSError as error:
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise FileExistsError(error.errno, os.strerror(error.errno), str(target)) from None
+        raise
+
+
+def _move_into_place(temporary: Path, output: Path, overwrite: bool):
+    """The finished folder becomes `output`. What is at `output` now is checked again (a folder may have appeared
+    since the start): without --overwrite it is left alone and the run fails; with --overwrite it is moved aside,
+    the new folder renamed into place, and the old one deleted only then (put back if the rename fails)."""
+    appeared = (
+        f"{output} appeared while converting (another conversion into the same folder?); it was left as it is and "
+        "nothing was written. Pass --overwrite to replace it."
+    )
+    aside = None
+    if os.path.lexists(output):
+        if not overwrite:
+            raise ConversionError(appeared)
+        if not output.is_dir():
+            raise ConversionError(f"--output {output} became a file while converting; nothing was written.")
+        aside = output.parent / f".{output.name}.replaced-{uuid.uuid4().hex[:8]}"
+        os.rename(output, aside)
+    try:
+        rename_no_replace(temporary, output)
+    except FileExistsError:
+        if aside is not None:
+            raise ConversionError(
+                f"{output} was re-created while being replaced; the previous folder is kept at {aside}."
+            )
+        raise ConversionError(appeared) from None
+    except BaseException:
+        if aside is not None:
+            try:
+                os.rename(aside, output)  # put back
+            except OSError:
+                raise ConversionError(f"{output} could not be replaced; the previous folder is kept at {aside}.")
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def convert(args) -> Path:
     """Convert as `args` (from `parse_args`) say; returns the folder written. Raises ConversionError on bad input."""
     output = Path(args.output).expanduser().resolve()
-    if output.exists() and not args.overwrite:
-        raise ConversionError(f"{output} exists; pass --overwrite to replace it.")
+    _check_output(output, args)
     source = load_source(args)
     tokenizer = load_tokenizer(resolve(args.tokenizer, "--tokenizer") if args.tokenizer else source.tokenizer_folder)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else source_dtype(source)
@@ -66,8 +168,11 @@ def convert(args) -> Path:
     verify = args.verify if args.verify is not None else num_parameters < VERIFY_MAX_PARAMETERS
     report_plan(plan, source, num_parameters)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.converting-", dir=output.parent))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.converting-", dir=output.parent))
+    except OSError as error:
+        raise ConversionError(f"Cannot create {output}: {error}") from None
     try:
         write_weights(plan, temporary, dtype, args.max_shard_size, args.seed, shapes)
         write_code(temporary, config)
@@ -80,9 +185,9 @@ def convert(args) -> Path:
         else:
             log(f"Not verified ({num_parameters / 1e9:.1f}B parameters, or --no-verify; --verify forces it).")
         set_permissions(temporary)
-        if output.exists():
-            shutil.rmtree(output)
-        temporary.rename(output)
+        _move_into_place(temporary, output, args.overwrite)
+    except OSError as error:  # a full disk, a folder made read-only meanwhile, ...
+        raise ConversionError(f"Writing {output} failed, nothing was written: {error}") from None
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     log(f"Wrote {output}")
@@ -152,13 +257,28 @@ def parse_args(argv=None):
 
 def main(argv=None):
     """Console script `crosslmm-convert` (and `python convert_checkpoint.py`): exit status 1 with one error line on
-    bad input."""
+    bad input; 128 + the signal's number (130 SIGINT, 143 SIGTERM, 129 SIGHUP) with one line when interrupted, the
+    temporary folder removed."""
     args = parse_args(argv)
+    names = ("SIGINT", "SIGTERM", "SIGHUP") if threading.current_thread() is threading.main_thread() else ()
+    previous = {
+        sig: signal.signal(sig, _on_signal) for sig in (getattr(signal, n) for n in names if hasattr(signal, n))
+    }
+    _signals_received.clear()
     try:
         convert(args)
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    except BaseException as error:
+        if _signals_received:  # whatever the exception became on its way out
+            signum = _signals_received[0]
+            print(f"error: interrupted by {signal.Signals(signum).name} (no temporary folder left)", file=sys.stderr)
+            sys.exit(128 + signum)
+        if isinstance(error, ConversionError):
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
+        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":
