@@ -3,7 +3,7 @@ DCALs' visual memory and the self-attention cache), and against the same follow-
 conversation again, frames included). CrossLMM only, random weights; greedy `generate`, `--new-tokens` per answer
 (the answers are forced to that length, so that the turns compare).
 
-    python benchmarks/conversation.py --size small --frames 64 --threads 1 --json /tmp/conversation.json
+    python benchmarks/conversation.py --size small --frames 64 --threads 1 [--json PATH]
 """
 
 import argparse
