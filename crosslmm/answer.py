@@ -7,7 +7,10 @@ the visual tokens the LLM sees against what LLaVA-OneVision would spend, and the
 
 import argparse
 import hashlib
+import json
 import os
+import pickle
+import re
 import shutil
 import sys
 import tempfile
@@ -15,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from crosslmm import log, samples
 
@@ -60,12 +64,13 @@ def sample_video() -> Path:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Timing one pipeline call
+# Timing one generation
 # --------------------------------------------------------------------------------------------------------------------
 
 
 class StageTimer:
-    """Splits one pipeline call into its stages with forward hooks on the model's modules, without changing what runs.
+    """Splits one pipeline call into its stages with forward hooks on the model's modules, without
+    changing what runs.
 
     The model's first forward is the prefill, every later one a generated token. Inside the prefill, the visual
     encoding (vision tower, pooler, projector) runs from the tower's patch embedding to the projector's output; it is
@@ -133,14 +138,167 @@ class StageTimer:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# crosslmm-answer
+# Errors
 # --------------------------------------------------------------------------------------------------------------------
-DEFAULT_PROMPT = "What happens in this video?"
-DEFAULT_NUM_FRAMES = 8
 
 
 class UsageError(Exception):
     """A bad command-line input: reported as one line, exit code 2."""
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an exception's message, without terminal colour codes; its type when the message is empty."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    if isinstance(error, KeyError) or not line:
+        return f"{type(error).__name__}: {line}" if line else type(error).__name__
+    return line
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading a checkpoint
+# --------------------------------------------------------------------------------------------------------------------
+
+TASK = "video-text-to-text"
+# What transformers loads from a checkpoint folder, in its order of preference.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# What loading a checkpoint raises for files it cannot use: missing or unreadable files (OSError), configs and files
+# transformers does not understand (ValueError, KeyError, TypeError), weights that do not fit the config or a device
+# (RuntimeError), checkpoint code needing a package that is not installed (ImportError), damaged safetensors files
+# (SafetensorError) and pickles that torch.load(weights_only=True) refuses (UnpicklingError).
+LOAD_ERRORS = (
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    RuntimeError,
+    ImportError,
+    pickle.UnpicklingError,
+    SafetensorError,
+)
+
+
+def _check_weights(folder: str):
+    """Cheap checks of a checkpoint folder's weights before loading them: a weights file is there, every shard its
+    index names is there, and every safetensors file opens (its header parses and the file covers the tensors it
+    lists: a truncated file does not)."""
+    path = Path(folder)
+    present = [name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not present:
+        raise UsageError(f"{folder} has a config.json but no weights: none of {', '.join(WEIGHT_FILES)}")
+    name = present[0]
+    files = [path / name]
+    if name.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(files[0].read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise UsageError(f"{files[0]} is not a weights index (a JSON object with a weight_map)") from None
+        missing = [shard for shard in shards if not (path / shard).is_file()]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise UsageError(f"{files[0]} names shard(s) that are missing: {', '.join(missing[:3])}{more}")
+        files = [path / shard for shard in shards]
+    for file in files:
+        if file.name.endswith(".safetensors"):
+            try:
+                with safe_open(str(file), framework="pt") as weights:
+                    weights.keys()
+            except (SafetensorError, OSError) as error:
+                message = f"{file} is not a readable safetensors file, truncated or damaged ({error})"
+                raise UsageError(message) from None
+
+
+def _load_failure(model: str, error: BaseException) -> UsageError:
+    """The one line that reports a checkpoint that failed to load: its name and what was wrong."""
+    chain, cause = [], error
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    refused = [cause for cause in chain if isinstance(cause, pickle.UnpicklingError)]
+    if refused:
+        detail = _first_line(refused[-1]).removeprefix("Weights only load failed. ").split(". Please use")[0]
+        return UsageError(
+            f"cannot load model {model!r}: its weights are a pickle (pytorch_model.bin) that "
+            f"torch.load(weights_only=True) refuses, as it holds more than tensors ({detail}); crosslmm-answer "
+            "expects safetensors weights (model.safetensors): convert the checkpoint, unpickling it only if you trust "
+            "its source"
+        )
+    line = _first_line(error)
+    if len(line) > 160 and ". " in line:  # transformers' messages run on with advice: their first sentence
+        line = line.split(". ")[0] + "."
+    return UsageError(f"cannot load model {model!r}: {line}")
+
+
+def _resolve_device(device: str | None):
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a torch device (try cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for CUDA, but no CUDA device is available")
+    return device
+
+
+def _resolve_dtype(choice: str, config, device):
+    """(the `dtype` for `from_pretrained`, what to call it). `auto` is the checkpoint's dtype as saved in its
+    config.json, on any device, except that float16 runs as float32 on a CPU (most CPUs have no float16 matrix
+    multiply: it runs many times slower than float32 there). A config without a saved dtype leaves the choice to
+    transformers' `dtype="auto"` (the weights' dtype)."""
+    if choice != "auto":
+        return getattr(torch, choice), choice
+    saved = getattr(config, "dtype", None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved, None)
+    if not isinstance(saved, torch.dtype):
+        return "auto", "the weights' dtype"
+    name = str(saved).removeprefix("torch.")
+    if saved == torch.float16 and device.type == "cpu":
+        return torch.float32, "float32: the checkpoint's float16 runs as float32 on a CPU"
+    return saved, f"{name}, the checkpoint's"
+
+
+def load_pipeline(model: str, device, dtype_choice: str):
+    """The checkpoint's video-text-to-text pipeline on `device`. A checkpoint that is not CrossLMM, or whose files
+    cannot be loaded, ends in one `UsageError` line naming it and the problem."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, pipeline
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=True)
+    except LOAD_ERRORS as error:
+        raise _load_failure(model, error) from None
+    task = (getattr(config, "custom_pipelines", None) or {}).get(TASK)
+    if task is None:
+        raise UsageError(f"{model} is a {config.model_type!r} checkpoint, which has no {TASK} pipeline")
+    if os.path.isdir(model):
+        _check_weights(model)
+    dtype, dtype_words = _resolve_dtype(dtype_choice, config, device)
+    log(f"Loading {model} on {device} ({dtype_words}) ...")
+    try:
+        # The checkpoint's own pipeline class, as pipeline() finds it through the config's custom_pipelines. The model
+        # is loaded here rather than by pipeline(), which would report a failure as a traceback inside its message.
+        pipeline_class = get_class_from_dynamic_module(task["impl"], model)
+        network = AutoModelForImageTextToText.from_pretrained(model, trust_remote_code=True, dtype=dtype)
+        if dtype_choice == "auto" and network.dtype == torch.float16 and device.type == "cpu":
+            network = network.float()
+        processor = AutoProcessor.from_pretrained(model, trust_remote_code=True)
+        return pipeline(TASK, model=network, processor=processor, device=device, pipeline_class=pipeline_class)
+    except LOAD_ERRORS as error:
+        raise _load_failure(model, error) from None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# crosslmm-answer
+# --------------------------------------------------------------------------------------------------------------------
+DEFAULT_PROMPT = "What happens in this video?"
+DEFAULT_NUM_FRAMES = 8
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -183,7 +341,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dtype",
         choices=("auto", "float32", "bfloat16", "float16"),
         default="auto",
-        help="weights and activations (default: bfloat16 on CUDA, float32 elsewhere)",
+        help="weights and activations (default: auto, the checkpoint's dtype as saved in its config.json; a float16 "
+        "checkpoint runs as float32 on a CPU)",
     )
     args = parser.parse_args(argv)
     if not args.prompt.strip():
@@ -225,20 +384,6 @@ def _check_model(model: str) -> str:
     return model
 
 
-def _resolve_device(device: str | None, dtype: str):
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device!r} is not a torch device (try cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} asked for CUDA, but no CUDA device is available")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    return device, getattr(torch, dtype)
-
-
 def _visual_inputs(inputs: dict, config) -> tuple[int, int, int]:
     """(frames, frame size in px, visual tokens) of the one video of a prefill, read from what the processor made:
     its frames from `pixel_values_videos` (or `video_num_frames`), its tokens from the placeholders in `input_ids`."""
@@ -248,6 +393,15 @@ def _visual_inputs(inputs: dict, config) -> tuple[int, int, int]:
     ids = inputs["input_ids"]
     tokens = int(((ids == config.video_token_id) | (ids == config.image_token_id)).sum())
     return frames, int(pixels[0].shape[-1]), tokens
+
+
+def _rate(times: dict) -> str:
+    steps = times["tokens"] - 1  # tokens after the first, which the prefill gives
+    return f", {steps / times['generate']:.1f} tokens/s" if steps and times["generate"] > 0 else ""
+
+
+def _where(device, dtype) -> str:
+    return f"[{device}, {str(dtype).removeprefix('torch.')}]"
 
 
 def _report(answer: str, times: dict, config, inputs: dict, random_weights: bool, device, dtype):
@@ -271,12 +425,11 @@ def _report(answer: str, times: dict, config, inputs: dict, random_weights: bool
         f"Original visual tokens the DCALs attend to (after decoder layers {config.dcal_layer_indices}): "
         f"{frames * grid * grid} ({frames} x {grid * grid}), kept out of the self-attention KV cache"
     )
-    steps = times["tokens"] - 1  # tokens after the first, which the prefill gives
-    rate = f", {steps / times['generate']:.1f} tokens/s" if steps and times["generate"] > 0 else ""
     print(
         f"Times: decode frames {times['decode']:.3f} s | encode (vision tower, pooling) {times['encode']:.3f} s | "
-        f"prefill {times['prefill']:.3f} s | generate {times['generate']:.3f} s ({times['tokens']} tokens{rate}) | "
-        f"total {times['total']:.3f} s  [{device}, {str(dtype).removeprefix('torch.')}]"
+        f"prefill {times['prefill']:.3f} s | generate {times['generate']:.3f} s ({times['tokens']} tokens"
+        f"{_rate(times)}) | total {times['total']:.3f} s  {_where(device, dtype)}",
+        flush=True,
     )
 
 
@@ -284,7 +437,7 @@ def answer(args: argparse.Namespace):
     """Check the inputs, build the samples if needed, load the pipeline, answer and report."""
     video = _check_video(args.video) if args.video is not None else None
     model = _check_model(args.model) if args.model is not None else None
-    device, dtype = _resolve_device(args.device, args.dtype)
+    device = _resolve_device(args.device)
     if model is None:
         if not (cache_folder() / "sample-checkpoint").exists():
             log(f"Building the random-weight sample checkpoint in {cache_folder()} (once) ...")
@@ -294,20 +447,11 @@ def answer(args: argparse.Namespace):
             log(f"Encoding the sample video in {cache_folder()} (once) ...")
         video = str(sample_video())
 
-    from transformers import AutoConfig, pipeline
-
-    log(f"Loading {model} on {device} ({str(dtype).removeprefix('torch.')}) ...")
-    try:
-        config = AutoConfig.from_pretrained(model, trust_remote_code=True)
-        if "video-text-to-text" not in (getattr(config, "custom_pipelines", None) or {}):
-            raise UsageError(
-                f"{model} is a {config.model_type!r} checkpoint, which has no video-text-to-text pipeline"
-            )
-        pipe = pipeline("video-text-to-text", model=model, trust_remote_code=True, device=device, dtype=dtype)
-    except OSError as error:
-        raise UsageError(f"cannot load model {model!r}: {str(error).strip().splitlines()[0]}") from None
+    pipe = load_pipeline(model, device, args.dtype)
+    dtype, config = pipe.model.dtype, pipe.model.config
     messages = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": args.prompt}]}]
     sampling = {"num_frames": args.num_frames} if args.num_frames is not None else {"fps": args.fps}
+
     log(f"Reading {video} and answering ({sampling}, up to {args.max_new_tokens} new tokens) ...")
     timer = StageTimer(pipe.model)
     try:
@@ -315,8 +459,7 @@ def answer(args: argparse.Namespace):
             lambda: pipe(text=messages, max_new_tokens=args.max_new_tokens, return_full_text=False, **sampling)
         )
     except ValueError as error:  # the processor names bad videos, time windows and placeholders
-        raise UsageError(str(error).strip().splitlines()[0]) from None
-    config = pipe.model.config
+        raise UsageError(_first_line(error)) from None
     _report(outputs[0]["generated_text"], times, config, timer.prefill_inputs, args.model is None, device, dtype)
 
 
