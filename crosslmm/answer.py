@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from crosslmm import log, samples
 
@@ -76,11 +77,13 @@ class StageTimer:
     encoding (vision tower, pooler, projector) runs from the tower's patch embedding to the projector's output; it is
     timed on its own. Everything before the prefill is reading, sampling and resizing the frames, and tokenizing. On
     CUDA each mark waits for the device, so the times are the work's, not the kernel launches'. The prefill's inputs
-    (what the processor made) are kept in `prefill_inputs`.
+    (what the processor made) are kept in `prefill_inputs`. `on_prefill(kwargs)`, if given, sees the prefill's inputs
+    before it runs and may stop the call by raising.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, on_prefill=None):
         self.sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+        self.on_prefill = on_prefill
         self.calls = []  # [start, end] of every forward of the model
         self.vision_seconds = 0.0
         self._vision_start = None
@@ -99,6 +102,8 @@ class StageTimer:
 
     def _model_start(self, module, args, kwargs):
         if not self.calls:
+            if self.on_prefill is not None:
+                self.on_prefill(kwargs)
             self.prefill_inputs = dict(kwargs)
         self.calls.append([self._now(), None])
 
@@ -138,7 +143,7 @@ class StageTimer:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Errors
+# Errors and limits
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -153,6 +158,43 @@ def _first_line(error: BaseException) -> str:
     if isinstance(error, KeyError) or not line:
         return f"{type(error).__name__}: {line}" if line else type(error).__name__
     return line
+
+
+def _position_room(prompt_length: int, max_new_tokens: int, limit: int | None) -> int:
+    """How many new tokens a prompt of `prompt_length` tokens leaves room for, at most `max_new_tokens`.
+
+    A model holds `limit` positions (its LLM's `max_position_embeddings`). When the prompt alone takes all of them this
+    refuses (`UsageError`); when the prompt plus `max_new_tokens` would not fit it caps the answer at what is left,
+    with a one-line warning. Past the limit the model would run on positions it was never trained on, for as long as
+    `max_new_tokens` asks."""
+    if limit is None:
+        return max_new_tokens
+    if prompt_length >= limit:
+        raise UsageError(
+            f"the prompt takes {prompt_length} tokens but the model holds {limit} positions "
+            "(max_position_embeddings), which leaves no room for an answer: use fewer frames or a shorter prompt"
+        )
+    room = limit - prompt_length
+    if max_new_tokens > room:
+        log(
+            f"crosslmm-answer: warning: --max-new-tokens {max_new_tokens} capped at {room}: the prompt takes "
+            f"{prompt_length} of the model's {limit} positions (max_position_embeddings)"
+        )
+        return room
+    return max_new_tokens
+
+
+class _StopAtLength(StoppingCriteria):
+    """The sequence ends once it holds `length` tokens; `length` None never stops. Set from the prefill's hook, when
+    the prompt's length is known."""
+
+    def __init__(self):
+        super().__init__()
+        self.length = None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = self.length is not None and input_ids.shape[-1] >= self.length
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -335,7 +377,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--num-frames", type=_positive(int), help=f"frames sampled uniformly (default: {DEFAULT_NUM_FRAMES})"
     )
     sampling.add_argument("--fps", type=_positive(float), help="sample frames at this rate instead")
-    parser.add_argument("--max-new-tokens", type=_positive(int), default=32, help="answer length limit (default: 32)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=_positive(int),
+        default=32,
+        help="answer length limit (default: 32); capped, with a warning, where the model's positions end",
+    )
     parser.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     parser.add_argument(
         "--dtype",
@@ -449,14 +496,26 @@ def answer(args: argparse.Namespace):
 
     pipe = load_pipeline(model, device, args.dtype)
     dtype, config = pipe.model.dtype, pipe.model.config
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     messages = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": args.prompt}]}]
     sampling = {"num_frames": args.num_frames} if args.num_frames is not None else {"fps": args.fps}
+    stop = _StopAtLength()
+
+    def fit(kwargs):  # the prompt is built: refuse it, or cap the answer, if it would not fit the model
+        if _position_room(kwargs["input_ids"].shape[-1], args.max_new_tokens, limit) < args.max_new_tokens:
+            stop.length = limit
 
     log(f"Reading {video} and answering ({sampling}, up to {args.max_new_tokens} new tokens) ...")
-    timer = StageTimer(pipe.model)
+    timer = StageTimer(pipe.model, on_prefill=fit)
     try:
         outputs, times = timer.run(
-            lambda: pipe(text=messages, max_new_tokens=args.max_new_tokens, return_full_text=False, **sampling)
+            lambda: pipe(
+                text=messages,
+                max_new_tokens=args.max_new_tokens,
+                return_full_text=False,
+                stopping_criteria=StoppingCriteriaList([stop]),
+                **sampling,
+            )
         )
     except ValueError as error:  # the processor names bad videos, time windows and placeholders
         raise UsageError(_first_line(error)) from None

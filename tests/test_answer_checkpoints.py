@@ -1,5 +1,6 @@
 """crosslmm-answer and the checkpoint it is given: a broken one ends with one line naming it and the problem (exit
-status 2, no traceback); `--dtype auto` runs the checkpoint's dtype. Each checkpoint is the tiny sample, copied, then
+status 2, no traceback); an answer that would run past the model's positions is capped with a warning, a prompt that
+fills them is refused; `--dtype auto` runs the checkpoint's dtype. Each checkpoint is the tiny sample, copied, then
 changed."""
 
 import argparse
@@ -113,6 +114,70 @@ def test_a_broken_checkpoint_ends_with_one_line_naming_it_and_the_problem(
     assert re.search(problem, errors[0]), errors[0]
     if damage is pickle_with_objects:  # says what to do about it
         assert "expects safetensors weights (model.safetensors): convert the checkpoint" in errors[0]
+
+
+# ---- the model's positions ---------------------------------------------------------------------------------------
+
+
+def prompt_length(folder, video):
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    inputs = processor.apply_chat_template(
+        video_question(video, QUESTION),
+        tokenize=True,
+        return_dict=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        processor_kwargs={"num_frames": NUM_FRAMES},
+    )
+    return inputs["input_ids"].shape[1]
+
+
+def test_an_answer_past_the_models_positions_is_capped_with_a_warning(tiny_files, tmp_path, capsys):
+    folder, video = tiny_files
+    length = prompt_length(folder, video)
+    checkpoint = copy_of(folder, tmp_path)
+    edit_config(checkpoint, text_config={"max_position_embeddings": length + 3})
+    status, out, err = run(checkpoint, video, capsys, "--max-new-tokens", "10")
+    assert status == 0, err
+    assert (
+        f"crosslmm-answer: warning: --max-new-tokens 10 capped at 3: the prompt takes {length} of the model's "
+        f"{length + 3} positions (max_position_embeddings)\n" in err
+    )
+    tokens = int(re.search(r"generate [\d.]+ s \((\d+) tokens", out).group(1))
+    assert tokens <= 3
+    # The answer is the one generate gives with the capped length.
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    inputs = processor.apply_chat_template(
+        video_question(video, QUESTION),
+        tokenize=True,
+        return_dict=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        processor_kwargs={"num_frames": NUM_FRAMES},
+    )
+    with torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, length:]
+    assert f"Answer: {processor.decode(expected, skip_special_tokens=True)}\n" in out
+    assert tokens == len(expected)
+
+    # Within the positions: no warning.
+    status, out, err = run(checkpoint, video, capsys, "--max-new-tokens", "3")
+    assert status == 0 and "warning" not in err
+
+
+@pytest.mark.parametrize("room", [0, -5])
+def test_a_prompt_that_fills_the_models_positions_is_refused(tiny_files, tmp_path, capsys, room):
+    folder, video = tiny_files
+    length = prompt_length(folder, video)
+    checkpoint = copy_of(folder, tmp_path)
+    edit_config(checkpoint, text_config={"max_position_embeddings": length + room})
+    status, out, err = run(checkpoint, video, capsys, "--max-new-tokens", "4")
+    assert status == 2 and out == ""
+    assert err.strip().splitlines()[-1] == (
+        f"crosslmm-answer: error: the prompt takes {length} tokens but the model holds {length + room} positions "
+        "(max_position_embeddings), which leaves no room for an answer: use fewer frames or a shorter prompt"
+    )
 
 
 # ---- --dtype auto ------------------------------------------------------------------------------------------------
