@@ -4,6 +4,7 @@ fills them is refused; `--dtype auto` runs the checkpoint's dtype. Each checkpoi
 changed."""
 
 import argparse
+import io
 import json
 import re
 import shutil
@@ -38,7 +39,9 @@ def edit_config(folder, **changes):
 QUESTION, NUM_FRAMES = "What moves?", 2
 
 
-def run(checkpoint, video, capsys, *options):
+def run(checkpoint, video, capsys, *options, stdin=None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
     argv = ["--model", str(checkpoint), "--video", str(video), "--prompt", QUESTION, "--num-frames", str(NUM_FRAMES)]
     status = main([*argv, "--device", "cpu", *options])  # on the CPU, as the answers it is compared with
     captured = capsys.readouterr()
@@ -178,6 +181,31 @@ def test_a_prompt_that_fills_the_models_positions_is_refused(tiny_files, tmp_pat
         f"crosslmm-answer: error: the prompt takes {length} tokens but the model holds {length + room} positions "
         "(max_position_embeddings), which leaves no room for an answer: use fewer frames or a shorter prompt"
     )
+
+
+def test_a_conversation_that_outgrows_the_models_positions_ends(tiny_files, tmp_path, capsys, monkeypatch):
+    folder, video = tiny_files
+    length = prompt_length(folder, video)
+    checkpoint = copy_of(folder, tmp_path)
+    edit_config(checkpoint, text_config={"max_position_embeddings": length + 6})
+    status, out, err = run(
+        checkpoint,
+        video,
+        capsys,
+        "-i",
+        "--max-new-tokens",
+        "2",
+        stdin="And then?\nNever asked\n",
+        monkeypatch=monkeypatch,
+    )
+    assert status == 2
+    assert out.count("Answer: ") == 1  # the first question's
+    error = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"crosslmm-answer: error: the conversation takes (\d+) tokens but the model holds {length + 6} positions "
+        r"\(max_position_embeddings\), which leaves no room for an answer: start a new conversation",
+        error,
+    ), error
 
 
 # ---- --dtype auto ------------------------------------------------------------------------------------------------
