@@ -2,12 +2,17 @@
 
 With no arguments it builds (once, into a cache folder) the random-weight sample checkpoint and the sample video of
 `crosslmm.samples`, and runs the whole path: decode frames, encode them, prefill, generate. It reports the answer,
-the visual tokens the LLM sees against what LLaVA-OneVision would spend, and the time of each stage.
+the visual tokens the LLM sees against what LLaVA-OneVision would spend, and the time of each stage. With
+`--interactive` it then answers follow-up questions read from stdin, reusing the encoded video and the conversation's
+cache.
 """
 
 import argparse
 import hashlib
+import json
 import os
+import pickle
+import re
 import shutil
 import sys
 import tempfile
@@ -15,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from crosslmm import log, samples
 
@@ -60,26 +67,34 @@ def sample_video() -> Path:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Timing one pipeline call
+# Timing one generation
 # --------------------------------------------------------------------------------------------------------------------
 
 
 class StageTimer:
-    """Splits one pipeline call into its stages with forward hooks on the model's modules, without changing what runs.
+    """Splits one pipeline or `generate` call into its stages with forward hooks on the model's modules, without
+    changing what runs.
 
     The model's first forward is the prefill, every later one a generated token. Inside the prefill, the visual
     encoding (vision tower, pooler, projector) runs from the tower's patch embedding to the projector's output; it is
-    timed on its own. Everything before the prefill is reading, sampling and resizing the frames, and tokenizing. On
-    CUDA each mark waits for the device, so the times are the work's, not the kernel launches'. The prefill's inputs
-    (what the processor made) are kept in `prefill_inputs`.
+    timed on its own, and its runs are counted. Everything before the prefill is reading, sampling and resizing the
+    frames, and tokenizing. On CUDA each mark waits for the device, so the times are the work's, not the kernel
+    launches'. The prefill's inputs (what the processor made) are kept in `prefill_inputs`, the token ids of every
+    forward in `fed` (what the self-attention cache holds afterwards), the last forward's output (and so the cache)
+    in `output`. `on_prefill(kwargs)`, if given, sees the prefill's inputs before it runs and may stop the call by
+    raising.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, on_prefill=None):
         self.sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+        self.on_prefill = on_prefill
         self.calls = []  # [start, end] of every forward of the model
         self.vision_seconds = 0.0
+        self.vision_runs = 0
         self._vision_start = None
         self.prefill_inputs = None
+        self.fed = []
+        self.output = None
         tower, projector = model.model.vision_tower, model.model.multi_modal_projector
         self.hooks = [
             model.register_forward_pre_hook(self._model_start, with_kwargs=True),
@@ -94,14 +109,20 @@ class StageTimer:
 
     def _model_start(self, module, args, kwargs):
         if not self.calls:
+            if self.on_prefill is not None:
+                self.on_prefill(kwargs)
             self.prefill_inputs = dict(kwargs)
+        if kwargs.get("input_ids") is not None:
+            self.fed.append(kwargs["input_ids"])
         self.calls.append([self._now(), None])
 
     def _model_end(self, module, args, output):
         self.calls[-1][1] = self._now()
+        self.output = output
 
     def _vision_start_hook(self, module, args):
         if self._vision_start is None:  # the first chunk of frames: the tower runs them in `vision_batch_size` chunks
+            self.vision_runs += 1
             self._vision_start = self._now()
 
     def _vision_end_hook(self, module, args, output):
@@ -109,7 +130,8 @@ class StageTimer:
         self._vision_start = None
 
     def run(self, call):
-        """Run `call()`; return its result and the stage times in seconds (plus the number of generated tokens)."""
+        """Run `call()`; return its result and the stage times in seconds (plus the number of generated tokens and
+        of the vision tower's runs)."""
         start = self._now()
         try:
             result = call()
@@ -128,8 +150,353 @@ class StageTimer:
             "total": end - start,
             # The prefill gives the first token, each later forward one more.
             "tokens": len(self.calls),
+            "vision_runs": self.vision_runs,
         }
         return result, times
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Errors and limits
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """A bad command-line input: reported as one line, exit code 2."""
+
+
+class QuestionError(UsageError):
+    """A follow-up question that cannot be asked: reported as one line, and the conversation goes on."""
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an exception's message, without terminal colour codes; its type when the message is empty."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    if isinstance(error, KeyError) or not line:
+        return f"{type(error).__name__}: {line}" if line else type(error).__name__
+    return line
+
+
+def _position_room(
+    prompt_length: int,
+    max_new_tokens: int,
+    limit: int | None,
+    prompt: str = "the prompt",
+    advice: str = "use fewer frames or a shorter prompt",
+) -> int:
+    """How many new tokens a prompt of `prompt_length` tokens leaves room for, at most `max_new_tokens`.
+
+    A model holds `limit` positions (its LLM's `max_position_embeddings`). When the prompt alone takes all of them this
+    refuses (`UsageError`); when the prompt plus `max_new_tokens` would not fit it caps the answer at what is left,
+    with a one-line warning. Past the limit the model would run on positions it was never trained on, for as long as
+    `max_new_tokens` asks."""
+    if limit is None:
+        return max_new_tokens
+    if prompt_length >= limit:
+        raise UsageError(
+            f"{prompt} takes {prompt_length} tokens but the model holds {limit} positions "
+            f"(max_position_embeddings), which leaves no room for an answer: {advice}"
+        )
+    room = limit - prompt_length
+    if max_new_tokens > room:
+        log(
+            f"crosslmm-answer: warning: --max-new-tokens {max_new_tokens} capped at {room}: {prompt} takes "
+            f"{prompt_length} of the model's {limit} positions (max_position_embeddings)"
+        )
+        return room
+    return max_new_tokens
+
+
+class _StopAtLength(StoppingCriteria):
+    """The sequence ends once it holds `length` tokens; `length` None never stops. Set from the prefill's hook, when
+    the prompt's length is known."""
+
+    def __init__(self):
+        super().__init__()
+        self.length = None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = self.length is not None and input_ids.shape[-1] >= self.length
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading a checkpoint
+# --------------------------------------------------------------------------------------------------------------------
+
+TASK = "video-text-to-text"
+# What transformers loads from a checkpoint folder, in its order of preference.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# What loading a checkpoint raises for files it cannot use: missing or unreadable files (OSError), configs and files
+# transformers does not understand (ValueError, KeyError, TypeError), weights that do not fit the config or a device
+# (RuntimeError), checkpoint code needing a package that is not installed (ImportError), damaged safetensors files
+# (SafetensorError) and pickles that torch.load(weights_only=True) refuses (UnpicklingError).
+LOAD_ERRORS = (
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    RuntimeError,
+    ImportError,
+    pickle.UnpicklingError,
+    SafetensorError,
+)
+
+
+def _check_weights(folder: str):
+    """Cheap checks of a checkpoint folder's weights before loading them: a weights file is there, every shard its
+    index names is there, and every safetensors file opens (its header parses and the file covers the tensors it
+    lists: a truncated file does not)."""
+    path = Path(folder)
+    present = [name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not present:
+        raise UsageError(f"{folder} has a config.json but no weights: none of {', '.join(WEIGHT_FILES)}")
+    name = present[0]
+    files = [path / name]
+    if name.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(files[0].read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise UsageError(f"{files[0]} is not a weights index (a JSON object with a weight_map)") from None
+        missing = [shard for shard in shards if not (path / shard).is_file()]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise UsageError(f"{files[0]} names shard(s) that are missing: {', '.join(missing[:3])}{more}")
+        files = [path / shard for shard in shards]
+    for file in files:
+        if file.name.endswith(".safetensors"):
+            try:
+                with safe_open(str(file), framework="pt") as weights:
+                    weights.keys()
+            except (SafetensorError, OSError) as error:
+                message = f"{file} is not a readable safetensors file, truncated or damaged ({error})"
+                raise UsageError(message) from None
+
+
+def _load_failure(model: str, error: BaseException) -> UsageError:
+    """The one line that reports a checkpoint that failed to load: its name and what was wrong."""
+    chain, cause = [], error
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    refused = [cause for cause in chain if isinstance(cause, pickle.UnpicklingError)]
+    if refused:
+        detail = _first_line(refused[-1]).removeprefix("Weights only load failed. ").split(". Please use")[0]
+        return UsageError(
+            f"cannot load model {model!r}: its weights are a pickle (pytorch_model.bin) that "
+            f"torch.load(weights_only=True) refuses, as it holds more than tensors ({detail}); crosslmm-answer "
+            "expects safetensors weights (model.safetensors): convert the checkpoint, unpickling it only if you trust "
+            "its source"
+        )
+    line = _first_line(error)
+    if len(line) > 160 and ". " in line:  # transformers' messages run on with advice: their first sentence
+        line = line.split(". ")[0] + "."
+    return UsageError(f"cannot load model {model!r}: {line}")
+
+
+def _resolve_device(device: str | None):
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a torch device (try cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for CUDA, but no CUDA device is available")
+    return device
+
+
+def _resolve_dtype(choice: str, config, device):
+    """(the `dtype` for `from_pretrained`, what to call it). `auto` is the checkpoint's dtype as saved in its
+    config.json, on any device, except that float16 runs as float32 on a CPU (most CPUs have no float16 matrix
+    multiply: it runs many times slower than float32 there). A config without a saved dtype leaves the choice to
+    transformers' `dtype="auto"` (the weights' dtype)."""
+    if choice != "auto":
+        return getattr(torch, choice), choice
+    saved = getattr(config, "dtype", None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved, None)
+    if not isinstance(saved, torch.dtype):
+        return "auto", "the weights' dtype"
+    name = str(saved).removeprefix("torch.")
+    if saved == torch.float16 and device.type == "cpu":
+        return torch.float32, "float32: the checkpoint's float16 runs as float32 on a CPU"
+    return saved, f"{name}, the checkpoint's"
+
+
+def load_pipeline(model: str, device, dtype_choice: str):
+    """The checkpoint's video-text-to-text pipeline on `device`. A checkpoint that is not CrossLMM, or whose files
+    cannot be loaded, ends in one `UsageError` line naming it and the problem."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, pipeline
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=True)
+    except LOAD_ERRORS as error:
+        raise _load_failure(model, error) from None
+    task = (getattr(config, "custom_pipelines", None) or {}).get(TASK)
+    if task is None:
+        raise UsageError(f"{model} is a {config.model_type!r} checkpoint, which has no {TASK} pipeline")
+    if os.path.isdir(model):
+        _check_weights(model)
+    dtype, dtype_words = _resolve_dtype(dtype_choice, config, device)
+    log(f"Loading {model} on {device} ({dtype_words}) ...")
+    try:
+        # The checkpoint's own pipeline class, as pipeline() finds it through the config's custom_pipelines. The model
+        # is loaded here rather than by pipeline(), which would report a failure as a traceback inside its message.
+        pipeline_class = get_class_from_dynamic_module(task["impl"], model)
+        network = AutoModelForImageTextToText.from_pretrained(model, trust_remote_code=True, dtype=dtype)
+        if dtype_choice == "auto" and network.dtype == torch.float16 and device.type == "cpu":
+            network = network.float()
+        processor = AutoProcessor.from_pretrained(model, trust_remote_code=True)
+        return pipeline(TASK, model=network, processor=processor, device=device, pipeline_class=pipeline_class)
+    except LOAD_ERRORS as error:
+        raise _load_failure(model, error) from None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A conversation about one video
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _cache_of(output):
+    """(the name, the cache) of a forward's output: `cache` from transformers 5.24, `past_key_values` before. The same
+    name is `generate`'s argument for a cache to continue from."""
+    for name in ("cache", "past_key_values"):
+        cache = output.get(name) if hasattr(output, "get") else getattr(output, name, None)
+        if cache is not None:
+            return name, cache
+    raise RuntimeError("The model returned no cache to continue the conversation from.")
+
+
+class Conversation:
+    """A video, the turns about it so far, and the model's cache after the last answer.
+
+    The first question goes through the pipeline, which decodes the frames, runs the vision tower and generates. Each
+    follow-up is the whole conversation so far rendered with the processor's chat template (the user turn with the
+    video and the first question, each answer, the new question) and continues from the last turn's cache: the DCALs'
+    visual memory of the video and the self-attention cache of every token before. Only the tokens the cache does not
+    hold are prefilled; the vision tower does not run again, and the answer is the one the whole conversation gives
+    from scratch. The cache holds the tokens the model was fed (the prompt, then each generated token but the last);
+    where the rendered conversation's tokens part from them (an answer's text may tokenize otherwise than it was
+    generated), the cache is cropped to the tokens they share, which always include the video.
+    """
+
+    def __init__(self, pipe, video: str, sampling: dict, max_new_tokens: int):
+        self.pipe, self.model, self.processor = pipe, pipe.model, pipe.processor
+        self.video, self.sampling, self.max_new_tokens = video, sampling, max_new_tokens
+        self.limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        self.messages = []
+        self.cache_name, self.cache = None, None
+        self.cached_ids = None  # the token ids the cache holds, in order
+        self.video_tokens = 0
+
+    def ask_first(self, question: str):
+        """Answer the first question through the pipeline: (answer, stage times, the prefill's inputs)."""
+        messages = [
+            {"role": "user", "content": [{"type": "video", "path": self.video}, {"type": "text", "text": question}]}
+        ]
+        stop = _StopAtLength()
+
+        def fit(kwargs):  # the prompt is built: refuse it, or cap the answer, if it would not fit the model
+            length = kwargs["input_ids"].shape[-1]
+            if _position_room(length, self.max_new_tokens, self.limit) < self.max_new_tokens:
+                stop.length = self.limit
+
+        timer = StageTimer(self.model, on_prefill=fit)
+        try:
+            outputs, times = timer.run(
+                lambda: self.pipe(
+                    text=messages,
+                    max_new_tokens=self.max_new_tokens,
+                    return_full_text=False,
+                    stopping_criteria=StoppingCriteriaList([stop]),
+                    **self.sampling,
+                )
+            )
+        except ValueError as error:  # the processor names bad videos, time windows and placeholders
+            raise UsageError(_first_line(error)) from None
+        answer = outputs[0]["generated_text"]
+        ids = timer.prefill_inputs["input_ids"]
+        self.video_tokens = int((ids == self.model.config.video_token_id).sum())
+        self._remember(messages, answer, timer, kept=None)
+        return answer, times, timer.prefill_inputs
+
+    def ask_follow_up(self, question: str):
+        """Answer a follow-up question from the cache: (answer, times with `cached` and `new` prompt tokens)."""
+        for token in (self.processor.video_token, self.processor.image_token):
+            if token in question:
+                raise QuestionError(
+                    f"a follow-up question cannot hold a {token} placeholder: the conversation is about the one "
+                    "video given with --video"
+                )
+        messages = self.messages + [{"role": "user", "content": [{"type": "text", "text": question}]}]
+        ids = self._conversation_ids(messages)
+        max_new_tokens = _position_room(
+            len(ids), self.max_new_tokens, self.limit, "the conversation", "start a new conversation"
+        )
+        reused = self._reuse_cache(ids)
+        inputs = ids[None].to(self.model.device)
+        timer = StageTimer(self.model)
+        with torch.inference_mode():
+            sequences, times = timer.run(
+                lambda: self.model.generate(
+                    input_ids=inputs,
+                    attention_mask=torch.ones_like(inputs),
+                    max_new_tokens=max_new_tokens,
+                    **{self.cache_name: self.cache},
+                )
+            )
+        answer = self.processor.decode(sequences[0, len(ids) :], skip_special_tokens=True)
+        self._remember(messages, answer, timer, kept=ids[:reused])
+        times.update(cached=reused, new=len(ids) - reused)
+        return answer, times
+
+    def _conversation_ids(self, messages) -> torch.Tensor:
+        """The token ids of the whole conversation, as the processor makes them: the chat template's text with its
+        <video> placeholder expanded to the video's tokens, tokenized."""
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        video, image = self.processor.video_token, self.processor.image_token
+        if text.count(video) != 1 or image in text:
+            raise UsageError(
+                f"the conversation's text holds {text.count(video)} {video} and {text.count(image)} {image} "
+                f"placeholder(s) (an answer spelled one out), where its one video has one: it cannot go on"
+            )
+        text = text.replace(video, video * self.video_tokens)
+        return self.processor.tokenizer(text, return_tensors="pt")["input_ids"][0]
+
+    def _reuse_cache(self, ids: torch.Tensor) -> int:
+        """Crop the cache to the tokens it shares with the conversation's `ids` (leaving at least one to prefill) and
+        return how many it keeps; they must include every visual token, whose encoding the cache holds."""
+        cached = self.cached_ids
+        shared = min(len(cached), len(ids) - 1)
+        differ = (cached[:shared] != ids[:shared]).nonzero()
+        kept = int(differ[0]) if len(differ) else shared
+        config = self.model.config
+        visual = ((ids == config.video_token_id) | (ids == config.image_token_id)).nonzero()
+        if len(visual) and int(visual[-1]) >= kept:
+            raise RuntimeError(
+                f"The conversation's tokens part from the cached ones at {kept}, before the video's last token."
+            )
+        if kept < len(cached):
+            self.cache.crop(kept - len(cached))  # a negative count: the tokens to drop, on every transformers 5.x
+        return kept
+
+    def _remember(self, messages, answer: str, timer: StageTimer, kept):
+        """The conversation with this answer, and the cache after it with the token ids it holds."""
+        self.messages = messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        fed = torch.cat([ids.reshape(-1) for ids in timer.fed]).cpu()
+        self.cached_ids = fed if kept is None else torch.cat([kept, fed])
+        self.cache_name, self.cache = _cache_of(timer.output)
+        if self.cache.get_seq_length() != len(self.cached_ids):
+            raise RuntimeError(
+                f"The cache holds {self.cache.get_seq_length()} tokens, but the model was fed {len(self.cached_ids)}."
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -137,10 +504,7 @@ class StageTimer:
 # --------------------------------------------------------------------------------------------------------------------
 DEFAULT_PROMPT = "What happens in this video?"
 DEFAULT_NUM_FRAMES = 8
-
-
-class UsageError(Exception):
-    """A bad command-line input: reported as one line, exit code 2."""
+END_WORDS = ("exit", "quit")
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -170,24 +534,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", help="checkpoint folder or Hub id (default: the built-in random sample checkpoint)")
     parser.add_argument("--video", help="video file (default: the built-in sample video)")
     parser.add_argument(
-        "--prompt", default=DEFAULT_PROMPT, help=f"question about the video (default: {DEFAULT_PROMPT!r})"
+        "--prompt",
+        help=f"question about the video (default: {DEFAULT_PROMPT!r}; with --interactive, the first line of stdin)",
+    )
+    parser.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="then read follow-up questions from stdin, one a line, until an empty line, 'exit' or end of input; "
+        "each reuses the encoded video and the conversation's cache (the vision tower runs once)",
     )
     sampling = parser.add_mutually_exclusive_group()
     sampling.add_argument(
         "--num-frames", type=_positive(int), help=f"frames sampled uniformly (default: {DEFAULT_NUM_FRAMES})"
     )
     sampling.add_argument("--fps", type=_positive(float), help="sample frames at this rate instead")
-    parser.add_argument("--max-new-tokens", type=_positive(int), default=32, help="answer length limit (default: 32)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=_positive(int),
+        default=32,
+        help="answer length limit (default: 32); capped, with a warning, where the model's positions end",
+    )
     parser.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     parser.add_argument(
         "--dtype",
         choices=("auto", "float32", "bfloat16", "float16"),
         default="auto",
-        help="weights and activations (default: bfloat16 on CUDA, float32 elsewhere)",
+        help="weights and activations (default: auto, the checkpoint's dtype as saved in its config.json; a float16 "
+        "checkpoint runs as float32 on a CPU)",
     )
     args = parser.parse_args(argv)
-    if not args.prompt.strip():
+    if args.prompt is not None and not args.prompt.strip():
         parser.error("--prompt is empty")
+    if args.prompt is None and not args.interactive:
+        args.prompt = DEFAULT_PROMPT
     if args.num_frames is None and args.fps is None:
         args.num_frames = DEFAULT_NUM_FRAMES
     return args
@@ -225,18 +605,19 @@ def _check_model(model: str) -> str:
     return model
 
 
-def _resolve_device(device: str | None, dtype: str):
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device!r} is not a torch device (try cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} asked for CUDA, but no CUDA device is available")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    return device, getattr(torch, dtype)
+def _read_question() -> str | None:
+    """The next question from stdin (after a `> ` prompt on stderr when stdin is a terminal); None at the end of the
+    input, an empty line, `exit` or `quit`."""
+    terminal = sys.stdin.isatty()
+    if terminal:
+        print("> ", end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    if not line and terminal:
+        print(file=sys.stderr)
+    question = line.strip()
+    if not question or question.lower() in END_WORDS:
+        return None
+    return question
 
 
 def _visual_inputs(inputs: dict, config) -> tuple[int, int, int]:
@@ -248,6 +629,15 @@ def _visual_inputs(inputs: dict, config) -> tuple[int, int, int]:
     ids = inputs["input_ids"]
     tokens = int(((ids == config.video_token_id) | (ids == config.image_token_id)).sum())
     return frames, int(pixels[0].shape[-1]), tokens
+
+
+def _rate(times: dict) -> str:
+    steps = times["tokens"] - 1  # tokens after the first, which the prefill gives
+    return f", {steps / times['generate']:.1f} tokens/s" if steps and times["generate"] > 0 else ""
+
+
+def _where(device, dtype) -> str:
+    return f"[{device}, {str(dtype).removeprefix('torch.')}]"
 
 
 def _report(answer: str, times: dict, config, inputs: dict, random_weights: bool, device, dtype):
@@ -271,20 +661,34 @@ def _report(answer: str, times: dict, config, inputs: dict, random_weights: bool
         f"Original visual tokens the DCALs attend to (after decoder layers {config.dcal_layer_indices}): "
         f"{frames * grid * grid} ({frames} x {grid * grid}), kept out of the self-attention KV cache"
     )
-    steps = times["tokens"] - 1  # tokens after the first, which the prefill gives
-    rate = f", {steps / times['generate']:.1f} tokens/s" if steps and times["generate"] > 0 else ""
     print(
         f"Times: decode frames {times['decode']:.3f} s | encode (vision tower, pooling) {times['encode']:.3f} s | "
-        f"prefill {times['prefill']:.3f} s | generate {times['generate']:.3f} s ({times['tokens']} tokens{rate}) | "
-        f"total {times['total']:.3f} s  [{device}, {str(dtype).removeprefix('torch.')}]"
+        f"prefill {times['prefill']:.3f} s | generate {times['generate']:.3f} s ({times['tokens']} tokens"
+        f"{_rate(times)}) | total {times['total']:.3f} s  {_where(device, dtype)}",
+        flush=True,
     )
 
 
+def _report_follow_up(answer: str, times: dict, device, dtype):
+    print(f"Answer: {answer}")
+    print(
+        f"Times: prefill {times['prefill']:.3f} s ({times['new']} new tokens after {times['cached']} cached) | "
+        f"generate {times['generate']:.3f} s ({times['tokens']} tokens{_rate(times)}) | total {times['total']:.3f} s  "
+        f"{_where(device, dtype)}"
+    )
+    if times["vision_runs"]:
+        print(f"(The vision tower ran {times['vision_runs']} time(s).)")
+    else:
+        print("(The vision tower did not run: the video's encoding and the conversation came from the cache.)")
+    sys.stdout.flush()
+
+
 def answer(args: argparse.Namespace):
-    """Check the inputs, build the samples if needed, load the pipeline, answer and report."""
+    """Check the inputs, build the samples if needed, load the pipeline, answer and report; with --interactive,
+    answer follow-up questions from stdin until it ends."""
     video = _check_video(args.video) if args.video is not None else None
     model = _check_model(args.model) if args.model is not None else None
-    device, dtype = _resolve_device(args.device, args.dtype)
+    device = _resolve_device(args.device)
     if model is None:
         if not (cache_folder() / "sample-checkpoint").exists():
             log(f"Building the random-weight sample checkpoint in {cache_folder()} (once) ...")
@@ -294,39 +698,39 @@ def answer(args: argparse.Namespace):
             log(f"Encoding the sample video in {cache_folder()} (once) ...")
         video = str(sample_video())
 
-    from transformers import AutoConfig, pipeline
-
-    log(f"Loading {model} on {device} ({str(dtype).removeprefix('torch.')}) ...")
-    try:
-        config = AutoConfig.from_pretrained(model, trust_remote_code=True)
-        if "video-text-to-text" not in (getattr(config, "custom_pipelines", None) or {}):
-            raise UsageError(
-                f"{model} is a {config.model_type!r} checkpoint, which has no video-text-to-text pipeline"
-            )
-        pipe = pipeline("video-text-to-text", model=model, trust_remote_code=True, device=device, dtype=dtype)
-    except OSError as error:
-        raise UsageError(f"cannot load model {model!r}: {str(error).strip().splitlines()[0]}") from None
-    messages = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": args.prompt}]}]
+    pipe = load_pipeline(model, device, args.dtype)
+    dtype, config = pipe.model.dtype, pipe.model.config
     sampling = {"num_frames": args.num_frames} if args.num_frames is not None else {"fps": args.fps}
+    conversation = Conversation(pipe, video, sampling, args.max_new_tokens)
+    question = args.prompt if args.prompt is not None else _read_question()
+    if question is None:
+        return
     log(f"Reading {video} and answering ({sampling}, up to {args.max_new_tokens} new tokens) ...")
-    timer = StageTimer(pipe.model)
-    try:
-        outputs, times = timer.run(
-            lambda: pipe(text=messages, max_new_tokens=args.max_new_tokens, return_full_text=False, **sampling)
-        )
-    except ValueError as error:  # the processor names bad videos, time windows and placeholders
-        raise UsageError(str(error).strip().splitlines()[0]) from None
-    config = pipe.model.config
-    _report(outputs[0]["generated_text"], times, config, timer.prefill_inputs, args.model is None, device, dtype)
+    first, times, inputs = conversation.ask_first(question)
+    _report(first, times, config, inputs, args.model is None, device, dtype)
+    if not args.interactive:
+        return
+    while (question := _read_question()) is not None:
+        print()
+        try:
+            reply, times = conversation.ask_follow_up(question)
+        except QuestionError as error:
+            print(f"crosslmm-answer: error: {error}", file=sys.stderr, flush=True)
+            continue
+        _report_follow_up(reply, times, device, dtype)
 
 
 def main(argv=None) -> int:
-    """Console script `crosslmm-answer`: 0 on success, 2 (with one error line on stderr) on bad input."""
+    """Console script `crosslmm-answer`: 0 on success, 2 (with one error line on stderr) on bad input, 130 when
+    interrupted."""
     try:
         answer(parse_args(argv))
     except UsageError as error:
         print(f"crosslmm-answer: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
     return 0
 
 

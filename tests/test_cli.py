@@ -40,11 +40,12 @@ def expected_answer(folder, video, prompt, num_frames, max_new_tokens):
 def test_answers_and_reports_tokens_and_times(files, capsys):
     folder, video = files
     argv = ["--model", str(folder), "--video", str(video), "--prompt", "What moves?", "--num-frames", "4"]
-    assert main(argv + ["--max-new-tokens", "5"]) == 0
+    assert main(argv + ["--max-new-tokens", "5", "--device", "cpu"]) == 0  # on the CPU, as the expected answer
     out = capsys.readouterr().out
     answer, generated = expected_answer(folder, video, "What moves?", num_frames=4, max_new_tokens=5)
     assert f"Answer: {answer}\n" in out
     assert "Random weights" not in out  # only said of the built-in sample checkpoint
+    assert out.rstrip().endswith("[cpu, float32]")  # the device and the checkpoint's dtype (--dtype auto)
     # 4 frames of 28 px, a 7 x 7 patch grid pooled to 2 x 2; LLaVA-OneVision would pool it to 4 x 4 and add a newline.
     assert "Frames: 4, 28 px, 7 x 7 patches each" in out
     assert "Visual tokens in the LLM's sequence: 16 (4 frames x 4 pooled)" in out
