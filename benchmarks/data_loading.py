@@ -2,10 +2,10 @@
 
 Encodes a set of 30-second 640x360 30 fps H.264 clips with PyAV (x264 `veryfast`, its default keyframe interval; in a
 temporary folder, or once into `--folder`), writes a LLaVA-Video JSON file with one question per clip, and times the
-real input path of `crosslmm-train`: `crosslmm.data.VideoChatDataset` (PyAV seek-and-decode of the sampled frames)
-plus the collator (chat template, placeholder expansion, resize to 384 px and normalisation) in a torch DataLoader,
-for each number of workers and frames per video. The first batch (worker start-up) is left out of the rate. Also the
-time one thread spends per sample on decoding and on resizing/normalising, which tells how many workers a GPU step
+real input path of `crosslmm-train`: `crosslmm.data.VideoChatDataset` (PyAV seek-and-decode of the sampled frames,
+each resized to 384 px as it is decoded) plus the collator (chat template, placeholder expansion, normalisation) in a
+torch DataLoader, for each number of workers and frames per video. The first batch (worker start-up) is left out of
+the rate. Also the time one thread spends per sample on each of the two, which tells how many workers a GPU step
 needs. Prints tables, and writes the numbers as JSON with `--json`.
 
     python benchmarks/data_loading.py [--workers 0 1 2 4] [--frames 32 64] [--samples 48] [--repeats 1]
@@ -100,7 +100,8 @@ def rate(dataset, collator, workers: int, batch_size: int) -> dict:
 
 
 def cost_per_sample(dataset, collator, samples: int = 8) -> dict:
-    """Seconds one thread spends on a sample: decoding its frames (the dataset) and preparing them (the collator)."""
+    """Seconds one thread spends on a sample: decoding its frames, each resized as it is decoded (the dataset), and
+    preparing them (the collator: chat template, placeholder expansion, normalisation)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     decode = prepare = 0.0
@@ -166,7 +167,7 @@ def run(args, folder: Path):
             print(row, flush=True)
 
     print()
-    print("| frames per video | decoding, one thread | resizing and normalising, one thread |")
+    print("| frames per video | decoding and resizing, one thread | chat template and normalising, one thread |")
     print("| --- | --- | --- |")
     for frames, cost in costs.items():
         print(f"| {frames} | {cost['decode_s']:.3f} s | {cost['prepare_s']:.3f} s |")
