@@ -26,7 +26,7 @@ from crosslmm.training import CrossLMMDataCollator, CrossLMMTrainer, setup_stage
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="CrossLMM checkpoint (folder or Hub id); default: build a tiny random one")
-    parser.add_argument("--output-dir", default=None, help="where Trainer writes (default: a temporary folder)")
+    parser.add_argument("--output-dir", help="where Trainer writes (default: a temporary folder, deleted)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--log-every", type=int, default=5, help="log the training loss every this many steps")
@@ -40,7 +40,13 @@ def parse_args(argv=None):
 def main(argv=None) -> list[float]:
     """Fine-tune and return the logged training losses."""
     args = parse_args(argv)
-    output_dir = Path(args.output_dir or tempfile.mkdtemp(prefix="crosslmm-finetune-"))
+    if args.output_dir:
+        return fine_tune(args, Path(args.output_dir))
+    with tempfile.TemporaryDirectory(prefix="crosslmm-finetune-") as scratch:  # nothing left behind
+        return fine_tune(args, Path(scratch))
+
+
+def fine_tune(args, output_dir: Path) -> list[float]:
     checkpoint = args.model or build_sample_checkpoint(output_dir / "tiny-checkpoint", "tiny", seed=args.seed)
     # Made before loading the model: under DeepSpeed ZeRO-3 this lets from_pretrained load each GPU's shard only.
     training_args = TrainingArguments(
