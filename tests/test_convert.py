@@ -483,31 +483,41 @@ def test_outputs_that_cannot_be_written_give_one_line_and_write_nothing(tmp_path
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_a_signal_during_the_conversion_leaves_no_temporary_folder(tmp_path, signum):
-    """The console script, stopped by a signal while its temporary folder exists: one line, exit status 128 + the
-    signal's number, nothing left (the verification process it started is stopped too)."""
-    source = llava_onevision_folder(tmp_path / "llava-ov")
-    command = Path(sys.executable).with_name("crosslmm-convert")
+def test_a_signal_during_the_conversion_leaves_no_temporary_folder(tmp_path):
+    """The console script, stopped by SIGTERM, SIGINT or SIGHUP while its temporary folder exists: one line, exit
+    status 128 + the signal's number, nothing left (the verification process it started is stopped too). The three
+    runs go side by side: most of each is starting Python."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen(
-        [command, "--source", source, "--output", tmp_path / "out", "--verify"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".out.converting-*")):
-        assert process.poll() is None, process.communicate()[1]
+    runs = {}
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        folder = tmp_path / signal.Signals(signum).name
+        source = llava_onevision_folder(folder / "llava-ov")
+        process = subprocess.Popen(
+            [Path(sys.executable).with_name("crosslmm-convert"), "--source", source, "--output", folder / "out",
+             "--verify"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=folder,
+        )  # fmt: skip
+        runs[signum] = folder, process
+    deadline = time.monotonic() + 180
+    waiting = dict(runs)
+    while waiting:
+        for signum, (folder, process) in list(waiting.items()):
+            if list(folder.glob(".out.converting-*")):
+                process.send_signal(signum)
+                del waiting[signum]
+            else:
+                assert process.poll() is None, process.communicate()[1]
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    process.send_signal(signum)
-    err = process.communicate(timeout=120)[1]
-    assert process.returncode == 128 + signum, err
-    assert "Traceback" not in err
-    assert (
-        err.strip().splitlines()[-1]
-        == f"error: interrupted by {signal.Signals(signum).name} (no temporary folder left)"
-    )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["llava-ov"]
+    for signum, (folder, process) in runs.items():
+        err = process.communicate(timeout=120)[1]
+        assert process.returncode == 128 + signum, err
+        assert "Traceback" not in err
+        assert (
+            err.strip().splitlines()[-1]
+            == f"error: interrupted by {signal.Signals(signum).name} (no temporary folder left)"
+        )
+        assert sorted(p.name for p in folder.iterdir()) == ["llava-ov"]
 
 
 def test_verification_failure_leaves_nothing(tmp_path, monkeypatch):
