@@ -355,21 +355,23 @@ def test_server_keeps_serving_after_bad_requests(server, files):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_command_line_refuses_what_it_cannot_serve(files, tmp_path, capsys):
-    """The refusals come before anything is served: `main` in this process (the console script itself runs in the
-    `server` fixture)."""
-    from crosslmm.serve import main
+def _run_cli(args, tmp) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*_serve_command(), *map(str, args)], capture_output=True, text=True, env=_env(tmp), timeout=300
+    )
 
-    assert main([str(tmp_path / "no-such-folder")]) == 2
-    err = capsys.readouterr().err
-    assert "crosslmm-serve: error: cannot load the config of" in err and "Traceback" not in err
+
+def test_command_line_refuses_what_it_cannot_serve(files, tmp_path):
+    result = _run_cli([tmp_path / "no-such-folder"], tmp_path)
+    assert result.returncode == 2
+    assert "crosslmm-serve: error: cannot load the config of" in result.stderr and "Traceback" not in result.stderr
 
     other = tmp_path / "qwen2"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
-    assert main([str(other)]) == 2
-    err = capsys.readouterr().err
-    assert "is a 'qwen2' checkpoint, not CrossLMM" in err and "Traceback" not in err
+    result = _run_cli([other], tmp_path)
+    assert result.returncode == 2
+    assert "is a 'qwen2' checkpoint, not CrossLMM" in result.stderr
 
 
 def test_trust_remote_code_runs_the_checkpoints_own_code(files, tmp_path):
