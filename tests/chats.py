@@ -14,6 +14,19 @@ def image_question(image, question="Describe."):
     return [{"role": "user", "content": [{"type": "image", "path": str(image)}, {"type": "text", "text": question}]}]
 
 
+def chat_inputs(processor, messages, **processor_kwargs):
+    """The model's inputs for `messages` as users make them: the processor's chat template, tokenized, with the
+    generation prompt; `processor_kwargs` (num_frames, ...) go to the processor."""
+    return processor.apply_chat_template(
+        messages,
+        tokenize=True,
+        return_dict=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        processor_kwargs=processor_kwargs,
+    )
+
+
 def training_sample(turns, video):
     """A sample for `CrossLMMDataCollator`: (question, answer) turns, the first question about `video` (frames)."""
     messages = []

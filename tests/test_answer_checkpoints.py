@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2Config
 
-from chats import video_question
+from chats import chat_inputs, video_question
 from crosslmm.answer import main
 
 
@@ -124,15 +124,7 @@ def test_a_broken_checkpoint_ends_with_one_line_naming_it_and_the_problem(
 
 def prompt_length(folder, video):
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    inputs = processor.apply_chat_template(
-        video_question(video, QUESTION),
-        tokenize=True,
-        return_dict=True,
-        add_generation_prompt=True,
-        return_tensors="pt",
-        processor_kwargs={"num_frames": NUM_FRAMES},
-    )
-    return inputs["input_ids"].shape[1]
+    return chat_inputs(processor, video_question(video, QUESTION), num_frames=NUM_FRAMES)["input_ids"].shape[1]
 
 
 def test_an_answer_past_the_models_positions_is_capped_with_a_warning(tiny_files, tmp_path, capsys):
@@ -151,14 +143,7 @@ def test_an_answer_past_the_models_positions_is_capped_with_a_warning(tiny_files
     # The answer is the one generate gives with the capped length.
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    inputs = processor.apply_chat_template(
-        video_question(video, QUESTION),
-        tokenize=True,
-        return_dict=True,
-        add_generation_prompt=True,
-        return_tensors="pt",
-        processor_kwargs={"num_frames": NUM_FRAMES},
-    )
+    inputs = chat_inputs(processor, video_question(video, QUESTION), num_frames=NUM_FRAMES)
     with torch.no_grad():
         expected = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, length:]
     assert f"Answer: {processor.decode(expected, skip_special_tokens=True)}\n" in out
@@ -240,14 +225,7 @@ def test_dtype_auto_runs_the_checkpoints_dtype(tiny_files, tmp_path, capsys):
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True, dtype="auto").eval()
     assert model.dtype == torch.bfloat16
     processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
-    inputs = processor.apply_chat_template(
-        video_question(video, QUESTION),
-        tokenize=True,
-        return_dict=True,
-        add_generation_prompt=True,
-        return_tensors="pt",
-        processor_kwargs={"num_frames": NUM_FRAMES},
-    ).to(dtype=torch.bfloat16)
+    inputs = chat_inputs(processor, video_question(video, QUESTION), num_frames=NUM_FRAMES).to(dtype=torch.bfloat16)
     with torch.no_grad():
         expected = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, inputs["input_ids"].shape[1] :]
     assert f"Answer: {processor.decode(expected, skip_special_tokens=True)}\n" in out

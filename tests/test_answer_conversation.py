@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from chats import video_question
+from chats import chat_inputs, video_question
 from crosslmm import answer
 from crosslmm.answer import main
 
@@ -36,14 +36,7 @@ def from_scratch(reference, video, turns):
             messages.append({"role": "user", "content": [{"type": "text", "text": question}]})
         if reply is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
-    inputs = processor.apply_chat_template(
-        messages,
-        tokenize=True,
-        return_dict=True,
-        add_generation_prompt=True,
-        return_tensors="pt",
-        processor_kwargs={"num_frames": NUM_FRAMES},
-    )
+    inputs = chat_inputs(processor, messages, num_frames=NUM_FRAMES)
     with torch.no_grad():
         sequences = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
     prompt = inputs["input_ids"][0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, BertConfig, BertModel
 
-from chats import video_question
+from chats import chat_inputs, video_question
 from crosslmm import answer, samples
 from crosslmm.answer import main
 
@@ -22,14 +22,7 @@ def files(tiny_files):
 def expected_answer(folder, video, prompt, num_frames, max_new_tokens):
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    inputs = processor.apply_chat_template(
-        video_question(video, prompt),
-        tokenize=True,
-        return_dict=True,
-        add_generation_prompt=True,
-        return_tensors="pt",
-        processor_kwargs={"num_frames": num_frames},
-    )
+    inputs = chat_inputs(processor, video_question(video, prompt), num_frames=num_frames)
     with torch.no_grad():
         new_ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[
             0, inputs["input_ids"].shape[1] :

@@ -13,7 +13,7 @@ import torch
 from huggingface_hub import HfApi
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer, pipeline
 
-from chats import image_question, video_question
+from chats import chat_inputs, image_question, video_question
 from tiny import VIDEO_FPS, VIDEO_SECONDS
 
 
@@ -44,17 +44,6 @@ def generate_answers(reference, inputs, **kwargs):
     with torch.no_grad():
         sequences = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, **kwargs)
     return processor.batch_decode(sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-
-
-def chat_inputs(reference, messages, **processor_kwargs):
-    return reference[1].apply_chat_template(
-        messages,
-        tokenize=True,
-        return_dict=True,
-        add_generation_prompt=True,
-        return_tensors="pt",
-        processor_kwargs=processor_kwargs,
-    )
 
 
 def test_checkpoint_folder_registers_and_carries_the_pipeline(files, reference, tmp_path):
@@ -89,12 +78,12 @@ def test_fresh_process_without_the_repository(fresh_process, reference):
     video, image, max_new_tokens = job["video"], job["image"], job["max_new_tokens"]
     _, processor = reference
     expected = {
-        "chat": generate_answers(reference, chat_inputs(reference, video_question(video), num_frames=4)),
+        "chat": generate_answers(reference, chat_inputs(reference[1], video_question(video), num_frames=4)),
         "text": generate_answers(
             reference, processor(text="<video>\nWhat?", videos=video, num_frames=3, return_tensors="pt")
         ),
         "image": generate_answers(reference, processor(text="<image>\nDescribe.", images=image, return_tensors="pt")),
-        "image_chat": generate_answers(reference, chat_inputs(reference, image_question(image))),
+        "image_chat": generate_answers(reference, chat_inputs(reference[1], image_question(image))),
     }
     assert max_new_tokens == MAX_NEW_TOKENS  # what generate_answers generates
     report = fresh_process.report["pipeline"]
@@ -111,7 +100,7 @@ def test_model_in_memory(files, reference):
     _, video = files
     in_memory = pipeline("video-text-to-text", model=model, processor=processor)
     assert type(in_memory).__name__ == "CrossLMMVideoTextToTextPipeline"
-    answer = generate_answers(reference, chat_inputs(reference, video_question(video), num_frames=2))
+    answer = generate_answers(reference, chat_inputs(reference[1], video_question(video), num_frames=2))
     assert in_memory(video_question(video), num_frames=2, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False) == [
         {"input_text": video_question(video), "generated_text": answer[0]}
     ]
@@ -120,7 +109,7 @@ def test_model_in_memory(files, reference):
 def test_chat_and_text_forms_match_generate(files, reference, pipe):
     folder, video = files
     messages = video_question(video)
-    answer = generate_answers(reference, chat_inputs(reference, messages, num_frames=4))[0]
+    answer = generate_answers(reference, chat_inputs(reference[1], messages, num_frames=4))[0]
     assert pipe(messages, num_frames=4, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False) == [
         {"input_text": messages, "generated_text": answer}
     ]
@@ -172,7 +161,7 @@ def test_generation_and_frame_sampling_options(files, reference, pipe):
     _, video = files
     messages = video_question(video)
     per_frame = pipe.model.config.tokens_per_frame
-    prompt_length = chat_inputs(reference, messages, num_frames=2)["input_ids"].shape[1]
+    prompt_length = chat_inputs(reference[1], messages, num_frames=2)["input_ids"].shape[1]
 
     for options in ({"min_new_tokens": 3}, {"generate_kwargs": {"min_new_tokens": 3}}):
         result = pipe(messages, num_frames=2, max_new_tokens=3, return_tensors=True, **options)
@@ -191,8 +180,8 @@ def test_generation_and_frame_sampling_options(files, reference, pipe):
     assert VIDEO_FPS * VIDEO_SECONDS > 3  # so the counts above come from sampling, not from the video's length
 
     # Generation options reach generate, loose or in generate_kwargs: beam search, checked against generate.
-    answers = generate_answers(reference, chat_inputs(reference, messages, num_frames=2), num_beams=2)
-    assert answers != generate_answers(reference, chat_inputs(reference, messages, num_frames=2))  # not greedy's
+    answers = generate_answers(reference, chat_inputs(reference[1], messages, num_frames=2), num_beams=2)
+    assert answers != generate_answers(reference, chat_inputs(reference[1], messages, num_frames=2))  # not greedy's
     for options in ({"num_beams": 2}, {"generate_kwargs": {"num_beams": 2}}):
         results = pipe(messages, num_frames=2, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False, **options)
         assert [r["generated_text"] for r in results] == answers
@@ -201,7 +190,7 @@ def test_generation_and_frame_sampling_options(files, reference, pipe):
 def test_streaming_matches_generate(files, reference, pipe):
     _, video = files
     model, processor = reference
-    inputs = chat_inputs(reference, video_question(video), num_frames=4)
+    inputs = chat_inputs(reference[1], video_question(video), num_frames=4)
     answer = generate_answers(reference, inputs)[0]
 
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60)
