@@ -8,7 +8,7 @@ from transformers import GenerationConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from modeling_crosslmm import CACHE_ARG, CrossLMMCache, CrossLMMForConditionalGeneration
-from tiny import frames, prompt, reference_llm, tiny_config, tiny_model
+from tiny import count_encoded_frames, frames, prompt, reference_llm, tiny_config, tiny_model
 
 
 def video_inputs(config, **kwargs):
@@ -145,12 +145,6 @@ def test_video_and_image_features_and_the_outputs_that_carry_them():
 
 
 # ---- generation ----------------------------------------------------------------------------------------------------
-
-
-def count_encoded_frames(model):
-    encoded = []
-    model.model.vision_tower.embeddings.register_forward_hook(lambda m, args, out: encoded.append(out.shape[0]))
-    return encoded
 
 
 @torch.no_grad()

@@ -6,7 +6,17 @@ from torch import nn
 from transformers import SiglipVisionModel
 
 from modeling_crosslmm import CACHE_ARG, CrossLMMForConditionalGeneration
-from tiny import IMAGE_SIZE, frames, left_padded, prompt, reference_llm, set_gates, tiny_config, tiny_model
+from tiny import (
+    IMAGE_SIZE,
+    count_encoded_frames,
+    frames,
+    left_padded,
+    prompt,
+    reference_llm,
+    set_gates,
+    tiny_config,
+    tiny_model,
+)
 
 
 def reference_visual_embeddings(model, clip):
@@ -161,12 +171,6 @@ def test_padded_batch_equals_each_sample_alone():
     for row, (ids, clips) in enumerate(samples):
         alone = model(input_ids=ids, pixel_values_videos=clips).logits[0]
         torch.testing.assert_close(batched[row, width - ids.shape[1] :], alone, rtol=1e-4, atol=1e-5)
-
-
-def count_encoded_frames(model):
-    encoded = []
-    model.model.vision_tower.embeddings.register_forward_hook(lambda m, args, out: encoded.append(out.shape[0]))
-    return encoded
 
 
 @torch.no_grad()

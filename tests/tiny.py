@@ -53,6 +53,13 @@ def prompt(config, *parts):
     return torch.tensor([ids])
 
 
+def count_encoded_frames(model):
+    """A list that gets the number of frames of every vision-tower pass of `model` from now on."""
+    encoded = []
+    model.model.vision_tower.embeddings.register_forward_hook(lambda m, args, out: encoded.append(out.shape[0]))
+    return encoded
+
+
 def reference_llm(model):
     """transformers' own Qwen2ForCausalLM holding CrossLMM's LLM weights."""
     from transformers import Qwen2ForCausalLM
