@@ -520,6 +520,32 @@ def test_a_signal_during_the_conversion_leaves_no_temporary_folder(tmp_path):
         assert sorted(p.name for p in folder.iterdir()) == ["llava-ov"]
 
 
+CUT_OFF_PROGRESS_BAR = """
+import signal, tqdm.auto
+from crosslmm.convert import cli
+
+class Bar(tqdm.auto.tqdm):
+    def __init__(self, *args, **kwargs):
+        self.disable = False  # as far as tqdm's own __init__ gets before it sets self.pos
+        signal.raise_signal(signal.SIGTERM)
+
+cli.convert = lambda args: Bar(total=1)
+cli.main(["--source", "unused", "--output", "unused"])
+"""
+
+
+def test_a_signal_that_cuts_an_object_off_halfway_still_ends_on_one_line():
+    """A signal can land between two attributes of an object under construction (tqdm's progress bar in
+    `write_weights` is the one seen): the process ends without running that object's finalizer, whose traceback would
+    otherwise follow the error line."""
+    process = subprocess.run([sys.executable, "-c", CUT_OFF_PROGRESS_BAR], capture_output=True, text=True, timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, process.stderr
+    assert process.stderr.splitlines()[-1:] == ["error: interrupted by SIGTERM (no temporary folder left)"], (
+        process.stderr
+    )
+    assert "Traceback" not in process.stderr and "Exception ignored" not in process.stderr, process.stderr
+
+
 def test_verification_failure_leaves_nothing(tmp_path, monkeypatch):
     source = llava_onevision_folder(tmp_path / "llava-ov")
     before = {p.name for p in tmp_path.iterdir()}

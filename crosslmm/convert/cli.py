@@ -81,6 +81,15 @@ def _on_signal(signum, frame):
         raise Interrupted(signum)
 
 
+def _exit_now(status: int):
+    """End the process without the interpreter's shutdown, once the temporary folder is gone: the signal may have cut
+    an object off halfway through its construction (a progress bar between two attributes), and its finalizer would
+    print a traceback after our one line."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def _check_output(output: Path, args):
     """Before anything is read: the output is a folder we may create or (with --overwrite) replace, next to which we
     can write, and no source lies inside it."""
@@ -271,7 +280,7 @@ def main(argv=None):
         if _signals_received:  # whatever the exception became on its way out
             signum = _signals_received[0]
             print(f"error: interrupted by {signal.Signals(signum).name} (no temporary folder left)", file=sys.stderr)
-            sys.exit(128 + signum)
+            _exit_now(128 + signum)
         if isinstance(error, ConversionError):
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
