@@ -520,30 +520,58 @@ def test_a_signal_during_the_conversion_leaves_no_temporary_folder(tmp_path):
         assert sorted(p.name for p in folder.iterdir()) == ["llava-ov"]
 
 
-CUT_OFF_PROGRESS_BAR = """
-import signal, tqdm.auto
-from crosslmm.convert import cli
+SIGNAL_AT = """
+import signal, sys, tempfile, tqdm.auto
+from crosslmm.convert import cli, write
 
-class Bar(tqdm.auto.tqdm):
+class CutOffBar(tqdm.auto.tqdm):
     def __init__(self, *args, **kwargs):
         self.disable = False  # as far as tqdm's own __init__ gets before it sets self.pos
         signal.raise_signal(signal.SIGTERM)
 
-cli.convert = lambda args: Bar(total=1)
-cli.main(["--source", "unused", "--output", "unused"])
+def right_after(owner, name, prefix=""):
+    call = getattr(owner, name)
+    def then_a_signal(*args, **kwargs):
+        result = call(*args, **kwargs)
+        if kwargs.get("prefix", "").endswith(prefix):
+            signal.raise_signal(signal.SIGTERM)  # its handler runs here, before the result reaches the conversion
+        return result
+    setattr(owner, name, then_a_signal)
+
+moment = sys.argv[1]
+if moment == "progress bar":
+    write.tqdm = CutOffBar
+else:
+    right_after(*{
+        "probe folder": (tempfile, "mkdtemp", ".probe-"),
+        "temporary folder": (tempfile, "mkdtemp", ".converting-"),
+        "rename": (cli, "rename_no_replace"),
+    }[moment])
+cli.main(sys.argv[2:])
 """
 
 
-def test_a_signal_that_cuts_an_object_off_halfway_still_ends_on_one_line():
-    """A signal can land between two attributes of an object under construction (tqdm's progress bar in
-    `write_weights` is the one seen): the process ends without running that object's finalizer, whose traceback would
-    otherwise follow the error line."""
-    process = subprocess.run([sys.executable, "-c", CUT_OFF_PROGRESS_BAR], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("moment", ["progress bar", "probe folder", "temporary folder", "rename"])
+def test_a_signal_at_the_worst_moment(moment, tmp_path):
+    """SIGTERM where a signal does most harm: inside tqdm's __init__ (seen in CI: the half-built bar's finalizer
+    printed a traceback after the error line), between creating a folder (the writability probe, the temporary
+    folder) and naming it, in the middle of the final swap. One line, status 143, no temporary folder; after the
+    rename the finished output stays."""
+    source = llava_onevision_folder(tmp_path / "llava-ov")
+    output = tmp_path / "out"
+    process = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AT, moment, "--source", source, "--output", output, "--no-verify"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
     assert process.returncode == 128 + signal.SIGTERM, process.stderr
     assert process.stderr.splitlines()[-1:] == ["error: interrupted by SIGTERM (no temporary folder left)"], (
         process.stderr
     )
     assert "Traceback" not in process.stderr and "Exception ignored" not in process.stderr, process.stderr
+    expected = ["llava-ov", "out"] if moment == "rename" else ["llava-ov"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected
+    if moment == "rename":
+        assert (output / "model.safetensors").is_file() and (output / "config.json").is_file()
 
 
 def test_verification_failure_leaves_nothing(tmp_path, monkeypatch):

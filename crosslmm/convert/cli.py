@@ -32,6 +32,7 @@ Exit status: 0 on success, 1 with one error line on bad input, 128 + the signal'
 """
 
 import argparse
+import contextlib
 import errno
 import os
 import shutil
@@ -70,6 +71,7 @@ class Interrupted(BaseException):
 
 
 _signals_received: list[int] = []
+_holding = False
 
 
 def _on_signal(signum, frame):
@@ -77,8 +79,23 @@ def _on_signal(signum, frame):
     also noted, because an exception raised inside a C extension's call back into Python can come out of it as
     another exception (safetensors turns it into a ValueError)."""
     _signals_received.append(signum)
-    if len(_signals_received) == 1:
+    if len(_signals_received) == 1 and not _holding:
         raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """A signal that arrives inside the block takes effect at its end, so that the few steps that must not be cut
+    in half (creating the temporary folder and naming it, swapping it into place, removing it) never are."""
+    global _holding
+    earlier = len(_signals_received)
+    _holding = True
+    try:
+        yield
+    finally:
+        _holding = False
+    if not earlier and _signals_received:
+        raise Interrupted(_signals_received[0])
 
 
 def _exit_now(status: int):
@@ -111,7 +128,8 @@ def _check_output(output: Path, args):
     if not ancestor.is_dir():
         raise ConversionError(f"Cannot create {output}: {ancestor} is a file, not a folder.")
     try:  # the one sure test of writing there: what the run itself does at the end
-        os.rmdir(tempfile.mkdtemp(prefix=f".{output.name}.probe-", dir=ancestor))
+        with _signals_held():
+            os.rmdir(tempfile.mkdtemp(prefix=f".{output.name}.probe-", dir=ancestor))
     except OSError as error:
         raise ConversionError(f"Cannot create {output}: {ancestor} is not writable ({error.strerror}).") from None
 
@@ -126,6 +144,16 @@ def rename_no_replace(source: Path, target: Path):
         if error.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
             raise FileExistsError(error.errno, os.strerror(error.errno), str(target)) from None
         raise
+
+
+def _create_temporary_folder(output: Path) -> Path:
+    """The folder the conversion is written into, next to `output` so that the final rename stays on one file
+    system."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{output.name}.converting-", dir=output.parent))
+    except OSError as error:
+        raise ConversionError(f"Cannot create {output}: {error}") from None
 
 
 def _move_into_place(temporary: Path, output: Path, overwrite: bool):
@@ -177,12 +205,10 @@ def convert(args) -> Path:
     verify = args.verify if args.verify is not None else num_parameters < VERIFY_MAX_PARAMETERS
     report_plan(plan, source, num_parameters)
 
+    temporary = None
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.converting-", dir=output.parent))
-    except OSError as error:
-        raise ConversionError(f"Cannot create {output}: {error}") from None
-    try:
+        with _signals_held():  # the folder exists exactly when `temporary` names it, for the `finally` below
+            temporary = _create_temporary_folder(output)
         write_weights(plan, temporary, dtype, args.max_shard_size, args.seed, shapes)
         write_code(temporary, config)
         config.save_pretrained(temporary)
@@ -194,11 +220,14 @@ def convert(args) -> Path:
         else:
             log(f"Not verified ({num_parameters / 1e9:.1f}B parameters, or --no-verify; --verify forces it).")
         set_permissions(temporary)
-        _move_into_place(temporary, output, args.overwrite)
+        with _signals_held():
+            _move_into_place(temporary, output, args.overwrite)
     except OSError as error:  # a full disk, a folder made read-only meanwhile, ...
         raise ConversionError(f"Writing {output} failed, nothing was written: {error}") from None
     finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+        if temporary is not None:
+            with _signals_held():
+                shutil.rmtree(temporary, ignore_errors=True)
     log(f"Wrote {output}")
     if args.push_to_hub:
         push_folder(output, args.push_to_hub)
