@@ -527,6 +527,7 @@ from crosslmm.convert import cli, write
 class CutOffBar(tqdm.auto.tqdm):
     def __init__(self, *args, **kwargs):
         self.disable = False  # as far as tqdm's own __init__ gets before it sets self.pos
+        sys.stderr.write("Writing shards:   0%")  # its first display, without a newline
         signal.raise_signal(signal.SIGTERM)
 
 def right_after(owner, name, prefix=""):
@@ -551,27 +552,43 @@ cli.main(sys.argv[2:])
 """
 
 
-@pytest.mark.parametrize("moment", ["progress bar", "probe folder", "temporary folder", "rename"])
-def test_a_signal_at_the_worst_moment(moment, tmp_path):
+MOMENTS = ["progress bar", "probe folder", "temporary folder", "rename"]
+
+
+@pytest.fixture(scope="module")
+def signalled_runs(tmp_path_factory):
+    """The runs of `test_a_signal_at_the_worst_moment`, side by side (most of each is starting Python): for each
+    moment, its folder, its stderr and its exit status."""
+    started, env = {}, {**os.environ, "HF_HUB_OFFLINE": "1"}
+    try:
+        for moment in MOMENTS:
+            folder = tmp_path_factory.mktemp(moment.replace(" ", "-"))
+            source = llava_onevision_folder(folder / "llava-ov")
+            argv = [sys.executable, "-c", SIGNAL_AT, moment, "--source", source, "--output", folder / "out"]
+            process = subprocess.Popen(
+                [*argv, "--no-verify"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+            )
+            started[moment] = folder, process
+        return {m: (folder, p.communicate(timeout=300)[1], p.returncode) for m, (folder, p) in started.items()}
+    finally:
+        for _, process in started.values():
+            process.kill()
+
+
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_a_signal_at_the_worst_moment(moment, signalled_runs):
     """SIGTERM where a signal does most harm: inside tqdm's __init__ (seen in CI: the half-built bar's finalizer
-    printed a traceback after the error line), between creating a folder (the writability probe, the temporary
-    folder) and naming it, in the middle of the final swap. One line, status 143, no temporary folder; after the
-    rename the finished output stays."""
-    source = llava_onevision_folder(tmp_path / "llava-ov")
-    output = tmp_path / "out"
-    process = subprocess.run(
-        [sys.executable, "-c", SIGNAL_AT, moment, "--source", source, "--output", output, "--no-verify"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    assert process.returncode == 128 + signal.SIGTERM, process.stderr
-    assert process.stderr.splitlines()[-1:] == ["error: interrupted by SIGTERM (no temporary folder left)"], (
-        process.stderr
-    )
-    assert "Traceback" not in process.stderr and "Exception ignored" not in process.stderr, process.stderr
+    printed a traceback after the error line; without it, the error line continued the bar's), between creating a
+    folder (the writability probe, the temporary folder) and naming it, in the middle of the final swap. One line,
+    status 143, no temporary folder; after the rename the finished output stays."""
+    folder, err, status = signalled_runs[moment]
+    assert status == 128 + signal.SIGTERM, err
+    assert err.splitlines()[-1:] == ["error: interrupted by SIGTERM (no temporary folder left)"], err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
     expected = ["llava-ov", "out"] if moment == "rename" else ["llava-ov"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == expected
+    assert sorted(p.name for p in folder.iterdir()) == expected
     if moment == "rename":
-        assert (output / "model.safetensors").is_file() and (output / "config.json").is_file()
+        assert (folder / "out" / "model.safetensors").is_file() and (folder / "out" / "config.json").is_file()
 
 
 def test_verification_failure_leaves_nothing(tmp_path, monkeypatch):

@@ -44,6 +44,7 @@ import uuid
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from crosslmm import log
 from crosslmm.convert import DTYPES, ConversionError
@@ -308,6 +309,8 @@ def main(argv=None):
     except BaseException as error:
         if _signals_received:  # whatever the exception became on its way out
             signum = _signals_received[0]
+            if tqdm._instances:  # a bar the signal left open (or cut off in its constructor) ends its line here
+                print(file=sys.stderr)
             print(f"error: interrupted by {signal.Signals(signum).name} (no temporary folder left)", file=sys.stderr)
             _exit_now(128 + signum)
         if isinstance(error, ConversionError):
