@@ -297,7 +297,7 @@ def parse_args(argv=None):
 def main(argv=None):
     """Console script `crosslmm-convert` (and `python convert_checkpoint.py`): exit status 1 with one error line on
     bad input; 128 + the signal's number (130 SIGINT, 143 SIGTERM, 129 SIGHUP) with one line when interrupted, the
-    temporary folder removed."""
+    temporary folder removed and the process ended at once (`_exit_now`). From Python, call `convert` instead."""
     args = parse_args(argv)
     names = ("SIGINT", "SIGTERM", "SIGHUP") if threading.current_thread() is threading.main_thread() else ()
     previous = {
