@@ -566,6 +566,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.prompt is not None and not args.prompt.strip():
         parser.error("--prompt is empty")
+    if args.prompt is not None and not _is_text(args.prompt):
+        parser.error("--prompt is not UTF-8 text")
     if args.prompt is None and not args.interactive:
         args.prompt = DEFAULT_PROMPT
     if args.num_frames is None and args.fps is None:
@@ -605,9 +607,21 @@ def _check_model(model: str) -> str:
     return model
 
 
+def _is_text(text: str) -> bool:
+    """False for what Python decoded from bytes that are not UTF-8 (stdin and argv keep them as lone surrogates, which
+    the tokenizer rejects with a TypeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _read_question() -> str | None:
     """The next question from stdin (after a `> ` prompt on stderr when stdin is a terminal); None at the end of the
-    input, an empty line, `exit` or `quit`."""
+    input, an empty line, `exit` or `quit`. A line that is not UTF-8 text is a QuestionError."""
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 arrive as surrogates, whatever the locale
+        sys.stdin.reconfigure(errors="surrogateescape")
     terminal = sys.stdin.isatty()
     if terminal:
         print("> ", end="", file=sys.stderr, flush=True)
@@ -617,6 +631,8 @@ def _read_question() -> str | None:
     question = line.strip()
     if not question or question.lower() in END_WORDS:
         return None
+    if not _is_text(question):
+        raise QuestionError("the question read from stdin is not UTF-8 text; ask it again")
     return question
 
 
@@ -702,7 +718,10 @@ def answer(args: argparse.Namespace):
     dtype, config = pipe.model.dtype, pipe.model.config
     sampling = {"num_frames": args.num_frames} if args.num_frames is not None else {"fps": args.fps}
     conversation = Conversation(pipe, video, sampling, args.max_new_tokens)
-    question = args.prompt if args.prompt is not None else _read_question()
+    try:
+        question = args.prompt if args.prompt is not None else _read_question()
+    except QuestionError as error:
+        raise UsageError(str(error).removesuffix("; ask it again")) from None
     if question is None:
         return
     log(f"Reading {video} and answering ({sampling}, up to {args.max_new_tokens} new tokens) ...")
@@ -710,9 +729,12 @@ def answer(args: argparse.Namespace):
     _report(first, times, config, inputs, args.model is None, device, dtype)
     if not args.interactive:
         return
-    while (question := _read_question()) is not None:
-        print()
+    while True:
         try:
+            question = _read_question()
+            if question is None:
+                break
+            print()
             reply, times = conversation.ask_follow_up(question)
         except QuestionError as error:
             print(f"crosslmm-answer: error: {error}", file=sys.stderr, flush=True)

@@ -3,7 +3,10 @@ cache (the vision tower runs for the first question only) and answer exactly as 
 scratch; the end of the input, an empty line or `exit` end the session with status 0."""
 
 import io
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -159,6 +162,49 @@ def test_the_first_question_from_stdin_and_the_ways_a_session_ends(ask, referenc
     assert status == 0
     answers_in_order(out, [first])
     assert err.count("> ") == 2 and err.endswith("> \n")
+
+
+def test_questions_that_are_not_text_are_refused_in_one_line(ask, reference, tiny_files, tmp_path):
+    """Bytes that are not UTF-8 reach Python as lone surrogates (stdin and argv decode with surrogateescape); the
+    tokenizer would fail on them with a TypeError traceback."""
+    _, video = tiny_files
+    status, out, err, _ = ask("\udcff\udcfe\x00bin\n")
+    assert status == 2 and out == ""
+    assert err.strip().splitlines()[-1] == "crosslmm-answer: error: the question read from stdin is not UTF-8 text"
+
+    status, out, err, _ = ask("\udcffbin\nAnd then?\n", "--prompt", "What moves?")
+    assert status == 0
+    assert [line for line in err.splitlines() if "error" in line.lower()] == [
+        "crosslmm-answer: error: the question read from stdin is not UTF-8 text; ask it again"
+    ]
+    first, _ = from_scratch(reference, video, [("What moves?", None)])
+    second, _ = from_scratch(reference, video, [("What moves?", first), ("And then?", None)])
+    answers_in_order(out, [first, second])
+
+    # The real bytes, through the console script's stdin and argv.
+    folder, video = tiny_files
+    command = [
+        sys.executable,
+        "-m",
+        "crosslmm.answer",
+        "--model",
+        str(folder),
+        "--video",
+        str(video),
+        "--device",
+        "cpu",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([*command, "-i"], input=b"\xff\xfe\x00\x01bin\n", capture_output=True, env=env, timeout=300)
+    assert done.returncode == 2 and done.stderr.decode().strip().splitlines()[-1] == (
+        "crosslmm-answer: error: the question read from stdin is not UTF-8 text"
+    ), done.stderr.decode()
+    done = subprocess.run(
+        [*command, "--prompt", b"\xff".decode(errors="surrogateescape")], capture_output=True, env=env
+    )
+    assert done.returncode == 2 and done.stderr.decode().strip() == (
+        "crosslmm-answer: error: --prompt is not UTF-8 text (see crosslmm-answer --help)"
+    )
 
 
 def test_a_follow_up_with_a_placeholder_is_refused_and_the_session_goes_on(ask, reference, tiny_files):
