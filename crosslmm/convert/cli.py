@@ -44,7 +44,6 @@ import uuid
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from crosslmm import log
 from crosslmm.convert import DTYPES, ConversionError
@@ -97,6 +96,25 @@ def _signals_held():
         _holding = False
     if not earlier and _signals_received:
         raise Interrupted(_signals_received[0])
+
+
+class _LineTrackingStream:
+    """stderr, remembering whether what was last written to it ended a line, so that the error line of an interrupted
+    run starts a line of its own whatever a progress bar had written when the signal came. It is marked as mid-line
+    before each write, so a signal inside `write` can cost an empty line, never a shared one."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        self.at_line_start = False
+        written = self.stream.write(text)
+        self.at_line_start = text.endswith("\n") if text else True
+        return written
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def _exit_now(status: int):
@@ -304,12 +322,13 @@ def main(argv=None):
         sig: signal.signal(sig, _on_signal) for sig in (getattr(signal, n) for n in names if hasattr(signal, n))
     }
     _signals_received.clear()
+    stderr, sys.stderr = sys.stderr, _LineTrackingStream(sys.stderr)
     try:
         convert(args)
     except BaseException as error:
         if _signals_received:  # whatever the exception became on its way out
             signum = _signals_received[0]
-            if tqdm._instances:  # a bar the signal left open (or cut off in its constructor) ends its line here
+            if not sys.stderr.at_line_start:  # a progress bar the signal cut off mid-line
                 print(file=sys.stderr)
             print(f"error: interrupted by {signal.Signals(signum).name} (no temporary folder left)", file=sys.stderr)
             _exit_now(128 + signum)
@@ -318,6 +337,7 @@ def main(argv=None):
             sys.exit(1)
         raise
     finally:
+        sys.stderr = stderr
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
