@@ -43,6 +43,7 @@ def manifest():
 
 
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 from collections import defaultdict  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -128,6 +129,36 @@ def _media(visual, start=None, end=None):
             return "image", Image.open(path).convert("RGB"), None, None
         return "video", path, start, end
     raise TypeError(f"CrossLMM cannot take a visual of type {type(visual).__name__}: {visual!r:.200}")
+
+
+def _positive(name: str, value, kind: type):
+    """A model argument as a positive int or finite float (lmms-eval passes numbers, or strings it could not parse),
+    or a ValueError naming it: checked when the model is built, not when the first sample fails."""
+    number = None
+    if isinstance(value, float) and value.is_integer():  # lmms-eval reads "-5" as -5.0
+        value = int(value)
+    if not isinstance(value, bool):
+        try:
+            number = kind(value) if kind is float or isinstance(value, int) else int(str(value).strip())
+        except (TypeError, ValueError, OverflowError):
+            pass
+    if number is None or not math.isfinite(number) or number <= 0:
+        expected = "a positive integer" if kind is int else "a positive number"
+        raise ValueError(f"crosslmm: {name} must be {expected}, got {value!r}")
+    return number
+
+
+def _checkpoint(pretrained) -> str:
+    """`pretrained` as a folder or Hub id; a path that does not exist is named as such (the Hub would answer that it
+    is not a repository id)."""
+    path = os.path.expanduser(str(pretrained))
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"crosslmm: pretrained={pretrained} is a file; give a checkpoint folder or a Hub id")
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ValueError(f"crosslmm: pretrained={pretrained}: no such checkpoint folder")
+    return path
 
 
 def _window(windows: list, where: str) -> tuple:
@@ -236,20 +267,14 @@ class CrossLMM(lmms):
             raise ValueError(f"crosslmm: unknown model argument(s) {sorted(unknown)}")
         if str(batch_size).startswith("auto"):
             raise ValueError("crosslmm: give --batch_size as a number (no automatic batch size)")
-        self.batch_size_per_gpu = int(batch_size)
-        if self.batch_size_per_gpu < 1:
-            raise ValueError(f"crosslmm: batch_size must be positive, got {batch_size}")
+        self.batch_size_per_gpu = _positive("batch_size", batch_size, int)
         self.video_options = {
-            name: value
+            name: _positive(name, value, float if name == "fps" else int)
             for name, value in (("num_frames", num_frames), ("fps", fps), ("max_frames", max_frames))
             if value is not None
         }
-        for name in ("num_frames", "max_frames"):
-            if name in self.video_options:
-                self.video_options[name] = int(self.video_options[name])
-        if "fps" in self.video_options:
-            self.video_options["fps"] = float(self.video_options["fps"])
-        self.max_new_tokens = int(max_new_tokens)
+        self.max_new_tokens = _positive("max_new_tokens", max_new_tokens, int)
+        pretrained = _checkpoint(pretrained)
 
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -257,7 +282,6 @@ class CrossLMM(lmms):
             from crosslmm.auto import register_auto_classes
 
             register_auto_classes()
-        pretrained = os.path.expanduser(str(pretrained))
         config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
         if config.model_type != MODEL_ID:
             raise ValueError(f"crosslmm: {pretrained} is a {config.model_type!r} checkpoint, not CrossLMM")

@@ -8,6 +8,7 @@ class directly and run where lmms-eval is importable (`.ci/run` runs this file i
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -230,6 +231,33 @@ def test_model_arguments(evaluation, lm, local_task):
         evaluation.CrossLMM(pretrained=str(local_task["folder"]), frames=8)
     with pytest.raises(ValueError, match="no automatic batch size"):
         evaluation.CrossLMM(pretrained=str(local_task["folder"]), batch_size="auto")
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ("num_frames=0", "num_frames must be a positive integer, got 0"),
+        ("num_frames=-5", "num_frames must be a positive integer, got -5"),
+        ("num_frames=abc", "num_frames must be a positive integer, got 'abc'"),
+        ("num_frames=2.5", "num_frames must be a positive integer, got 2.5"),
+        ("fps=nan", "fps must be a positive number, got nan"),
+        ("fps=inf", "fps must be a positive number, got inf"),
+        ("max_frames=0", "max_frames must be a positive integer, got 0"),
+        ("max_new_tokens=-1", "max_new_tokens must be a positive integer, got -1"),
+        ("batch_size=0", "batch_size must be a positive integer, got 0"),
+    ],
+)
+def test_bad_model_arguments_are_named_before_anything_loads(evaluation, local_task, arguments, message):
+    """Through lmms-eval's own parsing of `--model_args`; refused before the checkpoint is read (a missing folder
+    would otherwise be reported by the Hub client as an invalid repository id)."""
+    with pytest.raises(ValueError, match=f"^crosslmm: {re.escape(message)}$"):
+        evaluation.CrossLMM.create_from_arg_string(f"pretrained={local_task['folder']},{arguments}", {"device": "cpu"})
+
+
+@pytest.mark.parametrize("where", ["missing/folder/x", "./missing", "~/missing-crosslmm"])
+def test_a_missing_checkpoint_folder_is_named(evaluation, where):
+    with pytest.raises(ValueError, match=f"^crosslmm: pretrained={re.escape(where)}: no such checkpoint folder$"):
+        evaluation.CrossLMM(pretrained=where)
 
 
 def test_registered_through_the_entry_point(evaluation):
