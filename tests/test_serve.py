@@ -185,9 +185,48 @@ def media_host(files):
     host.shutdown()
 
 
+def _refusals(tmp: Path) -> dict:
+    """Two checkpoints the command must refuse, each started in a process of its own: {folder: (process, phrase)}."""
+    other = tmp / "qwen2"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    expected = {
+        tmp / "no-such-folder": "crosslmm-serve: error: cannot load the config of",
+        other: "is a 'qwen2' checkpoint, not CrossLMM",
+    }
+    return {
+        folder: (
+            subprocess.Popen(
+                [sys.executable, "-m", "crosslmm.serve", str(folder)], stderr=subprocess.PIPE, text=True, env=_env(tmp)
+            ),
+            phrase,
+        )
+        for folder, phrase in expected.items()
+    }
+
+
+def _own_code(folder: Path, tmp: Path) -> str:
+    """`load_model` with the checkpoint's own code (this repository's model modules blocked): the classes' modules."""
+    return run_isolated(
+        f"""
+        from crosslmm.serve import load_model
+
+        model, processor = load_model({str(folder)!r}, device="cpu", trust_remote_code=True)
+        print(type(model).__module__, type(processor).__module__)
+        """,
+        tmp,
+        extra_env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},  # this checkout's crosslmm package
+        blocked=SHIPPED_MODULES,  # the serving tool from the package, the model's code from the checkpoint
+    )
+
+
 @pytest.fixture(scope="module")
-def servers(files):
+def processes(files):
+    """Every fresh process the module needs, started side by side (most of each is starting Python and importing
+    torch and transformers): the two servers, the command's two refusals, a load with the checkpoint's own code."""
     tmp = files["tmp"]
+    (tmp / "refusals").mkdir()
+    (tmp / "own-code").mkdir()
     started = {
         "open": Server(
             files["folder"],
@@ -198,14 +237,24 @@ def servers(files):
             name="open",
         ),
         "guarded": Server(files["folder"], tmp, "--api-key", API_KEY, api_key=API_KEY, name="guarded"),
+        "refusals": _refusals(tmp / "refusals"),
     }
-    try:
-        for server in started.values():
-            server.wait_until_ready()
-        yield started
-    finally:
-        for server in started.values():
-            server.stop()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        started["own_code"] = pool.submit(_own_code, files["folder"], tmp / "own-code")
+        try:
+            for name in ("open", "guarded"):
+                started[name].wait_until_ready()
+            yield started
+        finally:
+            for name in ("open", "guarded"):
+                started[name].stop()
+            for process, _ in started["refusals"].values():
+                process.kill() if process.poll() is None else None
+
+
+@pytest.fixture(scope="module")
+def servers(processes):
+    return processes
 
 
 @pytest.fixture(scope="module")
@@ -585,8 +634,15 @@ def test_media_and_bodies_are_capped(server, media_host):
         assert error.status_code == 413, error.message
         assert f"limit of {MAX_MEDIA_BYTES} bytes (--max-media-bytes)" in error.body["message"]
         assert len(error.body["message"]) < 300
-    status, body = server.post(b" " * (MAX_MEDIA_BYTES * 2 + (1 << 20)))
-    assert status == 413 and "request body is larger" in body["error"]["message"]
+    # A body announced larger than the cap is answered before it is sent.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        length = MAX_MEDIA_BYTES * 2 + (1 << 20)
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n{{".encode())
+        reply = b""
+        while b"}}" not in reply and (received := sock.recv(65536)):
+            reply += received
+        reply = reply.decode()
+    assert reply.startswith("HTTP/1.1 413") and "request body is larger" in reply
 
 
 def test_a_requests_chat_template_needs_the_operators_consent(server, guarded):
@@ -636,42 +692,17 @@ def test_no_input_a_client_chooses_gets_a_500(server, files):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_command_line_refuses_what_it_cannot_serve(files, tmp_path):
-    """Two refusals, each in a process of its own (side by side: most of each is starting Python)."""
-    other = tmp_path / "qwen2"
-    other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
-    expected = {
-        tmp_path / "no-such-folder": "crosslmm-serve: error: cannot load the config of",
-        other: "is a 'qwen2' checkpoint, not CrossLMM",
-    }
-    processes = {
-        folder: subprocess.Popen(
-            [sys.executable, "-m", "crosslmm.serve", str(folder)], stderr=subprocess.PIPE, text=True, env=_env(tmp_path)
-        )
-        for folder in expected
-    }
-    for folder, process in processes.items():
+def test_command_line_refuses_what_it_cannot_serve(processes):
+    for process, phrase in processes["refusals"].values():
         err = process.communicate(timeout=300)[1]
         assert process.returncode == 2, err
-        assert expected[folder] in err and "Traceback" not in err, err
+        assert phrase in err and "Traceback" not in err, err
 
 
-def test_trust_remote_code_runs_the_checkpoints_own_code(files, tmp_path):
+def test_trust_remote_code_runs_the_checkpoints_own_code(processes):
     """With `--trust-remote-code` the server loads the model and processor classes from the checkpoint's files (this
     repository's modules are blocked in that process)."""
-    out = run_isolated(
-        f"""
-        from crosslmm.serve import load_model
-
-        model, processor = load_model({str(files["folder"])!r}, device="cpu", trust_remote_code=True)
-        print(type(model).__module__, type(processor).__module__)
-        """,
-        tmp_path,
-        extra_env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},  # this checkout's crosslmm package
-        blocked=SHIPPED_MODULES,  # the serving tool from the package, the model's code from the checkpoint
-    )
-    model_module, processor_module = out.split()
+    model_module, processor_module = processes["own_code"].result(timeout=300).split()
     assert model_module.startswith("transformers_modules.") and model_module.endswith(".modeling_crosslmm")
     assert processor_module.startswith("transformers_modules.") and processor_module.endswith(".processing_crosslmm")
 
