@@ -25,7 +25,6 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
-import contextlib
 import copy
 import dataclasses
 import hmac
@@ -66,7 +65,9 @@ HONOURED = {
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
     "seed", "stop", "frequency_penalty", "n", "chat_template_kwargs", "chat_template",
 }  # fmt: skip
-NO_EFFECT = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls"}
+NO_EFFECT = {
+    "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls",
+}  # fmt: skip
 UNSUPPORTED = {
     "audio", "function_call", "functions", "logit_bias", "logprobs", "modalities", "prediction", "presence_penalty",
     "reasoning_effort", "response_format", "tool_choice", "tools", "top_logprobs", "verbosity", "web_search_options",
@@ -159,7 +160,9 @@ def _message_problem(index: int, message) -> str | None:
             if not isinstance(part.get("text"), str):
                 return f"{at}.text must be a string."
         elif media_url(part) is None:
-            return f'{at} needs "{kind}": {{"url": "..."}} (an http(s) URL, a data: URL, or a file the server may read).'
+            return (
+                f'{at} needs "{kind}": {{"url": "..."}} (an http(s) URL, a data: URL, or a file the server may read).'
+            )
     return None
 
 
@@ -208,7 +211,9 @@ def request_problem(body: dict, served: str, trust_chat_template: bool = False) 
         if value is not None and not valid(value):
             return RequestError(f"{name} must be {expected}, got {value!r}."[:300], param=name)
     if body.get("model") is not None and body["model"] != served:
-        return RequestError(f"This server is pinned to {served}; the request asked for {body['model']!r}.", param="model")
+        return RequestError(
+            f"This server is pinned to {served}; the request asked for {body['model']!r}.", param="model"
+        )
     if body.get("chat_template") is not None:
         if not trust_chat_template:
             return RequestError(
@@ -276,7 +281,9 @@ def _source_name(url: str) -> str:
 
 
 def _too_large(name: str, policy: MediaPolicy) -> RequestError:
-    return RequestError(f"{name} is larger than this server's limit of {policy.max_bytes} bytes (--max-media-bytes).", 413)
+    return RequestError(
+        f"{name} is larger than this server's limit of {policy.max_bytes} bytes (--max-media-bytes).", 413
+    )
 
 
 def _write_data_url(url: str, out, policy: MediaPolicy):
@@ -305,10 +312,10 @@ def _write_data_url(url: str, out, policy: MediaPolicy):
 def _local_path(url: str, policy: MediaPolicy) -> str:
     """The real path of a `file://` URL or a plain path inside an allowed folder. One refusal whatever the file is,
     so that nothing about the disk (what exists, what is a video) reaches the client."""
-    refusal = RequestError(
-        f"{_source_name(url)}: this server reads no local files"
-        + (" outside the folders it was started with (--allowed-local-media-path)." if policy.allowed_local_paths else ".")
+    where = (
+        " outside the folders it was started with (--allowed-local-media-path)" if policy.allowed_local_paths else ""
     )
+    refusal = RequestError(f"{_source_name(url)}: this server reads no local files{where}.")
     if url.startswith("file:"):
         parts = urllib.parse.urlsplit(url)
         if parts.netloc not in ("", "localhost"):
@@ -459,7 +466,9 @@ def load_medium(url: str, kind: str, folder: str, policy: MediaPolicy) -> Medium
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def load_model(model: str, device: str = "auto", dtype: str = "auto", attn_implementation=None, trust_remote_code=False):
+def load_model(
+    model: str, device: str = "auto", dtype: str = "auto", attn_implementation=None, trust_remote_code=False
+):
     """The checkpoint's model (eval mode) and processor, through transformers' Auto classes."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -654,7 +663,9 @@ def make_streamer(tokenizer):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def create_app(engine: Engine, served: str, policy: MediaPolicy, api_key: str | None = None, trust_chat_template=False):
+def create_app(
+    engine: Engine, served: str, policy: MediaPolicy, api_key: str | None = None, trust_chat_template=False
+):
     """The FastAPI app: `/v1/chat/completions`, `/v1/models`, `/health`."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -688,7 +699,9 @@ def create_app(engine: Engine, served: str, policy: MediaPolicy, api_key: str | 
         """The JSON body, read up to the cap (a larger one is refused before it is all received)."""
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > policy.max_body_bytes:
-            raise RequestError(f"The request body is larger than this server's limit of {policy.max_body_bytes} bytes.", 413)
+            raise RequestError(
+                f"The request body is larger than this server's limit of {policy.max_body_bytes} bytes.", 413
+            )
         received = bytearray()
         async for chunk in request.stream():
             received += chunk
@@ -822,7 +835,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--attn-implementation", default=None, help="sdpa, eager, flash_attention_2, ...")
     parser.add_argument(
-        "--trust-remote-code", action="store_true", help="run the checkpoint's own model code instead of this package's"
+        "--trust-remote-code",
+        action="store_true",
+        help="run the checkpoint's own model code instead of this package's",
     )
     security = parser.add_argument_group("what clients may make the server read (see the README's Security section)")
     security.add_argument(

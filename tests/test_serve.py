@@ -95,7 +95,11 @@ class Server:
 
     def post(self, body: bytes, headers=None) -> tuple[int, dict]:
         """Raw HTTP: a body the `openai` client would not send (NaN, not JSON, ...)."""
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self.client.api_key}", **(headers or {})}
+        headers = {
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {self.client.api_key}",
+            **(headers or {}),
+        }
         request = urllib.request.Request(f"{self.url}/v1/chat/completions", body, headers)
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
@@ -403,7 +407,11 @@ BAD_REQUESTS = {
         400,
         ["Video file not found", "nowhere.mp4"],
     ),
-    "missing file (path)": (lambda f: {"content": question(f["media"] / "nowhere.mp4")}, 400, ["Video file not found"]),
+    "missing file (path)": (
+        lambda f: {"content": question(f["media"] / "nowhere.mp4")},
+        400,
+        ["Video file not found"],
+    ),
     "not a video": (lambda f: {"content": question(f["not_a_video"])}, 400, ["notes.mp4", "is not a video"]),
     "truncated video": (lambda f: {"content": question(f["truncated"])}, 400, ["truncated.mp4", "corrupt/truncated"]),
     "corrupt video": (lambda f: {"content": question(f["corrupt"])}, 400, ["corrupt.mp4"]),
@@ -558,7 +566,9 @@ def test_an_allowed_folder_is_the_only_one_read(server, files):
         files["media"] / "link.mp4",
         "/etc/shadow",
     ]
-    errors = {source: server.refusal([image(source) if source == "/etc/shadow" else video(source)]) for source in sources}
+    errors = {
+        source: server.refusal([image(source) if source == "/etc/shadow" else video(source)]) for source in sources
+    }
     assert {error.status_code for error in errors.values()} == {400}
     (message,) = _alike(errors)
     assert "reads no local files outside the folders" in message and "--allowed-local-media-path" in message
@@ -585,7 +595,7 @@ def test_private_addresses_are_refused_after_resolution(guarded):
     assert message.startswith("could not fetch URL")
 
 
-def test_fetch_failures_look_alike_and_redirects_are_checked(server, media_host):
+def test_fetch_failures_look_alike_and_redirects_are_checked(server, files, media_host):
     """A closed port, a 404, a host that never answers (the read timeout), a redirect loop and a redirect to a host
     the server was not opened to: one message, so that a client cannot scan ports; a redirect to an allowed host is
     followed."""
@@ -605,7 +615,7 @@ def test_fetch_failures_look_alike_and_redirects_are_checked(server, media_host)
 
     fetched = server.ask(question(f"{media_host}/video.mp4"), max_tokens=1).usage.prompt_tokens
     redirected = server.ask(question(f"{media_host}/redirect?/video.mp4"), max_tokens=1).usage.prompt_tokens
-    assert fetched == redirected == server.ask(question(server.folder.parent / "media/clip.mp4"), max_tokens=1).usage.prompt_tokens
+    assert fetched == redirected == server.ask(question(files["video"]), max_tokens=1).usage.prompt_tokens
 
 
 def test_own_url_and_slow_downloads_do_not_hold_up_the_server(server, media_host):
