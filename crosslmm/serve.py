@@ -789,6 +789,7 @@ def create_app(
         cancelled = threading.Event()
         streamer = make_streamer(engine.tokenizer)
         answer = asyncio.ensure_future(engine.run(engine.generate, job, cancelled, streamer))
+        answer.add_done_callback(lambda done: done.cancelled() or done.exception())  # read, if the client left
         try:
             yield event({"role": "assistant", "content": ""})
             while (text := await asyncio.to_thread(next, streamer, None)) is not None:
@@ -799,6 +800,10 @@ def create_app(
             except Stopped:
                 message = "The server is shutting down; the answer was cut short."
                 yield f"data: {json.dumps(error_body(message, 503))}\n\n"
+                return
+            except Exception:  # the headers are sent: the stream can only say so
+                logger.exception(f"[{request_id}] generation failed")
+                yield f"data: {json.dumps(error_body('Generation failed on the server.', 500))}\n\n"
                 return
             yield event({}, result["finish_reason"])
             if include_usage:

@@ -112,12 +112,14 @@ class MediaHost(http.server.BaseHTTPRequestHandler):
     """The media server the tests fetch from (127.0.0.1): the video, redirects, a 404, a slow drip, too many bytes,
     a request that is never answered."""
 
-    video = b""
+    video = image = b""
 
     def do_GET(self):
         path, _, query = self.path.partition("?")
         if path == "/video.mp4":
             self._send(200, self.video)
+        elif path == "/square.png":
+            self._send(200, self.image)
         elif path == "/redirect":  # to the URL in the query
             self.send_response(302)
             self.send_header("Location", urllib.parse.unquote(query))
@@ -166,6 +168,9 @@ def files(tmp_path_factory):
     not_a_video.write_text("not a video\n" * 100)
     outside = tiny_video(tmp / "outside.mp4")
     (media / "link.mp4").symlink_to(outside)
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 80, 20)).save(media / "square.png")
     return {
         "tmp": tmp,
         "media": media,
@@ -175,6 +180,7 @@ def files(tmp_path_factory):
         "truncated": truncate(video, media / "truncated.mp4", keep=0.5),
         "corrupt": corrupt(video, media / "corrupt.mp4"),
         "not_a_video": not_a_video,
+        "image": media / "square.png",
         "tokens_per_frame": json.loads((folder / "config.json").read_text())["pool_size"] ** 2,
     }
 
@@ -329,6 +335,20 @@ def test_video_by_file_url_path_and_data_url(server, files):
     # The server asks for 32 frames by default; the clip has 8, so all of them are in the prompt.
     text_only = server.ask("What happens in this video?", max_tokens=1).usage.prompt_tokens
     assert prompt_tokens.pop() == text_only + 1 + VIDEO_FRAMES * files["tokens_per_frame"]  # + the "\n" after it
+
+
+def test_image_by_path_data_url_and_http(server, files, media_host):
+    """An image is one frame's tokens, however it comes; a file that is not an image is named."""
+    MediaHost.image = files["image"].read_bytes()
+    sources = (files["image"], data_url(files["image"], "image/png"), f"{media_host}/square.png")
+    prompt_tokens = {
+        server.ask([image(source), {"type": "text", "text": "What is this?"}], max_tokens=1).usage.prompt_tokens
+        for source in sources
+    }
+    text_only = server.ask("What is this?", max_tokens=1).usage.prompt_tokens
+    assert prompt_tokens == {text_only + 1 + files["tokens_per_frame"]}  # + the "\n" after it
+    error = server.refusal([image(files["not_a_video"])], max_tokens=1)
+    assert error.status_code == 400 and "notes.mp4 is not an image" in error.body["message"]
 
 
 @pytest.mark.parametrize(
