@@ -1,15 +1,23 @@
-"""`crosslmm-serve`: transformers' OpenAI-compatible server with a tiny CrossLMM checkpoint, driven by the real
-`openai` client against a server started on 127.0.0.1 (a free port) in a subprocess and always stopped."""
+"""`crosslmm-serve`: the package's OpenAI-compatible server with a tiny CrossLMM checkpoint, driven by the real
+`openai` client and raw HTTP against servers started on 127.0.0.1 (free ports) in subprocesses and always stopped.
+
+Two servers per module, started side by side: `server`, opened the way an operator opens it (the test folder's local
+files, media from this machine's 127.0.0.1, requests' chat templates, small caps and timeouts), and `guarded`, with
+the defaults and an API key."""
 
 import base64
 import concurrent.futures
+import http.server
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -26,13 +34,9 @@ from videos import corrupt, truncate
 
 STARTUP_SECONDS = 240
 VIDEO_FRAMES = round(VIDEO_SECONDS * VIDEO_FPS)  # 8 frames, at 0, 0.125, ..., 0.875 s
-
-
-def _serve_command() -> list[str]:
-    script = Path(sys.executable).parent / "crosslmm-serve"
-    if not script.exists():
-        pytest.fail(f"{script} is missing: install the project (pip install -e '.[test]') to get its console scripts")
-    return [str(script)]
+MAX_MEDIA_BYTES = 200_000  # the open server's cap: the test video is 8 kB
+MEDIA_TIMEOUT = 1.0  # the open server's connect/read timeout
+API_KEY = "test-key-0123"
 
 
 def _free_port() -> int:
@@ -46,18 +50,15 @@ def _env(tmp: Path) -> dict:
 
 
 class Server:
-    def __init__(self, folder: Path, tmp: Path):
-        self.folder, self.port, self.log = folder, _free_port(), tmp / "server.log"
+    def __init__(self, folder: Path, tmp: Path, *options, api_key="unused", name="server"):
+        self.folder, self.port, self.log = folder, _free_port(), tmp / f"{name}.log"
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "crosslmm.serve", "--port", str(self.port), "--device", "cpu", *options]
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
-                [*_serve_command(), "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", str(folder)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=_env(tmp),
+                [*command, str(folder)], stdout=log, stderr=subprocess.STDOUT, env=_env(tmp)
             )
-        self.client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0, timeout=120
-        )
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=120)
 
     def wait_until_ready(self):
         deadline = time.monotonic() + STARTUP_SECONDS
@@ -65,7 +66,7 @@ class Server:
             if self.process.poll() is not None:
                 pytest.fail(f"crosslmm-serve exited with {self.process.returncode}:\n{self.log.read_text()}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as response:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
                     if response.status == 200:
                         return
             except OSError:
@@ -87,37 +88,201 @@ class Server:
             model=str(self.folder), messages=[{"role": "user", "content": content}], **options
         )
 
+    def refusal(self, content, **options) -> openai.APIStatusError:
+        with pytest.raises(openai.APIStatusError) as raised:
+            self.ask(content, **options)
+        return raised.value
+
+    def post(self, body: bytes, headers=None) -> tuple[int, dict]:
+        """Raw HTTP: a body the `openai` client would not send (NaN, not JSON, ...)."""
+        headers = {
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {self.client.api_key}",
+            **(headers or {}),
+        }
+        request = urllib.request.Request(f"{self.url}/v1/chat/completions", body, headers)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as error:
+            return error.code, json.load(error)
+
+
+class MediaHost(http.server.BaseHTTPRequestHandler):
+    """The media server the tests fetch from (127.0.0.1): the video, redirects, a 404, a slow drip, too many bytes,
+    a request that is never answered."""
+
+    video = image = b""
+
+    def do_GET(self):
+        path, _, query = self.path.partition("?")
+        if path == "/video.mp4":
+            self._send(200, self.video)
+        elif path == "/square.png":
+            self._send(200, self.image)
+        elif path == "/redirect":  # to the URL in the query
+            self.send_response(302)
+            self.send_header("Location", urllib.parse.unquote(query))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/loop":
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/big":  # no Content-Length: the cap is enforced as the bytes arrive
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(MAX_MEDIA_BYTES // 10_000 + 5):
+                self.wfile.write(b"x" * 10_000)
+        elif path == "/drip":  # a byte every 0.3 s for 3 s: never a read timeout, slow all the same
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(10):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.3)
+        elif path == "/hang":
+            time.sleep(MEDIA_TIMEOUT * 3)
+        else:
+            self._send(404, b"no")
+
+    def _send(self, status, data):
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     folder = tiny_checkpoint(tmp / "checkpoint")
-    video = tiny_video(tmp / "clip.mp4")
-    not_a_video = tmp / "notes.mp4"
+    media = tmp / "media"  # the folder the open server reads
+    media.mkdir()
+    video = tiny_video(media / "clip.mp4")
+    not_a_video = media / "notes.mp4"
     not_a_video.write_text("not a video\n" * 100)
+    outside = tiny_video(tmp / "outside.mp4")
+    (media / "link.mp4").symlink_to(outside)
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 80, 20)).save(media / "square.png")
     return {
         "tmp": tmp,
+        "media": media,
         "folder": folder,
         "video": video,
-        "truncated": truncate(video, tmp / "truncated.mp4", keep=0.5),
-        "corrupt": corrupt(video, tmp / "corrupt.mp4"),
+        "outside": outside,
+        "truncated": truncate(video, media / "truncated.mp4", keep=0.5),
+        "corrupt": corrupt(video, media / "corrupt.mp4"),
         "not_a_video": not_a_video,
+        "image": media / "square.png",
         "tokens_per_frame": json.loads((folder / "config.json").read_text())["pool_size"] ** 2,
     }
 
 
 @pytest.fixture(scope="module")
-def server(files):
-    server = Server(files["folder"], files["tmp"])
-    try:
-        server.wait_until_ready()
-        yield server
-    finally:
-        server.stop()
+def media_host(files):
+    MediaHost.video = files["video"].read_bytes()
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MediaHost)
+    host.daemon_threads = True
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{host.server_address[1]}"
+    host.shutdown()
+
+
+def _refusals(tmp: Path) -> dict:
+    """Two checkpoints the command must refuse, each started in a process of its own: {folder: (process, phrase)}."""
+    other = tmp / "qwen2"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    expected = {
+        tmp / "no-such-folder": "crosslmm-serve: error: cannot load the config of",
+        other: "is a 'qwen2' checkpoint, not CrossLMM",
+    }
+    return {
+        folder: (
+            subprocess.Popen(
+                [sys.executable, "-m", "crosslmm.serve", str(folder)], stderr=subprocess.PIPE, text=True, env=_env(tmp)
+            ),
+            phrase,
+        )
+        for folder, phrase in expected.items()
+    }
+
+
+def _own_code(folder: Path, tmp: Path) -> str:
+    """`load_model` with the checkpoint's own code (this repository's model modules blocked): the classes' modules."""
+    return run_isolated(
+        f"""
+        from crosslmm.serve import load_model
+
+        model, processor = load_model({str(folder)!r}, device="cpu", trust_remote_code=True)
+        print(type(model).__module__, type(processor).__module__)
+        """,
+        tmp,
+        extra_env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},  # this checkout's crosslmm package
+        blocked=SHIPPED_MODULES,  # the serving tool from the package, the model's code from the checkpoint
+    )
+
+
+@pytest.fixture(scope="module")
+def processes(files):
+    """Every fresh process the module needs, started side by side (most of each is starting Python and importing
+    torch and transformers): the two servers, the command's two refusals, a load with the checkpoint's own code."""
+    tmp = files["tmp"]
+    (tmp / "refusals").mkdir()
+    (tmp / "own-code").mkdir()
+    started = {
+        "open": Server(
+            files["folder"],
+            tmp,
+            *("--allowed-local-media-path", str(files["media"]), "--allowed-media-domains", "127.0.0.1"),
+            *("--max-media-bytes", str(MAX_MEDIA_BYTES), "--media-timeout", str(MEDIA_TIMEOUT)),
+            *("--media-total-timeout", "2", "--trust-request-chat-template"),
+            name="open",
+        ),
+        "guarded": Server(files["folder"], tmp, "--api-key", API_KEY, api_key=API_KEY, name="guarded"),
+        "refusals": _refusals(tmp / "refusals"),
+    }
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        started["own_code"] = pool.submit(_own_code, files["folder"], tmp / "own-code")
+        try:
+            for name in ("open", "guarded"):
+                started[name].wait_until_ready()
+            yield started
+        finally:
+            for name in ("open", "guarded"):
+                started[name].stop()
+            for process, _ in started["refusals"].values():
+                process.kill() if process.poll() is None else None
+
+
+@pytest.fixture(scope="module")
+def servers(processes):
+    return processes
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers["open"]
+
+
+@pytest.fixture(scope="module")
+def guarded(servers):
+    return servers["guarded"]
 
 
 def video(url) -> dict:
     return {"type": "video_url", "video_url": {"url": str(url)}}
+
+
+def image(url) -> dict:
+    return {"type": "image_url", "image_url": {"url": str(url)}}
 
 
 def data_url(path, media_type="video/mp4") -> str:
@@ -170,6 +335,20 @@ def test_video_by_file_url_path_and_data_url(server, files):
     # The server asks for 32 frames by default; the clip has 8, so all of them are in the prompt.
     text_only = server.ask("What happens in this video?", max_tokens=1).usage.prompt_tokens
     assert prompt_tokens.pop() == text_only + 1 + VIDEO_FRAMES * files["tokens_per_frame"]  # + the "\n" after it
+
+
+def test_image_by_path_data_url_and_http(server, files, media_host):
+    """An image is one frame's tokens, however it comes; a file that is not an image is named."""
+    MediaHost.image = files["image"].read_bytes()
+    sources = (files["image"], data_url(files["image"], "image/png"), f"{media_host}/square.png")
+    prompt_tokens = {
+        server.ask([image(source), {"type": "text", "text": "What is this?"}], max_tokens=1).usage.prompt_tokens
+        for source in sources
+    }
+    text_only = server.ask("What is this?", max_tokens=1).usage.prompt_tokens
+    assert prompt_tokens == {text_only + 1 + files["tokens_per_frame"]}  # + the "\n" after it
+    error = server.refusal([image(files["not_a_video"])], max_tokens=1)
+    assert error.status_code == 400 and "notes.mp4 is not an image" in error.body["message"]
 
 
 @pytest.mark.parametrize(
@@ -244,11 +423,15 @@ def test_concurrent_requests_all_get_their_answers(server, files):
 
 BAD_REQUESTS = {
     "missing file (file URL)": (
-        lambda f: {"content": question((f["tmp"] / "nowhere.mp4").as_uri())},
+        lambda f: {"content": question((f["media"] / "nowhere.mp4").as_uri())},
         400,
         ["Video file not found", "nowhere.mp4"],
     ),
-    "missing file (path)": (lambda f: {"content": question(f["tmp"] / "nowhere.mp4")}, 400, ["Video file not found"]),
+    "missing file (path)": (
+        lambda f: {"content": question(f["media"] / "nowhere.mp4")},
+        400,
+        ["Video file not found"],
+    ),
     "not a video": (lambda f: {"content": question(f["not_a_video"])}, 400, ["notes.mp4", "is not a video"]),
     "truncated video": (lambda f: {"content": question(f["truncated"])}, 400, ["truncated.mp4", "corrupt/truncated"]),
     "corrupt video": (lambda f: {"content": question(f["corrupt"])}, 400, ["corrupt.mp4"]),
@@ -340,14 +523,198 @@ def test_bad_messages(server):
 
 
 def test_server_keeps_serving_after_bad_requests(server, files):
-    for source in (files["corrupt"], files["tmp"] / "nowhere.mp4"):
+    for source in (files["corrupt"], files["media"] / "nowhere.mp4"):
         with pytest.raises(openai.BadRequestError):
             server.ask(question(source), max_tokens=2)
     answer = server.ask(question(files["video"]), max_tokens=4)
     assert answer.choices[0].message.content
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health") as response:
+    with urllib.request.urlopen(f"{server.url}/health") as response:
         assert json.load(response) == {"status": "ok"}
     assert server.process.poll() is None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Exposed: what a hostile client can and cannot make the server do
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _alike(errors: dict) -> set:
+    """The refusals' messages with each one's own URL taken out: one element when they say the same thing."""
+    return {error.body["message"].replace(str(source), "URL") for source, error in errors.items()}
+
+
+def test_api_key_guards_the_api_but_not_health(guarded):
+    assert [model.id for model in guarded.client.models.list().data] == [str(guarded.folder)]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        request = urllib.request.Request(f"{guarded.url}/v1/models", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            urllib.request.urlopen(request, timeout=10)
+        assert raised.value.code == 401 and "API key" in json.load(raised.value)["error"]["message"]
+    stranger = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.chat.completions.create(model=str(guarded.folder), messages=[{"role": "user", "content": "Hi"}])
+    with urllib.request.urlopen(f"{guarded.url}/health", timeout=10) as response:
+        assert json.load(response) == {"status": "ok"}
+
+
+def test_by_default_no_local_file_is_read_and_every_refusal_reads_the_same(guarded, files):
+    """A file that exists, one that does not, one that is not a video, a folder, /etc/shadow: the same 400, so that
+    nothing about the server's disk leaks."""
+    sources = [
+        files["video"],
+        files["video"].as_uri(),
+        files["not_a_video"],
+        files["media"] / "nowhere.mp4",
+        files["media"],
+        "/etc/shadow",
+        "file:///etc/passwd",
+    ]
+    errors = {}
+    for source in sources:
+        for part in (video(source), image(source)):
+            errors[source] = error = guarded.refusal([part], max_tokens=2)
+            assert error.status_code == 400, error.message
+    assert _alike(errors) == {"URL: this server reads no local files."}
+
+
+def test_an_allowed_folder_is_the_only_one_read(server, files):
+    """Outside the folder (a path, `..`, a symlink inside pointing out, /etc/shadow as an image): one refusal."""
+    sources = [
+        files["outside"],
+        files["outside"].as_uri(),
+        f"{files['media']}/../{files['outside'].name}",
+        files["media"] / "link.mp4",
+        "/etc/shadow",
+    ]
+    errors = {
+        source: server.refusal([image(source) if source == "/etc/shadow" else video(source)]) for source in sources
+    }
+    assert {error.status_code for error in errors.values()} == {400}
+    (message,) = _alike(errors)
+    assert "reads no local files outside the folders" in message and "--allowed-local-media-path" in message
+
+
+def test_private_addresses_are_refused_after_resolution(guarded):
+    """Loopback (by number, by name, IPv6, IPv4 in IPv6), unspecified, private, link-local (cloud metadata): all one
+    refusal, before anything connects."""
+    port = guarded.port  # a port with a server behind it: as refused as any other
+    sources = [
+        f"http://127.0.0.1:{port}/health",
+        f"http://localhost:{port}/v1/models",
+        f"http://[::1]:{port}/health",
+        f"http://[::ffff:127.0.0.1]:{port}/health",
+        f"http://0.0.0.0:{port}/health",
+        "http://10.0.0.1/video.mp4",
+        "https://192.168.1.1/video.mp4",
+        "http://169.254.169.254/latest/meta-data/",
+        "ftp://example.com/video.mp4",
+    ]
+    errors = {source: guarded.refusal(question(source)) for source in sources}
+    assert {error.status_code for error in errors.values()} == {400}
+    (message,) = _alike(errors)
+    assert message.startswith("could not fetch URL")
+
+
+def test_fetch_failures_look_alike_and_redirects_are_checked(server, files, media_host):
+    """A closed port, a 404, a host that never answers (the read timeout), a redirect loop and a redirect to a host
+    the server was not opened to: one message, so that a client cannot scan ports; a redirect to an allowed host is
+    followed."""
+    host_port = urllib.parse.urlsplit(media_host).port
+    elsewhere = urllib.parse.quote(f"http://localhost:{host_port}/video.mp4")
+    sources = [
+        f"http://127.0.0.1:{_free_port()}/video.mp4",
+        f"{media_host}/missing.mp4",
+        f"{media_host}/hang",
+        f"{media_host}/loop",
+        f"{media_host}/redirect?{elsewhere}",
+    ]
+    errors = {source: server.refusal(question(source), max_tokens=1) for source in sources}
+    assert {error.status_code for error in errors.values()} == {400}
+    (message,) = _alike(errors)
+    assert message.startswith("could not fetch URL")
+
+    fetched = server.ask(question(f"{media_host}/video.mp4"), max_tokens=1).usage.prompt_tokens
+    redirected = server.ask(question(f"{media_host}/redirect?/video.mp4"), max_tokens=1).usage.prompt_tokens
+    assert fetched == redirected == server.ask(question(files["video"]), max_tokens=1).usage.prompt_tokens
+
+
+def test_own_url_and_slow_downloads_do_not_hold_up_the_server(server, media_host):
+    """A video URL naming the server itself is fetched (it is open to 127.0.0.1) without deadlocking it; while a slow
+    download runs, /health and a text question are answered; the download ends at the total timeout."""
+    own = f"{server.url}/v1/models"
+    started = time.monotonic()
+    assert "is not a video" in server.refusal(question(own), max_tokens=1).body["message"]
+    assert time.monotonic() - started < 20
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(server.refusal, question(f"{media_host}/drip"), max_tokens=1)
+        time.sleep(0.5)
+        started = time.monotonic()
+        with urllib.request.urlopen(f"{server.url}/health", timeout=10) as response:
+            assert response.status == 200
+        assert server.ask("Hi", max_tokens=2).choices[0].message.content is not None
+        assert time.monotonic() - started < 2 and not slow.done()
+        assert slow.result().body["message"].startswith(f"could not fetch {media_host}/drip")
+
+
+def test_media_and_bodies_are_capped(server, media_host):
+    too_big = "data:video/mp4;base64," + base64.b64encode(b"x" * (MAX_MEDIA_BYTES + 1000)).decode()
+    for source in (too_big, f"{media_host}/big"):
+        error = server.refusal(question(source), max_tokens=1)
+        assert error.status_code == 413, error.message
+        assert f"limit of {MAX_MEDIA_BYTES} bytes (--max-media-bytes)" in error.body["message"]
+        assert len(error.body["message"]) < 300
+    # A body announced larger than the cap is answered before it is sent.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        length = MAX_MEDIA_BYTES * 2 + (1 << 20)
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n{{".encode())
+        reply = b""
+        while b"}}" not in reply and (received := sock.recv(65536)):
+            reply += received
+        reply = reply.decode()
+    assert reply.startswith("HTTP/1.1 413") and "request body is larger" in reply
+
+
+def test_a_requests_chat_template_needs_the_operators_consent(server, guarded):
+    template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    error = guarded.refusal("Hi", max_tokens=1, extra_body={"chat_template": template})
+    assert error.status_code == 400 and "--trust-request-chat-template" in error.body["message"]
+
+    plain = server.ask("Hi there", max_tokens=1).usage.prompt_tokens
+    own = server.ask("Hi there", max_tokens=1, extra_body={"chat_template": template}).usage.prompt_tokens
+    assert own < plain
+    error = server.refusal("Hi", max_tokens=1, extra_body={"chat_template": "{% for %}"})
+    assert error.status_code == 400 and error.body["message"].startswith("chat_template:")
+
+
+def test_no_input_a_client_chooses_gets_a_500(server, files):
+    cases = [
+        ({"max_tokens": 100_000}, "This model's maximum context length is 512 tokens"),
+        ({"max_completion_tokens": 10**30}, "maximum context length is 512 tokens"),
+        ({"extra_body": {"chat_template_kwargs": {"num_frames": 10**6}}}, "maximum context length of 512 tokens"),
+        ({"extra_body": {"chat_template_kwargs": {"colour": 1}}}, "chat_template_kwargs"),
+        ({"n": 2}, "n must be 1"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools is not supported"),
+        ({"seed": 2**70}, "seed must be"),
+    ]
+    for options, phrase in cases:
+        error = server.refusal(question(files["video"]), **options)
+        assert error.status_code == 400 and phrase in error.body["message"], (options, error.body)
+    model = json.dumps(str(server.folder))
+    raw = [
+        (b'{"model": %s, "messages": [{"role": "user", "content": "Hi"}], "temperature": Infinity}', "temperature"),
+        (b'{"model": %s, "messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}', "temperature"),
+        (b'{"model": %s, "messages": [{"role": "user", "content": "Hi"}], "top_p": -Infinity}', "top_p"),
+        (b'{"model": %s, "messages": [{"role": "user", "content": "Hi"}], "frequency_penalty": 1e999}', "frequency"),
+        (b"%s not JSON", "not valid JSON"),
+        (b"[%s]", "must be a JSON object"),
+        (b"[" * 100_000 + b"%s", "not valid JSON"),
+    ]
+    for body, phrase in raw:
+        status, answer = server.post(body.replace(b"%s", model.encode()))
+        assert status == 400 and phrase in answer["error"]["message"], (body[:80], answer)
+    with urllib.request.urlopen(f"{server.url}/health") as response:
+        assert response.status == 200
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -355,47 +722,31 @@ def test_server_keeps_serving_after_bad_requests(server, files):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_command_line_refuses_what_it_cannot_serve(files, tmp_path):
-    """Two refusals, each in a process of its own (side by side: most of each is starting Python)."""
-    other = tmp_path / "qwen2"
-    other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
-    expected = {
-        tmp_path / "no-such-folder": "crosslmm-serve: error: cannot load the config of",
-        other: "is a 'qwen2' checkpoint, not CrossLMM",
-    }
-    processes = {
-        folder: subprocess.Popen(
-            [*_serve_command(), str(folder)], stderr=subprocess.PIPE, text=True, env=_env(tmp_path)
-        )
-        for folder in expected
-    }
-    for folder, process in processes.items():
+def test_command_line_refuses_what_it_cannot_serve(processes):
+    for process, phrase in processes["refusals"].values():
         err = process.communicate(timeout=300)[1]
         assert process.returncode == 2, err
-        assert expected[folder] in err and "Traceback" not in err, err
+        assert phrase in err and "Traceback" not in err, err
 
 
-def test_trust_remote_code_runs_the_checkpoints_own_code(files, tmp_path):
-    """With `--trust-remote-code` the manager loads the model and processor classes from the checkpoint's files (this
-    repository's modules are blocked in that process), and reports a model that takes videos as image-text-to-text."""
-    out = run_isolated(
-        f"""
-        from crosslmm.serve import CrossLMMModelManager
-        from transformers.cli.serving.utils import Modality
-
-        manager = CrossLMMModelManager(device="cpu", trust_remote_code=True, force_model={str(files["folder"])!r})
-        (timed,) = manager.loaded_models.values()
-        assert manager.get_model_modality(timed.model, timed.processor) == Modality.VLM
-        print(type(timed.model).__module__, type(timed.processor).__module__)
-        manager.shutdown()
-        """,
-        tmp_path,
-        blocked=SHIPPED_MODULES,  # the serving tool from the package, the model's code from the checkpoint
-    )
-    model_module, processor_module = out.split()
+def test_trust_remote_code_runs_the_checkpoints_own_code(processes):
+    """With `--trust-remote-code` the server loads the model and processor classes from the checkpoint's files (this
+    repository's modules are blocked in that process)."""
+    model_module, processor_module = processes["own_code"].result(timeout=300).split()
     assert model_module.startswith("transformers_modules.") and model_module.endswith(".modeling_crosslmm")
     assert processor_module.startswith("transformers_modules.") and processor_module.endswith(".processing_crosslmm")
+
+
+def test_an_untested_transformers_release_is_named_in_one_line_first(monkeypatch, capsys, tmp_path):
+    import crosslmm.versions
+    from crosslmm.serve import main
+
+    monkeypatch.setitem(crosslmm.versions.TESTED, "transformers", ("4.0.0", "4.1.0"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main([str(tmp_path / "no-such-folder")]) == 2
+    first, *rest = capsys.readouterr().err.splitlines()
+    assert first.startswith("crosslmm-serve: warning: transformers ") and "outside the releases" in first
+    assert rest and rest[-1].startswith("crosslmm-serve: error: cannot load the config of")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -429,3 +780,22 @@ def test_reader_names_a_bad_data_url_without_its_contents(files):
         assert payload[:40] not in str(raised.value)
     with pytest.raises(FileNotFoundError, match="Video file not found: file:///"):
         read_video((files["tmp"] / "nowhere.mp4").as_uri())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The end: SIGTERM with a request in flight (this stops `guarded`)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_with_a_request_in_flight_ends_cleanly(guarded):
+    stream = guarded.ask("Tell me a long story.", max_tokens=450, stream=True)
+    received = []
+    with pytest.raises(openai.APIError, match="shutting down"):
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received.append(chunk.choices[0].delta.content)
+                if len(received) == 2:
+                    guarded.process.send_signal(signal.SIGTERM)
+    # uvicorn re-raises the signal once it has shut down, so the process ends as SIGTERM ends a process.
+    assert guarded.process.wait(timeout=30) == -signal.SIGTERM
+    assert "Traceback" not in guarded.log.read_text()
