@@ -4,6 +4,7 @@ or absent, LoRA, bad configurations failing before the model loads, and FSDP2 on
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,7 +139,7 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(stage2_run,
     )
     first = tmp_path / "run" / "checkpoint-5"
     deadline = time.monotonic() + 120
-    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+    while not (first / "trainer_state.json").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     output = process.communicate()[0].decode(errors="replace")
@@ -194,9 +195,12 @@ def test_a_checkpoint_of_another_stage_is_not_resumed(stage2_run, tiny_checkpoin
     assert "checkpoint of a run with --stage 2, this one has --stage 1" in capsys.readouterr().err
 
 
-def test_a_checkpoint_is_whole_or_absent(tiny_checkpoint, dataset, tmp_path, monkeypatch):
-    """A save that fails half-way (here: after the weights, while the processor is written) leaves no checkpoint
-    folder; the next run resumes from the previous whole one and clears what the failed save left."""
+def test_a_checkpoint_is_whole_or_unfinished_and_an_unfinished_one_is_never_resumed(
+    tiny_checkpoint, dataset, tmp_path, monkeypatch
+):
+    """Trainer writes trainer_state.json last: a save that fails half-way (here: after the weights, while the
+    processor is written) leaves a folder without it, which the next run removes before resuming from the previous
+    whole checkpoint."""
     from processing_crosslmm import CrossLMMProcessor
 
     argv = command(tiny_checkpoint, dataset, tmp_path, "--save_steps", "1", steps=3)
@@ -206,20 +210,29 @@ def test_a_checkpoint_is_whole_or_absent(tiny_checkpoint, dataset, tmp_path, mon
     def failing_save(self, folder, *args, **kwargs):
         calls.append(folder)
         if len(calls) == 2:
-            raise OSError("No space left on device")
+            raise RuntimeError("the save broke off")
         return save(self, folder, *args, **kwargs)
 
     monkeypatch.setattr(CrossLMMProcessor, "save_pretrained", failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(RuntimeError, match="the save broke off"):
         main(argv)
     assert (tmp_path / "checkpoint-1" / "trainer_state.json").is_file()
-    assert not (tmp_path / "checkpoint-2").exists()
-    assert (tmp_path / ".staging" / "checkpoint-2" / "model.safetensors").is_file()  # the half-written one
+    assert (tmp_path / "checkpoint-2" / "model.safetensors").is_file()  # the half-written one
+    assert not (tmp_path / "checkpoint-2" / "trainer_state.json").exists()
     monkeypatch.setattr(CrossLMMProcessor, "save_pretrained", save)
     assert main(argv) == 0
     state = json.loads((tmp_path / "trainer_state.json").read_text())
-    assert state["global_step"] == 3 and not (tmp_path / ".staging").exists()
+    assert state["global_step"] == 3
     assert len([entry for entry in state["log_history"] if "loss" in entry]) == 3
+    assert (tmp_path / "checkpoint-2" / "trainer_state.json").is_file()  # written again, whole
+
+
+def test_a_checkpoint_of_another_model_is_not_resumed(stage2_run, tiny_checkpoint, dataset, tmp_path, capsys):
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_checkpoint, other)
+    assert main(command(other, dataset, stage2_run)) == 2
+    error = capsys.readouterr().err
+    assert f"checkpoint of a run with --model {Path(tiny_checkpoint).resolve()}, this one has --model {other}" in error
 
 
 # ---- LoRA ----------------------------------------------------------------------------------------------------------
@@ -259,12 +272,12 @@ def test_lora_checkpoints_load_merged_and_resume(tiny_checkpoint, dataset, tmp_p
     assert not all(torch.equal(resumed[name], trained[name]) for name in trained)
 
 
-def test_lora_merge_reads_frozen_weights_back_when_only_trained_ones_were_gathered(tiny_checkpoint):
-    """DeepSpeed ZeRO-3 hands a PEFT model's save only its trained tensors: the merge takes the frozen ones (those
-    LoRA adapts included) from the starting checkpoint and gives the same weights."""
+def test_lora_merge_needs_only_the_trained_tensors(tiny_checkpoint, tmp_path):
+    """DeepSpeed ZeRO-3 hands a PEFT model's save only its trained tensors: the merged model is PEFT's
+    merge_and_unload of the starting checkpoint with them loaded, the same weights as merging the model in training."""
     from peft import LoraConfig, get_peft_model
 
-    from crosslmm.train import checkpoint_weights, merge_lora
+    from crosslmm.train import save_lora
     from crosslmm.training import LORA_TARGET_MODULES
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGET_MODULES, init_lora_weights=False)
@@ -272,17 +285,14 @@ def test_lora_merge_reads_frozen_weights_back_when_only_trained_ones_were_gather
         AutoModelForImageTextToText.from_pretrained(tiny_checkpoint, trust_remote_code=True), config
     )
     full = model.state_dict()
-    expected = merge_lora(full, config)
     trained_only = {name: full[name] for name, param in model.named_parameters() if param.requires_grad}
-    with pytest.raises(ValueError, match="lacks"):
-        merge_lora(trained_only, config, expected=list(weights(tiny_checkpoint)))
-    names = list(weights(tiny_checkpoint))
-    merged = merge_lora(
-        trained_only, config, expected=names, frozen=lambda wanted: checkpoint_weights(tiny_checkpoint, wanted)
-    )
-    assert sorted(merged) == sorted(names)
-    for name in names:
-        assert torch.equal(merged[name], expected[name]), name
+    save_lora(tmp_path, model, trained_only, str(tiny_checkpoint))
+    expected = model.merge_and_unload().state_dict()
+    merged = weights(tmp_path)
+    assert sorted(merged) == sorted(weights(tiny_checkpoint))
+    for name, value in merged.items():
+        assert torch.equal(value, expected[name]), name
+    assert set(load_file(tmp_path / "lora" / "trained.safetensors")) == set(trained_only)
 
 
 # ---- bad configurations --------------------------------------------------------------------------------------------
