@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, TrainerCallback, TrainerState, TrainingArguments
+from transformers import HfArgumentParser, ProgressCallback, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -662,7 +662,13 @@ def train(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: 
         skipped=skipped,
         base_checkpoint=model_path,
     )
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    except BaseException:
+        progress = trainer.pop_callback(ProgressCallback)  # its bar would be drawn again after the error line
+        if progress is not None and progress.training_bar is not None:
+            progress.training_bar.close()
+        raise
     if trainer.state.global_step < trainer.state.max_steps:  # stopped early: --enable_jit_checkpoint on SIGTERM
         skipped.sync()
         logger.warning(
@@ -684,7 +690,25 @@ def train(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: 
     return trainer
 
 
-def disk_full_message(output_dir: Path, error: OSError) -> str:
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_is_full(folder: Path) -> bool:
+    """Whether 1 MiB more can be written into `folder` (what tells a failed save on a full disk from a bug)."""
+    probe = folder / f".crosslmm-train-space-{os.getpid()}"
+    try:
+        with open(probe, "wb") as file:
+            file.write(bytes(2**20))
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as error:
+        return error.errno in FULL
+    finally:
+        probe.unlink(missing_ok=True)
+    return False
+
+
+def disk_full_message(output_dir: Path, error: Exception) -> str:
     """One line for a save the disk had no room for: which disk, how much is free, what is left to resume from."""
     mount = output_dir.resolve()
     while not os.path.ismount(mount):
@@ -694,7 +718,7 @@ def disk_full_message(output_dir: Path, error: OSError) -> str:
     except OSError:
         free = "free space unknown"
     last = last_whole_checkpoint(output_dir) if output_dir.is_dir() else None
-    where = f" ({error.filename})" if error.filename else ""
+    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
     kept = f"the last whole checkpoint, {last}, is kept" if last else "no whole checkpoint was written yet"
     return (
         f"no space left on the disk mounted at {mount} ({free}) while saving into {output_dir}{where}: {kept}; "
@@ -785,8 +809,8 @@ def main(argv=None) -> int:
         if _is_main_process():
             print(f"crosslmm-train: error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT) or output_dir is None:
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        if output_dir is None or not (getattr(error, "errno", None) in FULL or disk_is_full(output_dir)):
             raise
         if _is_main_process():
             remove_unfinished_checkpoints(output_dir)  # the space it took is what the next try needs

@@ -351,6 +351,85 @@ def test_a_bad_configuration_is_one_line_and_exit_2_before_the_model_loads(
     assert __import__("re").search(message, lines[0]), lines[0]
 
 
+def console_script(argv):
+    """`python -m crosslmm.train ARGV` in its own process, this checkout's code first on the path."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    return subprocess.Popen(
+        [sys.executable, "-m", "crosslmm.train", *map(str, argv)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def hostile_inputs(dataset, folder):
+    """(name, command-line change, expected error) for inputs a hostile or broken data pipeline hands over."""
+    deep = 100_000
+    (folder / "deep.json").write_text("[" * deep + "]" * deep)
+    (folder / "deep.jsonl").write_text('{"a": 1}\n' + "[" * deep + "]" * deep + "\n")
+    (folder / "deep.yaml").write_text("datasets: " + "[" * deep + "]" * deep + "\n")
+    (folder / "latin1.jsonl").write_bytes(
+        '{"conversations": [{"from": "human", "value": "caf\xe9"}]}\n'.encode("latin-1")
+    )
+    (folder / "latin1.yaml").write_bytes(f"# caf\xe9\ndatasets:\n  - json_path: {dataset['json']}\n".encode("latin-1"))
+    (folder / "a-file").write_text("")
+    return [
+        ("deep.json", ("--data", folder / "deep.json"), "deep.json: nested too deeply to read"),
+        ("deep.jsonl", ("--data", folder / "deep.jsonl"), "deep.jsonl:2: nested too deeply to read"),
+        ("deep.yaml", ("--data", folder / "deep.yaml"), "deep.yaml: nested too deeply to read"),
+        ("latin1.jsonl", ("--data", folder / "latin1.jsonl"), "latin1.jsonl: not UTF-8 text"),
+        ("latin1.yaml", ("--data", folder / "latin1.yaml"), "latin1.yaml: not UTF-8 text"),
+        ("output under a file", ("--output_dir", folder / "a-file" / "run"), "cannot be written: Not a directory"),
+    ]
+
+
+def test_hostile_inputs_are_one_line_and_exit_2_through_the_console_script(tiny_checkpoint, dataset, tmp_path):
+    """Run side by side (each is a fresh Python process): deep nesting, text that is not UTF-8, an output folder that
+    cannot be made; each ends in one line naming the file, no traceback."""
+    runs = []
+    for name, (flag, value), message in hostile_inputs(dataset, tmp_path):
+        argv = command(tiny_checkpoint, dataset, tmp_path / "out")
+        argv[argv.index(flag) + 1] = str(value)
+        runs.append((name, message, console_script(argv)))
+    for name, message, process in runs:
+        _, err = process.communicate(timeout=240)
+        lines = err.strip().splitlines()
+        assert process.returncode == 2 and len(lines) == 1, (name, err[-3000:])
+        assert lines[0].startswith("crosslmm-train: error: ") and message in lines[0], (name, lines[0])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB tmpfs: room for one checkpoint of the tiny model (4 MB) but not two. Needs root (mount)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(folder)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_full_disk_is_one_line_naming_it_and_keeps_the_last_whole_checkpoint(tiny_checkpoint, dataset, small_disk):
+    """A real ENOSPC: the second checkpoint does not fit on the disk. One line naming the disk and the checkpoint kept,
+    the unfinished one removed (its space is what the next try needs); with room again, the same command resumes."""
+    output = small_disk / "run"
+    argv = command(tiny_checkpoint, dataset, output, "--save_steps", "1", "--save_total_limit", "2", steps=3)
+    process = console_script(argv)
+    _, err = process.communicate(timeout=240)
+    last = err.strip().splitlines()[-1]
+    assert process.returncode == 2, err[-3000:]
+    assert last.startswith(f"crosslmm-train: error: no space left on the disk mounted at {small_disk} "), last
+    assert f"the last whole checkpoint, {output / 'checkpoint-1'}, is kept" in last and "Traceback" not in err
+    assert (output / "checkpoint-1" / "trainer_state.json").is_file() and not (output / "checkpoint-2").exists()
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    process = console_script(argv)
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err[-3000:]
+    assert "Resuming from" in err and json.loads((output / "trainer_state.json").read_text())["global_step"] == 3
+
+
 # ---- FSDP2 on two CPU processes ------------------------------------------------------------------------------------
 
 
