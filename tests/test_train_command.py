@@ -22,6 +22,8 @@ from llava_data import answer_main, dataset_fixture, tiny_checkpoint_fixture  # 
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSOLE_SCRIPT = Path(sys.executable).with_name("crosslmm-train")
+# A virtual environment that sees the package through the system's site-packages has no console script of its own.
+CONSOLE = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "crosslmm.train"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -135,7 +137,7 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(stage2_run,
     argv[argv.index("--dataloader_num_workers") + 1] = "1"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [str(CONSOLE_SCRIPT), *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        [*CONSOLE, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
     first = tmp_path / "run" / "checkpoint-5"
     deadline = time.monotonic() + 120
@@ -163,9 +165,7 @@ def test_sigterm_with_jit_checkpointing_saves_and_stops_without_a_final_model(ti
     argv = command(tiny_checkpoint, dataset, tmp_path, "--enable_jit_checkpoint", steps=100000)
     argv[argv.index("--save_steps") + 1] = "100000"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [str(CONSOLE_SCRIPT), *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    process = subprocess.Popen([*CONSOLE, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in process.stdout:  # training has begun once a loss is logged
         lines.append(line)
