@@ -129,9 +129,13 @@ def _read_mixture(path: Path, folders: dict) -> list[Source]:
     import yaml
 
     try:
-        mixture = yaml.safe_load(path.read_text())
+        mixture = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise DataError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason})") from None
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply to read") from None
     entries = mixture.get("datasets") if isinstance(mixture, dict) else None
     if not isinstance(entries, list) or not entries:
         raise DataError(f"{path}: a mixture needs a non-empty 'datasets' list of {{json_path, sampling_strategy}}")
@@ -168,26 +172,36 @@ def _read_mixture(path: Path, folders: dict) -> list[Source]:
 
 
 def _read_annotations(path: Path) -> list:
-    if path.suffix.lower() == ".jsonl":
-        records = []
-        with open(path, encoding="utf-8") as file:
-            for number, line in enumerate(file, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        return records
+    """The records of a .json list or a .jsonl file; DataError (one line) for text that is not UTF-8, not JSON, or
+    nested deeper than Python's parser can follow."""
     try:
+        if path.suffix.lower() == ".jsonl":
+            return _read_jsonl(path)
         with open(path, encoding="utf-8") as file:
             records = json.load(file)
     except json.JSONDecodeError as error:
         raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error.reason})") from None
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply to read") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of samples, got a JSON {type(records).__name__}")
+    return records
+
+
+def _read_jsonl(path: Path) -> list:
+    records = []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{number}: nested too deeply to read") from None
     return records
 
 
@@ -309,14 +323,21 @@ def load_training_data(sources: list[Source], seed: int = 0) -> TrainingData:
             record = records[index]
             try:
                 sample = parse_sample(record)
-            except ValueError as error:
+                packed = json.dumps({"r": record, "s": source_index, "i": index}, ensure_ascii=False).encode()
+            except RecursionError:
+                error = "is nested too deeply to read"
+            except ValueError as problem:
+                error = problem
+            else:
+                error = None
+            if error is not None:
                 problems += 1
                 if first_problem is None:
                     sample_id = record.get("id") if isinstance(record, dict) else None
                     label = f"sample {index}" + (f" (id {sample_id!r})" if sample_id is not None else "")
                     first_problem = f"{source.path}: {label} {error}"
                 continue
-            encoded.append(json.dumps({"r": record, "s": source_index, "i": index}, ensure_ascii=False).encode())
+            encoded.append(packed)
             kinds.append(KINDS.index(sample.kind))
             num_visuals.append(len(sample.visuals))
             chars.append(sample.text_chars + TURN_OVERHEAD_TOKENS * CHARS_PER_TOKEN * len(sample.messages))
@@ -398,6 +419,18 @@ def _frames_folder(folder: Path, sample_indices_fn) -> np.ndarray:
     if len({frame.shape for frame in frames}) > 1:
         raise BadSample("corrupt", f"{folder} holds frames of different sizes")
     return np.stack(frames)
+
+
+def count_tokens(tokenizer, text: str, limit: int | None = None) -> int:
+    """The number of tokens of `text`, exact when it is at most `limit`; above it, some number above `limit`, found by
+    tokenizing ever longer beginnings of the text (4x each time), so that a sample of millions of tokens costs about
+    `limit` tokens' work and memory, not its own length's."""
+    size = len(text) if limit is None else CHARS_PER_TOKEN * (limit + 1)
+    while True:
+        count = len(tokenizer(text[:size], add_special_tokens=False)["input_ids"])
+        if size >= len(text) or count > limit:
+            return count
+        size *= 4
 
 
 class VideoChatDataset(torch.utils.data.Dataset):
@@ -490,29 +523,42 @@ class VideoChatDataset(torch.utils.data.Dataset):
             raise BadSample("corrupt", f"{path}: {str(error).strip().splitlines()[0]}") from None
 
     def load(self, index: int) -> dict:
-        """The sample at `index` with its frames; BadSample when it cannot be used."""
+        """The sample at `index` with its frames; BadSample when it cannot be used. A sample longer than `max_length`
+        is refused from its text before any frame is decoded when the text alone is too long, and never tokenized
+        whole (see `count_tokens`): cutting it short would cut its visual placeholders or its answer."""
         entry = self.data.records[index]
         source = self.data.sources[entry["s"]]
         sample = parse_sample(entry["r"])
         item = {"messages": sample.messages}
+        if self.max_length is not None:
+            text_tokens = self.text_token_count(item, limit=self.max_length + len(sample.visuals))
+            self._check_length(text_tokens + len(sample.visuals) * (self.processor.tokens_per_frame - 1))  # >= 1 frame
         paths = [media_path(source, sample.kind, visual) for visual in sample.visuals]
         if sample.kind == "video":
             item["videos"] = [self._video(path) for path in paths]
         elif sample.kind == "image":
             item["images"] = [self._image(path) for path in paths]
         if self.max_length is not None:
-            length = self.token_count(item)
-            if length > self.max_length:
-                raise BadSample("too long", f"{length} tokens, more than --max-length {self.max_length}")
+            self._check_length(text_tokens - len(sample.visuals) + self.visual_token_count(item))
         return item
+
+    def _check_length(self, length: int):
+        if length > self.max_length:
+            raise BadSample("too long", f"{length} tokens or more, more than --max-length {self.max_length}")
+
+    def text_token_count(self, item: dict, limit: int | None = None) -> int:
+        """Tokens of a sample's chat text, each placeholder one token: exact up to `limit`, else a number above it."""
+        text = self.processor.apply_chat_template(item["messages"], tokenize=False)
+        return count_tokens(self.processor.tokenizer, text, limit)
+
+    def visual_token_count(self, item: dict) -> int:
+        frames = sum(len(video) for video in item.get("videos", ())) + len(item.get("images", ()))
+        return frames * self.processor.tokens_per_frame
 
     def token_count(self, item: dict) -> int:
         """Exact length of a loaded sample in the model's sequence: its text tokens, each placeholder expanded."""
-        text = self.processor.apply_chat_template(item["messages"], tokenize=False)
-        ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-        per_frame = self.processor.tokens_per_frame
-        visual = sum(len(video) for video in item.get("videos", ())) + len(item.get("images", ()))
-        return len(ids) - len(item.get("videos", ())) - len(item.get("images", ())) + visual * per_frame
+        placeholders = len(item.get("videos", ())) + len(item.get("images", ()))
+        return self.text_token_count(item) - placeholders + self.visual_token_count(item)
 
     def describe(self, index: int) -> dict:
         entry = self.data.records[index]

@@ -9,21 +9,22 @@ which the corresponding flag overrides. Every `TrainingArguments` field is a fla
 `torchrun --nproc_per_node 8 -m crosslmm.train ...` (add `--deepspeed examples/deepspeed_zero3.json`) or
 `accelerate launch --config_file examples/accelerate_fsdp.yaml -m crosslmm.train ...`.
 
-A run survives being killed: checkpoints are written into a staging folder and renamed into place once complete (a
-folder `checkpoint-N` is always whole), and starting the same command again resumes from the last one with the same
-data order and step. Samples whose media are missing, corrupt or too short are skipped, logged and counted
-(`skipped_samples` in the logs, a summary at the end and in `skipped_samples.json`). A bad configuration is one error
-line and exit status 2 before any model loads. Every checkpoint, and the final model in the output folder, is a
-CrossLMM folder with its code, processor and chat template that `from_pretrained(..., trust_remote_code=True)` and
-`crosslmm-answer --model` load.
+A run survives being killed: Trainer writes a checkpoint's trainer_state.json after everything else, so a folder
+`checkpoint-N` without it is unfinished (it is removed when the run starts again), and starting the same command again
+resumes from the last whole one with the same data order and step. Samples whose media are missing, corrupt or too
+short, or that are longer than `--max_length` tokens (the model's positions by default), are skipped, logged and
+counted (`skipped_samples` in the logs, a summary at the end and in `skipped_samples.json`). A bad configuration is one
+error line and exit status 2 before any model loads; so is a full disk, keeping the last whole checkpoint. Every
+checkpoint, and the final model in the output folder, is a CrossLMM folder with its code, processor and chat template
+that `from_pretrained(..., trust_remote_code=True)` and `crosslmm-answer --model` load.
 """
 
 import argparse
 import copy
+import errno
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -34,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers import HfArgumentParser, ProgressCallback, TrainerCallback, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from crosslmm.data import (
     DataError,
@@ -54,13 +56,13 @@ from crosslmm.training import (
     setup_stage1,
     setup_stage2,
 )
+from crosslmm.versions import warn_if_untested
 
 
 logger = logging.getLogger("crosslmm.train")
 
-STAGING = ".staging"  # inside --output_dir: checkpoints are written here, then renamed into place
+TRAINER_STATE_NAME = "trainer_state.json"  # what Trainer writes last into a checkpoint folder
 SKIPPED_FILE = "skipped_samples.json"
-RUN_FILE = "crosslmm_train.json"
 
 # Table 3 of the paper (CrossLMM-2B) and its text; the schedule is LLaVA's. Each value is a flag's default only.
 STAGE_PRESETS = {
@@ -218,13 +220,13 @@ def parse_args(argv: list[str]) -> tuple[CrossLMMTrainArguments, TrainingArgumen
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Skipped samples
+# Skipped samples and the run's record, kept in each checkpoint's trainer_state.json
 # --------------------------------------------------------------------------------------------------------------------
 
 
 class SkippedSamples:
     """Counts of the samples the dataset skipped, summed over processes at each log step and checkpoint, and the first
-    `limit` of them described. Kept in each checkpoint, so that a resumed run goes on counting."""
+    `limit` of them described."""
 
     def __init__(self, limit: int = 1000):
         self.limit = limit
@@ -238,14 +240,16 @@ class SkippedSamples:
     def add(self, entries):
         self.pending.extend(entries)
 
-    def sync(self, accelerator):
+    def sync(self):
         """Gather what every process skipped since the last sync (a collective: call it on every process)."""
-        entries = self.pending
-        if accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
+        from accelerate import PartialState
+        from accelerate.utils import gather_object
 
-            entries = gather_object(entries)
+        entries = gather_object(self.pending) if PartialState().num_processes > 1 else self.pending
         self.pending = []
+        self._count(entries)
+
+    def _count(self, entries):
         for entry in entries:
             self.reasons[entry["reason"]] += 1
             self.files[entry["file"]] += 1
@@ -253,11 +257,15 @@ class SkippedSamples:
                 self.examples.append(entry)
 
     def state(self) -> dict:
+        """The counts, this process's unsynced entries included (a checkpoint written between syncs, as
+        --enable_jit_checkpoint's, would otherwise lose them on one process)."""
+        counted = copy.deepcopy(self)
+        counted._count(self.pending)
         return {
-            "total": self.total,
-            "reasons": dict(self.reasons),
-            "files": dict(self.files),
-            "examples": self.examples,
+            "total": counted.total,
+            "reasons": dict(counted.reasons),
+            "files": dict(counted.files),
+            "examples": counted.examples,
         }
 
     def load(self, state: dict):
@@ -272,31 +280,34 @@ class SkippedSamples:
         return f"Skipped samples: {self.total} ({reasons}); by file: {files}."
 
 
+class RunRecord(TrainerCallback, ExportableState):
+    """What a checkpoint must carry besides Trainer's own state: the run's settings (so that a resumed run can refuse
+    another model, stage or LoRA setting) and the skipped-sample counts (so that it goes on counting).
+
+    Trainer writes `state()` into trainer_state.json, the last file of a checkpoint, so the record is whole exactly
+    when the checkpoint is. The counts are summed over processes before each checkpoint (`on_step_end`, on every
+    process)."""
+
+    def __init__(self, run: dict, skipped: SkippedSamples):
+        self.run, self.skipped = run, skipped
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"run": self.run, "skipped": self.skipped.state()}}
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Path) -> dict:
+        """The record a checkpoint holds ({} for a checkpoint written without one)."""
+        stored = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME)).stateful_callbacks
+        return (stored or {}).get(cls.__name__, {}).get("attributes", {})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self.skipped.sync()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _fsync_tree(folder: Path):
-    """Flush every file and folder under `folder` to disk, so that a renamed checkpoint survives a machine crash."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as file:
-                os.fsync(file.fileno())
-        _fsync_dir(root)
-
-
-def _fsync_dir(folder):
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def _restore_code_files(folder: Path, model):
@@ -317,30 +328,48 @@ def _restore_code_files(folder: Path, model):
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _remove_if_empty(folder: Path):
-    try:
-        folder.rmdir()
-    except OSError:
-        pass
+def is_whole(checkpoint: Path) -> bool:
+    """Trainer writes trainer_state.json after everything else of a checkpoint: a folder without it is unfinished."""
+    return (checkpoint / TRAINER_STATE_NAME).is_file()
 
 
-WEIGHT_FILES = re.compile(r"^(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+def remove_unfinished_checkpoints(output_dir: Path) -> list[Path]:
+    """Delete the checkpoint folders a killed or failed save left unfinished; returns them."""
+    unfinished = [
+        path
+        for path in (output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if output_dir.is_dir() else ())
+        if path.is_dir() and not is_whole(path)
+    ]
+    for path in unfinished:
+        shutil.rmtree(path, ignore_errors=True)
+    return unfinished
+
+
+def last_whole_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint with the highest step that is whole, if any."""
+    whole = [path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir() and is_whole(path)]
+    return max(whole, key=lambda path: int(path.name.rsplit("-", 1)[1])) if whole else None
+
+
+WEIGHT_FILES = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 
 
 class CommandTrainer(CrossLMMTrainer):
-    """`CrossLMMTrainer` with what `crosslmm-train` adds: its length-grouped sampler, skipped-sample counting, whole
-    checkpoints (written to a staging folder, renamed into place when complete) and the run's own files in each."""
+    """`CrossLMMTrainer` with what `crosslmm-train` adds: its length-grouped sampler, skipped-sample counting,
+    Hub-ready checkpoints (CrossLMM's code under FSDP2; a LoRA run's merged model, with the adapter in `lora/`)."""
 
-    def __init__(self, *args, lengths, skipped: SkippedSamples, run_info: dict, base_checkpoint: str, **kwargs):
-        self.base_checkpoint = base_checkpoint  # where a LoRA run's frozen weights can be read back
+    def __init__(self, *args, lengths, skipped: SkippedSamples, base_checkpoint: str, **kwargs):
+        self.base_checkpoint = base_checkpoint  # what a LoRA run's merged model is built on
         self.lengths = lengths
         self.skipped = skipped
-        self.run_info = run_info
-        self._staging_root = None
         super().__init__(*args, **kwargs)
 
     # ---- data ----
 
+    # No public hook takes a sampler: `get_train_dataloader` (the documented override) would have to rebuild
+    # Trainer's whole DataLoader (workers, seeding, accelerate's preparation) around it. `_get_train_sampler(self,
+    # train_dataset=None)` has had this signature, and is called only from `get_train_dataloader`, in transformers
+    # 5.17 to 5.25 (checked on both).
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         strategy = str(self.args.train_sampling_strategy)
@@ -359,145 +388,46 @@ class CommandTrainer(CrossLMMTrainer):
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs or "train_runtime" in logs:  # logged on every process: the sync's collective is safe
-            self.skipped.sync(self.accelerator)
+            self.skipped.sync()
             logs["skipped_samples"] = self.skipped.total
         if "learning_rate" in logs and self.optimizer is not None:  # Trainer logs the first group's rate only
             for group in self.optimizer.param_groups:
                 logs.setdefault(f"learning_rate_{group.get('name', 'group')}", group["lr"])
         return super().log(logs, *args, **kwargs)
 
-    # ---- checkpoints: whole, with the model's code ----
+    # ---- saving: what from_pretrained and crosslmm-answer load ----
 
-    def _save(self, output_dir=None, state_dict=None):
+    def save_model(self, output_dir=None, *args, **kwargs):
+        """Trainer's save, plus CrossLMM's code put back under FSDP2; a LoRA model is saved merged, with its adapter
+        and trained tensors in `lora/`. Every process calls this (the weights may have to be gathered)."""
+        folder = Path(output_dir or self.args.output_dir)
         model = self.accelerator.unwrap_model(self.model)
-        if not hasattr(model, "peft_config"):
-            super()._save(output_dir, state_dict)
-            if self.args.should_save:
-                _restore_code_files(Path(output_dir or self.args.output_dir), model)
-            return
-        self._save_lora(Path(output_dir or self.args.output_dir), model, state_dict)
-
-    def _save_lora(self, folder: Path, model, state_dict):
-        """A LoRA checkpoint: the merged CrossLMM (what from_pretrained and crosslmm-answer load) in the folder, the
-        PEFT adapter and every trained tensor (what resuming loads) in its lora/ subfolder."""
-        from safetensors.torch import save_file
-
-        if not self.args.should_save:
-            return
-        if state_dict is None:
-            state_dict = model.state_dict()
-        trained = {name for name, param in model.named_parameters() if param.requires_grad}
-        (folder / LORA_FOLDER).mkdir(parents=True, exist_ok=True)
-        save_file(
-            {name: state_dict[name].detach().cpu().contiguous() for name in sorted(trained)},
-            folder / LORA_FOLDER / LORA_TRAINED,
-            metadata={"format": "pt"},
-        )
-        model.save_pretrained(folder / LORA_FOLDER, state_dict=state_dict)
-        base = model.get_base_model()
-        expected = {
-            key.removeprefix("base_model.model.")
-            .replace(".base_layer.", ".")
-            .replace(".modules_to_save.default.", ".")
-            for key in model.state_dict()
-            if ".lora_" not in key and ".original_module." not in key
-        }
-        text_config = base.config.get_text_config()
-        tied = set(getattr(base, "_tied_weights_keys", None) or ()) if text_config.tie_word_embeddings else set()
-        merged = merge_lora(
-            state_dict,
-            model.peft_config["default"],
-            expected=sorted(expected - tied),
-            frozen=lambda names: checkpoint_weights(self.base_checkpoint, names),
-        )
-        base.save_pretrained(folder, state_dict=merged)
-        _restore_code_files(folder, base)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(folder)
-        torch.save(self.args, folder / "training_args.bin")
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        trained_file = Path(resume_from_checkpoint) / LORA_FOLDER / LORA_TRAINED
-        if model is not None or not hasattr(unwrapped, "peft_config"):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from safetensors.torch import load_file
-
-        trained = load_file(trained_file)
-        expected = {name for name, param in unwrapped.named_parameters() if param.requires_grad}
-        if set(trained) != expected:
-            raise ValueError(f"{trained_file} does not hold this run's trained tensors (another LoRA setting?)")
-        unwrapped.load_state_dict(trained, strict=False)
-
-    def _get_output_dir(self, trial):
-        return self._staging_root or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial):
-        self.skipped.sync(self.accelerator)
-        run_dir = Path(super()._get_output_dir(trial))
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = run_dir / STAGING
-        os.makedirs(staging / name, exist_ok=True)  # every process writes into it (optimizer shards, FSDP, ...)
-        self._staging_root = str(staging)
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_root = None
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            self._write_run_files(staging / name)
-            _fsync_tree(staging / name)
-            target = run_dir / name
-            if target.exists():  # left by an earlier run that did not resume from it
-                shutil.rmtree(target)
-            os.replace(staging / name, target)
-            _fsync_dir(run_dir)
-            _remove_if_empty(staging)
-            logger.info("Checkpoint %s written.", target)
-            rotate_checkpoints(
-                output_dir=str(run_dir),
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=False,
-            )
-        self.accelerator.wait_for_everyone()
-
-    def _write_run_files(self, folder: Path):
-        (folder / SKIPPED_FILE).write_text(json.dumps(self.skipped.state(), indent=1))
-        (folder / RUN_FILE).write_text(json.dumps(self.run_info, indent=1))
-
-    def save_model(self, output_dir=None, _internal_call=False):
-        """The final model (called without a folder): written to the staging folder, then moved into --output_dir
-        file by file, config.json last, replacing the weights of an earlier final model."""
-        if _internal_call or (output_dir is not None and Path(output_dir) != Path(self.args.output_dir)):
-            return super().save_model(output_dir, _internal_call)
-        staging = Path(self.args.output_dir) / STAGING / "final"
-        if self.args.should_save and staging.exists():
-            shutil.rmtree(staging)
-        self.accelerator.wait_for_everyone()
-        os.makedirs(staging, exist_ok=True)
-        super().save_model(str(staging), _internal_call=True)
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            _fsync_tree(staging)
-            root = Path(self.args.output_dir)
-            new = {path.name for path in staging.iterdir()}
-            for old in root.iterdir():  # weights of an earlier final model, which the new files would not replace
-                if old.is_file() and WEIGHT_FILES.match(old.name) and old.name not in new:
+        if self.args.should_save and folder == Path(self.args.output_dir):
+            for old in folder.glob("*"):  # an earlier final model's weights, which the new files might not replace
+                if old.is_file() and WEIGHT_FILES.match(old.name):
                     old.unlink()
-            for path in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
-                target = root / path.name
-                if target.is_dir() and not path.is_dir():
-                    shutil.rmtree(target)
-                elif path.is_dir() and target.exists():
-                    shutil.rmtree(target)
-                os.replace(path, target)
-            _fsync_dir(root)
-            shutil.rmtree(staging, ignore_errors=True)
-            _remove_if_empty(staging.parent)
-        self.accelerator.wait_for_everyone()
-        if self.args.push_to_hub:
-            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        if not hasattr(model, "peft_config"):
+            super().save_model(output_dir, *args, **kwargs)
+            if self.args.should_save:
+                _restore_code_files(folder, model)
+            return
+        state_dict = self.accelerator.get_state_dict(self.model_wrapped)  # gathered from every process
+        if self.args.should_save:
+            save_lora(folder, model, state_dict, self.base_checkpoint)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(folder)
+            torch.save(self.args, folder / "training_args.bin")
+
+    # Resuming a LoRA run: Trainer would load the merged model.safetensors of the checkpoint into the PEFT model (not
+    # one name matches: the whole file read into memory on every process for nothing) and could not restore the DCAL
+    # gates, which train in full outside PEFT's adapter. `_load_from_checkpoint(self, resume_from_checkpoint,
+    # model=None)` is the one place that loads weights on resuming, with this signature in transformers 5.17 to 5.25
+    # (checked on both); FSDP and DeepSpeed resume from their own files (`model` given) and go to Trainer as before.
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        peft_model = self.accelerator.unwrap_model(self.model)
+        if model is not None or not hasattr(peft_model, "peft_config"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_lora_trained(Path(resume_from_checkpoint), peft_model)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -516,18 +446,6 @@ def _check_model(model: str) -> str:
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise UsageError(f"--model folder not found: {model}")
     return model
-
-
-def last_checkpoint(output_dir: Path) -> Path | None:
-    """The checkpoint with the highest step that is whole (has its trainer state), if any."""
-    if not output_dir.is_dir():
-        return None
-    steps = []
-    for path in output_dir.iterdir():
-        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)
-        if match and path.is_dir() and (path / "trainer_state.json").is_file():
-            steps.append((int(match.group(1)), path))
-    return max(steps)[1] if steps else None
 
 
 def _setup_logging(training_args: TrainingArguments):
@@ -563,11 +481,25 @@ def load_processor(model: str, config):
     )
 
 
+def check_output_dir(output_dir: Path):
+    """Create --output_dir and write into it once, so that a folder that cannot be written is one line now, not a
+    traceback at the first checkpoint."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".crosslmm-train-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"--output_dir {output_dir} cannot be written: {error.strerror or error}") from None
+
+
 def prepare(args: CrossLMMTrainArguments, training_args: TrainingArguments):
-    """Everything that can be checked before the model loads: the checkpoint folder, the processor, the data.
-    Returns (model path, config, processor, training data); UsageError on any problem."""
+    """Everything that can be checked before the model loads: the output folder, the checkpoint folder, the processor,
+    the data. Returns (model path, config, processor, training data); UsageError on any problem."""
     from configuration_crosslmm import CrossLMMConfig
 
+    if training_args.should_save:
+        check_output_dir(Path(training_args.output_dir))
     model = _check_model(args.model)
     try:
         config = CrossLMMConfig.from_pretrained(model)
@@ -591,20 +523,59 @@ def prepare(args: CrossLMMTrainArguments, training_args: TrainingArguments):
     return model, config, processor, data
 
 
+def model_identity(model: str) -> str:
+    """--model as a run records it: a folder's absolute path (the same folder from any working directory), a Hub id."""
+    path = Path(os.path.expanduser(model))
+    return str(path.resolve()) if path.is_dir() else model
+
+
+def check_resumable(resume: Path, run_info: dict):
+    """Refuse a checkpoint of another run (another --model, --stage or --lora), warn about changed data or batches."""
+    previous = RunRecord.of_checkpoint(resume).get("run", {})
+    for key in ("model", "stage", "lora"):
+        if key in previous and previous[key] != run_info[key]:
+            raise UsageError(
+                f"{resume} is a checkpoint of a run with --{key} {previous[key]}, this one has --{key} "
+                f"{run_info[key]}: give this run another --output_dir (or its own --resume_from_checkpoint)"
+            )
+    if previous.get("data_fingerprint", run_info["data_fingerprint"]) != run_info["data_fingerprint"]:
+        logger.warning(
+            "The data differ from those of %s (%s samples then, %d now): the resumed run will not see the "
+            "order an uninterrupted run would have.",
+            resume,
+            previous.get("samples"),
+            run_info["samples"],
+        )
+    if previous.get("global_micro_batch", run_info["global_micro_batch"]) != run_info["global_micro_batch"]:
+        logger.warning(
+            "%s was written with %s samples per micro-step over all processes, this run has %d (another "
+            "number of processes or --per_device_train_batch_size): samples are grouped into batches "
+            "differently from here on.",
+            resume,
+            previous["global_micro_batch"],
+            run_info["global_micro_batch"],
+        )
+
+
 def train(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: list[str]):
+    from accelerate import PartialState
+
     from modeling_crosslmm import CrossLMMForConditionalGeneration
 
     _setup_logging(training_args)
     output_dir = Path(training_args.output_dir)
     model_path, config, processor, data = prepare(args, training_args)
+    max_length = args.max_length or config.text_config.max_position_embeddings
 
-    resume = None
+    if training_args.should_save:
+        for folder in remove_unfinished_checkpoints(output_dir):
+            logger.warning("Removed %s: a save that was interrupted left it unfinished.", folder)
     if training_args.resume_from_checkpoint:
         resume = Path(training_args.resume_from_checkpoint)
-        if not (resume / "trainer_state.json").is_file():
-            raise UsageError(f"--resume_from_checkpoint {resume} is not a checkpoint folder (no trainer_state.json)")
+        if not is_whole(resume):
+            raise UsageError(f"--resume_from_checkpoint {resume} is not a whole checkpoint (no {TRAINER_STATE_NAME})")
     else:
-        resume = last_checkpoint(output_dir)
+        resume = last_whole_checkpoint(output_dir)
 
     # The processor saved with every checkpoint samples frames as training did; the collator's copy gets frames
     # already sampled (by the dataset) and pads on the right.
@@ -623,12 +594,13 @@ def train(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: 
         fps=args.fps,
         max_frames=args.max_frames,
         min_frames=args.min_frames,
-        max_length=args.max_length,
+        max_length=max_length,
     )
     lengths = dataset.lengths()
     fingerprint = hashlib.sha256(lengths.tobytes() + data.kinds.tobytes()).hexdigest()[:16]
     run_info = {
         "command": ["crosslmm-train", *argv],
+        "model": model_identity(args.model),
         "stage": args.stage,
         "lora": args.lora,
         "samples": len(data),
@@ -637,47 +609,26 @@ def train(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: 
     }
     counts = data.counts()
     logger.info(
-        "Data: %d samples (%d video, %d image, %d text-only) from %d file(s); %s per video.",
+        "Data: %d samples (%d video, %d image, %d text-only) from %d file(s); %s per video; samples longer than %d "
+        "tokens are skipped%s.",
         len(data),
         counts["video"],
         counts["image"],
         counts["text"],
         len(data.sources),
         f"{args.fps} fps up to {dataset.frames_per_video} frames" if args.fps else f"{args.num_frames} frames",
+        max_length,
+        "" if args.max_length else " (the model's max_position_embeddings; --max_length sets another limit)",
     )
 
     skipped = SkippedSamples()
     if resume is not None:
-        previous = _read_json(resume / RUN_FILE) or {}
-        for key in ("stage", "lora"):
-            if key in previous and previous[key] != run_info[key]:
-                raise UsageError(
-                    f"{resume} is a checkpoint of a run with --{key} {previous[key]}, this one has --{key} "
-                    f"{run_info[key]}: give this run another --output_dir (or its own --resume_from_checkpoint)"
-                )
-        if previous.get("data_fingerprint", fingerprint) != fingerprint:
-            logger.warning(
-                "The data differ from those of %s (%s samples then, %d now): the resumed run will not see the "
-                "order an uninterrupted run would have.",
-                resume,
-                previous.get("samples"),
-                len(data),
-            )
-        if previous.get("global_micro_batch", run_info["global_micro_batch"]) != run_info["global_micro_batch"]:
-            logger.warning(
-                "%s was written with %s samples per micro-step over all processes, this run has %d (another "
-                "number of processes or --per_device_train_batch_size): samples are grouped into batches "
-                "differently from here on.",
-                resume,
-                previous["global_micro_batch"],
-                run_info["global_micro_batch"],
-            )
-        state = _read_json(resume / SKIPPED_FILE)
+        check_resumable(resume, run_info)
+        state = RunRecord.of_checkpoint(resume).get("skipped")
         if state:
             skipped.load(state)
         logger.info("Resuming from %s.", resume)
-    if training_args.should_save and (output_dir / STAGING).exists():
-        shutil.rmtree(output_dir / STAGING, ignore_errors=True)  # what a killed run was writing
+    PartialState().wait_for_everyone()  # no process looks for checkpoints while unfinished ones are removed
 
     model = CrossLMMForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32)
     if args.stage == 1:
@@ -705,20 +656,26 @@ def train(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: 
         train_dataset=dataset,
         data_collator=TrainingCollator(collate_processor),
         processing_class=processor,
+        callbacks=[RunRecord(run_info, skipped)],
         learning_rates=learning_rates,
         lengths=lengths,
         skipped=skipped,
-        run_info=run_info,
         base_checkpoint=model_path,
     )
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    except BaseException:
+        progress = trainer.pop_callback(ProgressCallback)  # its bar would be drawn again after the error line
+        if progress is not None and progress.training_bar is not None:
+            progress.training_bar.close()
+        raise
     if trainer.state.global_step < trainer.state.max_steps:  # stopped early: --enable_jit_checkpoint on SIGTERM
-        skipped.sync(trainer.accelerator)
+        skipped.sync()
         logger.warning(
             "Training stopped at step %d of %d (last checkpoint: %s). %s Run the same command to resume.",
             trainer.state.global_step,
             trainer.state.max_steps,
-            last_checkpoint(output_dir),
+            last_whole_checkpoint(output_dir),
             skipped.summary(),
         )
         return None
@@ -733,11 +690,40 @@ def train(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: 
     return trainer
 
 
-def _read_json(path: Path):
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_is_full(folder: Path) -> bool:
+    """Whether 1 MiB more can be written into `folder` (what tells a failed save on a full disk from a bug)."""
+    probe = folder / f".crosslmm-train-space-{os.getpid()}"
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+        with open(probe, "wb") as file:
+            file.write(bytes(2**20))
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as error:
+        return error.errno in FULL
+    finally:
+        probe.unlink(missing_ok=True)
+    return False
+
+
+def disk_full_message(output_dir: Path, error: Exception) -> str:
+    """One line for a save the disk had no room for: which disk, how much is free, what is left to resume from."""
+    mount = output_dir.resolve()
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    try:
+        free = f"{shutil.disk_usage(mount).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    last = last_whole_checkpoint(output_dir) if output_dir.is_dir() else None
+    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+    kept = f"the last whole checkpoint, {last}, is kept" if last else "no whole checkpoint was written yet"
+    return (
+        f"no space left on the disk mounted at {mount} ({free}) while saving into {output_dir}{where}: {kept}; "
+        "free some space and run the same command to resume"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -768,70 +754,67 @@ def _apply_lora(model, args: CrossLMMTrainArguments, learning_rates: dict):
     return model, {"connector": learning_rates["connector"], "llm": learning_rates["llm"]}
 
 
-def merge_lora(state_dict: dict, lora_config, expected=(), frozen=None) -> dict:
-    """A plain CrossLMM state dict from a PEFT LoRA model's: each adapted weight plus scaling x B @ A, the trained
-    copy of each `modules_to_save` module in place of the original, PEFT's prefixes and suffixes gone.
+def save_lora(folder: Path, peft_model, state_dict: dict, base_checkpoint: str):
+    """A LoRA checkpoint: the merged CrossLMM (what from_pretrained and crosslmm-answer load) in `folder`, the PEFT
+    adapter and every trained tensor (adapters, projector, DCAL gates: what resuming loads) in `folder/lora`.
 
-    DeepSpeed ZeRO-3 gathers only the trained tensors of a PEFT model: each of the `expected` plain names missing from
-    `state_dict` (frozen weights, those LoRA adapts included) comes from `frozen(names)`, the starting checkpoint's.
-    """
-    adapter = "default"
-    scaling = lora_config.lora_alpha / (math.sqrt(lora_config.r) if lora_config.use_rslora else lora_config.r)
-    merged, deltas = {}, {}
-    for key, value in state_dict.items():
-        name = key.removeprefix("base_model.model.")
-        if f".lora_A.{adapter}." in name:
-            module = name.split(".lora_A.")[0]
-            lora_b = state_dict[key.replace(f".lora_A.{adapter}.", f".lora_B.{adapter}.")]
-            deltas[f"{module}.weight"] = scaling * (lora_b.detach().cpu().float() @ value.detach().cpu().float())
-        elif ".lora_" in name or ".original_module." in name:
-            continue
-        else:
-            name = name.replace(".base_layer.", ".").replace(f".modules_to_save.{adapter}.", ".")
-            merged[name] = value.detach().cpu()
-    missing = [name for name in expected if name not in merged]
-    missing += [name for name in deltas if name not in merged and name not in missing]
-    if missing:
-        if frozen is None:
-            raise ValueError(f"the state dict lacks {len(missing)} frozen weight(s), e.g. {missing[0]}")
-        merged.update(frozen(missing))
-    for name, delta in deltas.items():
-        merged[name] = (merged[name].float() + delta).to(merged[name].dtype)
-    return merged
+    The merge is PEFT's `merge_and_unload` on a fresh copy of the starting checkpoint with the trained tensors loaded,
+    never on the model in training (merging and unmerging in place would round its weights). It needs only the trained
+    tensors, which is all DeepSpeed ZeRO-3 gathers of a PEFT model."""
+    from peft import get_peft_model
+    from safetensors.torch import save_file
+
+    from modeling_crosslmm import CrossLMMForConditionalGeneration
+
+    trained = {name: param for name, param in peft_model.named_parameters() if param.requires_grad}
+    tensors = {name: state_dict[name].detach().cpu().contiguous() for name in sorted(trained)}
+    (folder / LORA_FOLDER).mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / LORA_FOLDER / LORA_TRAINED, metadata={"format": "pt"})
+    peft_model.save_pretrained(folder / LORA_FOLDER, state_dict=state_dict)  # PEFT keeps the adapter's tensors
+
+    config = copy.deepcopy(peft_model.get_base_model().config)  # this run's settings (stage 2 turns T2V on)
+    base = CrossLMMForConditionalGeneration.from_pretrained(base_checkpoint, config=config, dtype=torch.float32)
+    fresh = get_peft_model(base, copy.deepcopy(peft_model.peft_config["default"]))
+    unexpected = fresh.load_state_dict(tensors, strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"trained tensors that the fresh LoRA model lacks, e.g. {unexpected[0]}")
+    merged = fresh.merge_and_unload()
+    merged.save_pretrained(folder)
 
 
-def checkpoint_weights(model: str, names: list[str]) -> dict:
-    """Tensors `names` of a checkpoint folder or Hub repository (already in the local cache: it was loaded)."""
-    from safetensors import safe_open
+def load_lora_trained(checkpoint: Path, peft_model):
+    """Put a LoRA checkpoint's trained tensors (lora/trained.safetensors) back into the model in training."""
+    from safetensors.torch import load_file
 
-    folder = Path(model)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(model, allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
-    index = folder / "model.safetensors.index.json"
-    files = json.loads(index.read_text())["weight_map"] if index.is_file() else None
-    tensors, by_file = {}, {}
-    for name in names:
-        by_file.setdefault(files[name] if files else "model.safetensors", []).append(name)
-    for file, wanted in by_file.items():
-        with safe_open(folder / file, framework="pt") as weights:
-            for name in wanted:
-                tensors[name] = weights.get_tensor(name)
-    return tensors
+    path = checkpoint / LORA_FOLDER / LORA_TRAINED
+    trained = load_file(path)
+    expected = {name for name, param in peft_model.named_parameters() if param.requires_grad}
+    if set(trained) != expected:
+        raise UsageError(f"{path} does not hold this run's trained tensors (another LoRA setting?)")
+    peft_model.load_state_dict(trained, strict=False)
 
 
 def main(argv=None) -> int:
-    """Console script `crosslmm-train`: 0 when training finished, 2 (with one error line) on a bad configuration,
-    143 when it stopped early after a checkpoint on SIGTERM (`--enable_jit_checkpoint`)."""
+    """Console script `crosslmm-train`: 0 when training finished, 2 (with one error line) on a bad configuration or a
+    full disk, 143 when it stopped early after a checkpoint on SIGTERM (`--enable_jit_checkpoint`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warn_if_untested("crosslmm-train")
     argv = sys.argv[1:] if argv is None else list(argv)
+    output_dir = None
     try:
         args, training_args = parse_args(argv)
+        output_dir = Path(training_args.output_dir)
         trainer = train(args, training_args, argv)
     except UsageError as error:
         if _is_main_process():
             print(f"crosslmm-train: error: {error}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        if output_dir is None or not (getattr(error, "errno", None) in FULL or disk_is_full(output_dir)):
+            raise
+        if _is_main_process():
+            remove_unfinished_checkpoints(output_dir)  # the space it took is what the next try needs
+            print(f"\ncrosslmm-train: error: {disk_full_message(output_dir, error)}", file=sys.stderr)
         return 2
     return 0 if trainer is not None else 128 + signal.SIGTERM  # unfinished: as a process ended by SIGTERM
 

@@ -335,3 +335,29 @@ def test_length_grouping_cuts_padding_and_puts_the_longest_batch_first():
     assert lengths[order[:size]].max() == lengths.max()
     odd = LengthGroupedSampler(Epochs(), lengths[:397], batch_size=size, seed=0).order(0)
     assert all(len(batch) == size for batch in batches_of(odd, size)[:-1])  # only the very last batch is short
+
+
+def test_a_sample_past_max_length_is_skipped_without_tokenizing_it_whole(dataset, processor, tmp_path):
+    """A text of 2 million characters against a limit of 1,000 tokens: refused as too long, the tokenizer having seen
+    only a beginning of it; a sample that fits is counted exactly."""
+    from crosslmm.data import BadSample, count_tokens
+
+    seen = []
+
+    def tokenizer(text, **kwargs):
+        seen.append(len(text))
+        return processor.tokenizer(text, **kwargs)
+
+    huge = "word " * 400_000
+    assert count_tokens(tokenizer, huge, limit=1000) > 1000 and max(seen) <= 4 * 1001 * 4
+    seen.clear()
+    short = "A red square moves to the left. " * 10
+    assert count_tokens(tokenizer, short, limit=1000) == len(processor.tokenizer(short)["input_ids"])
+
+    reply = [{"from": "gpt", "value": "Yes."}]
+    samples = [{"id": "huge", "conversations": [{"from": "human", "value": huge}, *reply]}]
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps(samples))
+    data = VideoChatDataset(load_training_data(read_sources([str(path)])), processor, max_length=1000)
+    with pytest.raises(BadSample, match="too long: .* tokens or more, more than --max-length 1000"):
+        data.load(0)

@@ -4,6 +4,7 @@ or absent, LoRA, bad configurations failing before the model loads, and FSDP2 on
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from llava_data import answer_main, dataset_fixture, tiny_checkpoint_fixture  # 
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSOLE_SCRIPT = Path(sys.executable).with_name("crosslmm-train")
+# A virtual environment that sees the package through the system's site-packages has no console script of its own.
+CONSOLE = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "crosslmm.train"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -134,11 +137,11 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(stage2_run,
     argv[argv.index("--dataloader_num_workers") + 1] = "1"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [str(CONSOLE_SCRIPT), *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        [*CONSOLE, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
     first = tmp_path / "run" / "checkpoint-5"
     deadline = time.monotonic() + 120
-    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+    while not (first / "trainer_state.json").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     output = process.communicate()[0].decode(errors="replace")
@@ -162,9 +165,7 @@ def test_sigterm_with_jit_checkpointing_saves_and_stops_without_a_final_model(ti
     argv = command(tiny_checkpoint, dataset, tmp_path, "--enable_jit_checkpoint", steps=100000)
     argv[argv.index("--save_steps") + 1] = "100000"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [str(CONSOLE_SCRIPT), *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    process = subprocess.Popen([*CONSOLE, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in process.stdout:  # training has begun once a loss is logged
         lines.append(line)
@@ -194,9 +195,12 @@ def test_a_checkpoint_of_another_stage_is_not_resumed(stage2_run, tiny_checkpoin
     assert "checkpoint of a run with --stage 2, this one has --stage 1" in capsys.readouterr().err
 
 
-def test_a_checkpoint_is_whole_or_absent(tiny_checkpoint, dataset, tmp_path, monkeypatch):
-    """A save that fails half-way (here: after the weights, while the processor is written) leaves no checkpoint
-    folder; the next run resumes from the previous whole one and clears what the failed save left."""
+def test_a_checkpoint_is_whole_or_unfinished_and_an_unfinished_one_is_never_resumed(
+    tiny_checkpoint, dataset, tmp_path, monkeypatch
+):
+    """Trainer writes trainer_state.json last: a save that fails half-way (here: after the weights, while the
+    processor is written) leaves a folder without it, which the next run removes before resuming from the previous
+    whole checkpoint."""
     from processing_crosslmm import CrossLMMProcessor
 
     argv = command(tiny_checkpoint, dataset, tmp_path, "--save_steps", "1", steps=3)
@@ -206,20 +210,29 @@ def test_a_checkpoint_is_whole_or_absent(tiny_checkpoint, dataset, tmp_path, mon
     def failing_save(self, folder, *args, **kwargs):
         calls.append(folder)
         if len(calls) == 2:
-            raise OSError("No space left on device")
+            raise RuntimeError("the save broke off")
         return save(self, folder, *args, **kwargs)
 
     monkeypatch.setattr(CrossLMMProcessor, "save_pretrained", failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(RuntimeError, match="the save broke off"):
         main(argv)
     assert (tmp_path / "checkpoint-1" / "trainer_state.json").is_file()
-    assert not (tmp_path / "checkpoint-2").exists()
-    assert (tmp_path / ".staging" / "checkpoint-2" / "model.safetensors").is_file()  # the half-written one
+    assert (tmp_path / "checkpoint-2" / "model.safetensors").is_file()  # the half-written one
+    assert not (tmp_path / "checkpoint-2" / "trainer_state.json").exists()
     monkeypatch.setattr(CrossLMMProcessor, "save_pretrained", save)
     assert main(argv) == 0
     state = json.loads((tmp_path / "trainer_state.json").read_text())
-    assert state["global_step"] == 3 and not (tmp_path / ".staging").exists()
+    assert state["global_step"] == 3
     assert len([entry for entry in state["log_history"] if "loss" in entry]) == 3
+    assert (tmp_path / "checkpoint-2" / "trainer_state.json").is_file()  # written again, whole
+
+
+def test_a_checkpoint_of_another_model_is_not_resumed(stage2_run, tiny_checkpoint, dataset, tmp_path, capsys):
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_checkpoint, other)
+    assert main(command(other, dataset, stage2_run)) == 2
+    error = capsys.readouterr().err
+    assert f"checkpoint of a run with --model {Path(tiny_checkpoint).resolve()}, this one has --model {other}" in error
 
 
 # ---- LoRA ----------------------------------------------------------------------------------------------------------
@@ -259,12 +272,12 @@ def test_lora_checkpoints_load_merged_and_resume(tiny_checkpoint, dataset, tmp_p
     assert not all(torch.equal(resumed[name], trained[name]) for name in trained)
 
 
-def test_lora_merge_reads_frozen_weights_back_when_only_trained_ones_were_gathered(tiny_checkpoint):
-    """DeepSpeed ZeRO-3 hands a PEFT model's save only its trained tensors: the merge takes the frozen ones (those
-    LoRA adapts included) from the starting checkpoint and gives the same weights."""
+def test_lora_merge_needs_only_the_trained_tensors(tiny_checkpoint, tmp_path):
+    """DeepSpeed ZeRO-3 hands a PEFT model's save only its trained tensors: the merged model is PEFT's
+    merge_and_unload of the starting checkpoint with them loaded, the same weights as merging the model in training."""
     from peft import LoraConfig, get_peft_model
 
-    from crosslmm.train import checkpoint_weights, merge_lora
+    from crosslmm.train import save_lora
     from crosslmm.training import LORA_TARGET_MODULES
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGET_MODULES, init_lora_weights=False)
@@ -272,17 +285,14 @@ def test_lora_merge_reads_frozen_weights_back_when_only_trained_ones_were_gather
         AutoModelForImageTextToText.from_pretrained(tiny_checkpoint, trust_remote_code=True), config
     )
     full = model.state_dict()
-    expected = merge_lora(full, config)
     trained_only = {name: full[name] for name, param in model.named_parameters() if param.requires_grad}
-    with pytest.raises(ValueError, match="lacks"):
-        merge_lora(trained_only, config, expected=list(weights(tiny_checkpoint)))
-    names = list(weights(tiny_checkpoint))
-    merged = merge_lora(
-        trained_only, config, expected=names, frozen=lambda wanted: checkpoint_weights(tiny_checkpoint, wanted)
-    )
-    assert sorted(merged) == sorted(names)
-    for name in names:
-        assert torch.equal(merged[name], expected[name]), name
+    save_lora(tmp_path, model, trained_only, str(tiny_checkpoint))
+    expected = model.merge_and_unload().state_dict()
+    merged = weights(tmp_path)
+    assert sorted(merged) == sorted(weights(tiny_checkpoint))
+    for name, value in merged.items():
+        assert torch.equal(value, expected[name]), name
+    assert set(load_file(tmp_path / "lora" / "trained.safetensors")) == set(trained_only)
 
 
 # ---- bad configurations --------------------------------------------------------------------------------------------
@@ -339,6 +349,85 @@ def test_a_bad_configuration_is_one_line_and_exit_2_before_the_model_loads(
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("crosslmm-train: error: "), captured.err
     assert __import__("re").search(message, lines[0]), lines[0]
+
+
+def console_script(argv):
+    """`python -m crosslmm.train ARGV` in its own process, this checkout's code first on the path."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    return subprocess.Popen(
+        [sys.executable, "-m", "crosslmm.train", *map(str, argv)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def hostile_inputs(dataset, folder):
+    """(name, command-line change, expected error) for inputs a hostile or broken data pipeline hands over."""
+    deep = 100_000
+    (folder / "deep.json").write_text("[" * deep + "]" * deep)
+    (folder / "deep.jsonl").write_text('{"a": 1}\n' + "[" * deep + "]" * deep + "\n")
+    (folder / "deep.yaml").write_text("datasets: " + "[" * deep + "]" * deep + "\n")
+    (folder / "latin1.jsonl").write_bytes(
+        '{"conversations": [{"from": "human", "value": "caf\xe9"}]}\n'.encode("latin-1")
+    )
+    (folder / "latin1.yaml").write_bytes(f"# caf\xe9\ndatasets:\n  - json_path: {dataset['json']}\n".encode("latin-1"))
+    (folder / "a-file").write_text("")
+    return [
+        ("deep.json", ("--data", folder / "deep.json"), "deep.json: nested too deeply to read"),
+        ("deep.jsonl", ("--data", folder / "deep.jsonl"), "deep.jsonl:2: nested too deeply to read"),
+        ("deep.yaml", ("--data", folder / "deep.yaml"), "deep.yaml: nested too deeply to read"),
+        ("latin1.jsonl", ("--data", folder / "latin1.jsonl"), "latin1.jsonl: not UTF-8 text"),
+        ("latin1.yaml", ("--data", folder / "latin1.yaml"), "latin1.yaml: not UTF-8 text"),
+        ("output under a file", ("--output_dir", folder / "a-file" / "run"), "cannot be written: Not a directory"),
+    ]
+
+
+def test_hostile_inputs_are_one_line_and_exit_2_through_the_console_script(tiny_checkpoint, dataset, tmp_path):
+    """Run side by side (each is a fresh Python process): deep nesting, text that is not UTF-8, an output folder that
+    cannot be made; each ends in one line naming the file, no traceback."""
+    runs = []
+    for name, (flag, value), message in hostile_inputs(dataset, tmp_path):
+        argv = command(tiny_checkpoint, dataset, tmp_path / "out")
+        argv[argv.index(flag) + 1] = str(value)
+        runs.append((name, message, console_script(argv)))
+    for name, message, process in runs:
+        _, err = process.communicate(timeout=240)
+        lines = err.strip().splitlines()
+        assert process.returncode == 2 and len(lines) == 1, (name, err[-3000:])
+        assert lines[0].startswith("crosslmm-train: error: ") and message in lines[0], (name, lines[0])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB tmpfs: room for one checkpoint of the tiny model (4 MB) but not two. Needs root (mount)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(folder)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_full_disk_is_one_line_naming_it_and_keeps_the_last_whole_checkpoint(tiny_checkpoint, dataset, small_disk):
+    """A real ENOSPC: the second checkpoint does not fit on the disk. One line naming the disk and the checkpoint kept,
+    the unfinished one removed (its space is what the next try needs); with room again, the same command resumes."""
+    output = small_disk / "run"
+    argv = command(tiny_checkpoint, dataset, output, "--save_steps", "1", "--save_total_limit", "2", steps=3)
+    process = console_script(argv)
+    _, err = process.communicate(timeout=240)
+    last = err.strip().splitlines()[-1]
+    assert process.returncode == 2, err[-3000:]
+    assert last.startswith(f"crosslmm-train: error: no space left on the disk mounted at {small_disk} "), last
+    assert f"the last whole checkpoint, {output / 'checkpoint-1'}, is kept" in last and "Traceback" not in err
+    assert (output / "checkpoint-1" / "trainer_state.json").is_file() and not (output / "checkpoint-2").exists()
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    process = console_script(argv)
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err[-3000:]
+    assert "Resuming from" in err and json.loads((output / "trainer_state.json").read_text())["global_step"] == 3
 
 
 # ---- FSDP2 on two CPU processes ------------------------------------------------------------------------------------
