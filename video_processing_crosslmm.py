@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers import BatchFeature
-from transformers.image_utils import PILImageResampling
+from transformers.image_processing_utils import get_size_dict
+from transformers.image_utils import PILImageResampling, SizeDict
 from transformers.processing_utils import VideosKwargs
 from transformers.utils import logging
 from transformers.video_processing_utils import BaseVideoProcessor
@@ -628,7 +629,7 @@ class CrossLMMVideoProcessor(BaseVideoProcessor):
         they are. None when the options do not resize."""
         if not (self.do_resize if do_resize is None else do_resize):
             return None
-        size = self._standardize_kwargs(size=size or self.size, default_to_square=self.default_to_square)["size"]
+        size = SizeDict(**get_size_dict(size or self.size, default_to_square=self.default_to_square))
         resample = self.resample if resample is None else resample
 
         def resize(image: np.ndarray) -> np.ndarray:
