@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import GenerationConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import is_torch_flex_attn_available
 
 from modeling_crosslmm import CACHE_ARG, CrossLMMCache, CrossLMMForConditionalGeneration
-from tiny import count_encoded_frames, frames, prompt, reference_llm, tiny_config, tiny_model
+from tiny import count_encoded_frames, frames, padded_batch, prompt, reference_llm, tiny_config, tiny_model
 
 
 def video_inputs(config, **kwargs):
@@ -262,6 +263,30 @@ def test_a_decode_step_plans_from_the_cache_without_reading_the_device():
         out = model(input_ids=step, use_cache=True, **{CACHE_ARG: cache})
     assert out.logits.shape == (4, 1, config.text_config.vocab_size)
     assert calls == [(idx, True) for idx in config.dcal_layer_indices]
+
+
+BACKENDS = ["eager", "sdpa"] + (["flex_attention"] if is_torch_flex_attn_available() else [])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("implementation", BACKENDS)
+def test_the_cached_visual_memory_is_contiguous(implementation):
+    """Every decode step reads each DCAL's memory: its keys/values are kept as (samples, kv_heads, M, head_dim)
+    blocks, made once at prefill (a strided view of the projection made SDPA 2.5-3x slower per key on a CPU), for
+    one sample alone and for a padded batch, and stay so after beam search kept some of its rows."""
+    model = tiny_model(gates=0.5)
+    model.set_attn_implementation(implementation)
+    if implementation == "flex_attention":
+        torch._dynamo.reset()  # see tests/test_backends.py: every flex_attention case compiles afresh
+    config = model.config
+    for inputs in (video_inputs(config), padded_batch(config)):
+        cache = getattr(model(**inputs, use_cache=True), CACHE_ARG)
+        memory = [tensor for keys_values in cache.visual_memory.values() for tensor in keys_values]
+        assert len(memory) == 2 * len(config.dcal_layer_indices)
+        for tensor in memory:
+            assert tensor.is_contiguous(), (tensor.shape, tensor.stride())
+    cache.batch_select_indices(torch.tensor([2, 0]))
+    assert all(tensor.is_contiguous() for keys_values in cache.visual_memory.values() for tensor in keys_values)
 
 
 # ---- training --------------------------------------------------------------------------------------------------
