@@ -274,7 +274,9 @@ class CrossLMMPooler(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(frames, grid*grid, D) -> (frames, pool_size**2, D), tokens row-major inside a frame."""
         frames, _, dim = features.shape
-        grid = features.transpose(1, 2).reshape(frames, dim, self.grid, self.grid).float()
+        # At least float32 (interpolation in half precision loses the average's digits), float64 in a float64 model.
+        dtype = torch.promote_types(features.dtype, torch.float32)
+        grid = features.transpose(1, 2).reshape(frames, dim, self.grid, self.grid).to(dtype)
         if self.mode == "bilinear":
             pooled = nn.functional.interpolate(
                 grid, size=(self.pool_size, self.pool_size), mode="bilinear", align_corners=False, antialias=True
@@ -594,15 +596,21 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         self, pixel_values_videos, video_num_frames: torch.LongTensor | None = None, **kwargs
     ) -> BaseModelOutputWithPooling:
         r"""
-        pixel_values_videos: (videos, frames, 3, H, W), or a list of (frames_i, 3, H, W), or a padded 5-D tensor with
+        pixel_values_videos: (videos, frames, 3, H, W), or a list of (frames, 3, H, W), or a padded 5-D tensor with
             `video_num_frames` (videos,) giving each video's real frame count.
 
-        Returns `BaseModelOutputWithPooling` over the frames of every video in order: `last_hidden_state` (frames, N,
-        D_v) the original visual tokens, `pooler_output` (frames, pool_size**2, D) the pooled, projected tokens (and
-        the vision tower's `hidden_states`/`attentions` with `output_hidden_states`/`output_attentions`).
+        Returns `BaseModelOutputWithPooling` (a tuple with `return_dict=False`): `last_hidden_state` (frames, N, D_v)
+        the original visual tokens of every frame of every video in order, as the vision tower gives them (and its
+        `hidden_states`/`attentions` with `output_hidden_states`/`output_attentions`); `pooler_output` one entry per
+        video, its pooled, projected tokens (frames * pool_size**2, D) as they replace its placeholders: a
+        (videos, frames * pool_size**2, D) tensor when the videos have the same length, as LLaVA-OneVision's, else a
+        tuple of one tensor per video, as transformers' VLMs return features of different lengths.
         """
+        return_dict = kwargs.pop("return_dict", self.config.return_dict)
         videos = self._split_videos(pixel_values_videos, video_num_frames)
-        return self._encode_visual(videos[0] if len(videos) == 1 else torch.cat(videos), **kwargs)
+        encoded = self._encode_visual(videos[0] if len(videos) == 1 else torch.cat(videos), return_dict=True, **kwargs)
+        encoded.pooler_output = per_video(encoded.pooler_output, [len(video) for video in videos])
+        return encoded if return_dict else encoded.to_tuple()
 
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
         r"""
@@ -627,7 +635,8 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         )
         one_pass = recorded or (self.training and torch.is_grad_enabled())
         original = self.get_original_visual_tokens(frames, frames.shape[0] if one_pass else None)
-        # Pooled chunk by chunk, as the tower runs: the pooler computes in float32, which must not grow with frames.
+        # Pooled chunk by chunk, as the tower runs: the pooler's float32 copy (in a half-precision model) must not grow
+        # with frames.
         pooled = torch.cat([self.pooler(chunk) for chunk in original.split(self.config.vision_batch_size)])
         # The tower may run in another dtype than the rest (e.g. kept in float32 while the LLM trains in bfloat16).
         pooled = self.multi_modal_projector(pooled.to(_parameter(self.multi_modal_projector).dtype))
@@ -698,16 +707,21 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
 
     @staticmethod
     def _split_features(encoded: BaseModelOutputWithPooling, clips: dict) -> dict[str, BaseModelOutputWithPooling]:
-        """The features of every video's and image's frames, encoded together, as `video`/`image` features."""
+        """The features of every video's and image's frames, encoded together, as `get_video_features` and
+        `get_image_features` return them."""
         video_frames = sum(clips["video"])
-        parts = {"video": slice(0, video_frames), "image": slice(video_frames, None)}
-        return {
-            kind: BaseModelOutputWithPooling(
-                last_hidden_state=encoded.last_hidden_state[part], pooler_output=encoded.pooler_output[part]
+        features = {}
+        if clips["video"]:
+            pooled = per_video(encoded.pooler_output[:video_frames], clips["video"])
+            features["video"] = BaseModelOutputWithPooling(
+                last_hidden_state=encoded.last_hidden_state[:video_frames], pooler_output=pooled
             )
-            for kind, part in parts.items()
-            if clips[kind]
-        }
+        if clips["image"]:
+            features["image"] = BaseModelOutputWithPooling(
+                last_hidden_state=encoded.last_hidden_state[video_frames:],
+                pooler_output=encoded.pooler_output[video_frames:],
+            )
+        return features
 
     def get_placeholder_mask(self, input_ids, inputs_embeds) -> tuple[torch.Tensor, torch.Tensor]:
         """(image, video) boolean masks (batch, length) of the placeholder tokens, found in `input_ids` or, without
@@ -1097,6 +1111,15 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             if plan is not None and str(idx) in self.cross_attention_layers:
                 hidden_states, _ = self.cross_attention_layers[str(idx)](hidden_states, plan, cache)
         return llm.norm(hidden_states)
+
+
+def per_video(pooled: torch.Tensor, frame_counts: list[int]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Pooled tokens of every frame (frames, pool_size**2, D) -> one entry per video (frames_i * pool_size**2, D):
+    a (videos, frames * pool_size**2, D) view when the videos have the same length, else a tuple (as transformers'
+    VLMs return features of different lengths, e.g. Qwen2-VL's)."""
+    if len(set(frame_counts)) == 1:
+        return pooled.reshape(len(frame_counts), -1, pooled.shape[-1])
+    return tuple(video.flatten(0, 1) for video in pooled.split(frame_counts))
 
 
 def siglip2_patches(frames: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

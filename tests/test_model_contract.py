@@ -127,8 +127,21 @@ def test_video_and_image_features_and_the_outputs_that_carry_them():
     assert isinstance(features, BaseModelOutputWithPooling)
     grid_tokens, per_frame = config.patch_grid_size**2, config.tokens_per_frame
     assert features.last_hidden_state.shape == (5, grid_tokens, config.vision_config.hidden_size)
-    assert features.pooler_output.shape == (5, per_frame, config.text_config.hidden_size)
     torch.testing.assert_close(features.last_hidden_state, model.model.get_original_visual_tokens(torch.cat(videos)))
+    # One entry per video, its tokens as they replace its placeholders (as transformers' VLMs give them): a tuple for
+    # videos of different lengths, one (videos, frames x tokens, D) tensor for videos of one length.
+    width = config.text_config.hidden_size
+    assert isinstance(features.pooler_output, tuple)
+    assert [tuple(video.shape) for video in features.pooler_output] == [(3 * per_frame, width), (2 * per_frame, width)]
+    same_length = model.get_video_features(torch.stack([frames(2), frames(2, seed=1)]))
+    assert same_length.pooler_output.shape == (2, 2 * per_frame, width)
+    torch.testing.assert_close(same_length.pooler_output[1], features.pooler_output[1])
+    padded = torch.stack([frames(3), torch.cat([frames(2, seed=1), frames(1, seed=5)])])
+    from_padded = model.get_video_features(padded, video_num_frames=torch.tensor([3, 2]))
+    for got, want in zip(from_padded.pooler_output, features.pooler_output, strict=True):
+        torch.testing.assert_close(got, want)
+    as_tuple = model.get_video_features(videos, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], features.last_hidden_state)
     with_states = model.get_video_features(videos, output_hidden_states=True)
     assert len(with_states.hidden_states) == config.vision_layers_run + 1
     torch.testing.assert_close(with_states.hidden_states[-1], features.last_hidden_state)
@@ -136,7 +149,8 @@ def test_video_and_image_features_and_the_outputs_that_carry_them():
     assert images.pooler_output.shape == (2, per_frame, config.text_config.hidden_size)
 
     out = model(**video_inputs(config))
-    assert out.video_outputs.pooler_output.shape == (3, per_frame, config.text_config.hidden_size)
+    assert out.video_outputs.pooler_output.shape == (1, 3 * per_frame, config.text_config.hidden_size)
+    assert out.image_outputs.pooler_output.shape == (1, per_frame, config.text_config.hidden_size)
     assert out.image_outputs.last_hidden_state.shape == (1, grid_tokens, config.vision_config.hidden_size)
     assert out.video_hidden_states is out.video_outputs.pooler_output
     # The vision tower's layers do not leak into the decoder's hidden states.

@@ -1,5 +1,7 @@
 """CrossLMM against its parts: the base LLM, the DCAL branches, padding, the cache, bad inputs."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ from tiny import (
     left_padded,
     prompt,
     reference_llm,
+    sample_inputs,
     set_gates,
     tiny_config,
     tiny_model,
@@ -237,6 +240,40 @@ def test_average_pooling_and_images_alone():
     original = model.model.get_original_visual_tokens(frames(2))
     pooled = model.model.pooler(original)
     torch.testing.assert_close(pooled[:, 0], original.mean(1))
+
+
+class Float64Pooling(nn.Module):
+    """The reference pooling: the model's interpolation, in float64 throughout."""
+
+    def __init__(self, pooler):
+        super().__init__()
+        self.pooler = pooler
+
+    def forward(self, features):
+        frames, _, dim = features.shape
+        grid = features.double().transpose(1, 2).reshape(frames, dim, self.pooler.grid, self.pooler.grid)
+        size = (self.pooler.pool_size, self.pooler.pool_size)
+        pooled = nn.functional.interpolate(grid, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return pooled.flatten(2).transpose(1, 2)
+
+
+@torch.no_grad()
+def test_a_float64_model_pools_in_float64():
+    """The pooler computes in the model's dtype when it is wider than float32: a float64 model's logits are those of
+    float64 pooling, and an image's pooled tokens do not depend on what else is encoded with it."""
+    model = tiny_model(gates=0.5).double()
+    config = model.config
+    inputs = sample_inputs(config)
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    logits = model(**inputs).logits
+    reference = copy.deepcopy(model)
+    reference.model.pooler = Float64Pooling(model.model.pooler)
+    torch.testing.assert_close(logits, reference(**inputs).logits, rtol=0, atol=1e-12)
+
+    image = inputs["pixel_values"]
+    alone = model(input_ids=prompt(config, [1], ("image",), [2]), pixel_values=image).image_outputs.pooler_output
+    beside = model(**inputs).image_outputs.pooler_output
+    torch.testing.assert_close(beside, alone, rtol=0, atol=1e-12)  # the tower batches frames: last-bit changes
 
 
 @torch.no_grad()
