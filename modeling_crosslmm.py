@@ -657,6 +657,8 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             )
         dtype = self.vision_tower.dtype  # float frames are cast to the tower's dtype
         step, original = batch_size or self.config.vision_batch_size, None
+        if frames.shape[0] <= step:  # one chunk: the tower's output as it is, not a copy of it
+            return self._encode_frames(frames.to(dtype))
         for start in range(0, frames.shape[0], step):
             chunk = self._encode_frames(frames[start : start + step].to(dtype))
             if original is None:  # filled chunk by chunk: no second copy of all the tokens, as torch.cat would make
