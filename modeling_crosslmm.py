@@ -1024,7 +1024,9 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             tokens[i, : len(span)] = span
         sizes = [torch.full((len(q),), len(span)) for q, span in zip(item_queries, spans)]
         queries, visible, take = _pad_rows(item_queries, sizes, longest)
-        return CrossAttentionCall(queries, tokens, starts, take, self._key_mask(visible, longest, implementation, dtype))
+        return CrossAttentionCall(
+            queries, tokens, starts, take, self._key_mask(visible, longest, implementation, dtype)
+        )
 
     def _key_mask(self, visible, keys, implementation, dtype):
         """`key_mask` for the DCALs' calls, whose query heads are folded by key/value head."""
