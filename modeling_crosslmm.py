@@ -127,6 +127,7 @@ class CrossLMMCache(DynamicCache):
         self.memory_visible: torch.Tensor | None = None
         self.memory_scale: torch.Tensor | None = None
         self.rows_per_memory = 1
+        self.decode_mask: tuple | None = None  # (what it was made for, the decode steps' key mask): made once
 
     @property
     def has_visual_memory(self) -> bool:
@@ -156,6 +157,7 @@ class CrossLMMCache(DynamicCache):
             if self.memory_scale is not None:
                 self.memory_scale = self.memory_scale.index_select(0, samples.to(self.memory_scale.device))
             self.rows_per_memory = 1
+            self.decode_mask = None
 
     def reset(self):
         super().reset()
@@ -1038,7 +1040,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         each sample sees and which samples have none on the device (None when not needed)."""
         cache.memory_lengths = list(lengths)
         cache.rows_per_memory = rows_per_sample
-        cache.memory_visible = cache.memory_scale = None
+        cache.memory_visible = cache.memory_scale = cache.decode_mask = None
         if min(lengths) < memory_length:
             # A sample without memory sees one key (no backend takes a row that sees nothing), scaled by 0.
             cache.memory_visible = torch.tensor([max(n, 1) for n in lengths], device=device)
@@ -1055,9 +1057,16 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             )
         mask = None
         if cache.memory_visible is not None:
+            # The same mask at every step of one length (a flex_attention BlockMask is costly to make): kept.
             implementation = masked_implementation(self.config.text_config._attn_implementation)
-            visible = cache.memory_visible[:, None].expand(samples, k * length)
-            mask = self._key_mask(visible, max(cache.memory_lengths), implementation, dtype)
+            made_for = (implementation, k, length, dtype)
+            if cache.decode_mask is None or cache.decode_mask[0] != made_for:
+                visible = cache.memory_visible[:, None].expand(samples, k * length)
+                cache.decode_mask = (
+                    made_for,
+                    self._key_mask(visible, max(cache.memory_lengths), implementation, dtype),
+                )
+            mask = cache.decode_mask[1]
         return VisualPlan(
             memory_lengths=cache.memory_lengths,
             decode=True,

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers import SiglipVisionModel
 
+import modeling_crosslmm
 from modeling_crosslmm import CACHE_ARG, CrossLMMForConditionalGeneration
 from tiny import (
     IMAGE_SIZE,
@@ -209,7 +210,18 @@ def test_batched_generation_with_left_padding_equals_alone():
     input_ids, attention_mask = left_padded([long_ids[0], short_ids[0]])
     videos = [frames(2, seed=1), frames(1, seed=2)]
     kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
-    batched = model.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values_videos=videos, **kwargs)
+    made = []  # the key masks of the padded memories, made once for every decode step
+    original_key_mask = modeling_crosslmm.key_mask
+    modeling_crosslmm.key_mask = lambda *args, **kwargs: (
+        made.append(args[0].shape) or original_key_mask(*args, **kwargs)
+    )
+    try:
+        batched = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values_videos=videos, **kwargs
+        )
+    finally:
+        modeling_crosslmm.key_mask = original_key_mask
+    assert len(made) == 3  # V2V and T2V at prefill, then one for the 4 decode steps
     for row, (ids, video) in enumerate([(long_ids, videos[0]), (short_ids, videos[1])]):
         alone = model.generate(input_ids=ids, pixel_values_videos=[video], **kwargs)
         assert torch.equal(batched[row, -5:], alone[0, -5:])
