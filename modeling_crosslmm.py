@@ -598,7 +598,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         self, pixel_values_videos, video_num_frames: torch.LongTensor | None = None, **kwargs
     ) -> BaseModelOutputWithPooling:
         r"""
-        pixel_values_videos: (videos, frames, 3, H, W), or a list of (frames, 3, H, W), or a padded 5-D tensor with
+        pixel_values_videos: (videos, frames, 3, H, W), or a list of (frames_i, 3, H, W), or a padded 5-D tensor with
             `video_num_frames` (videos,) giving each video's real frame count.
 
         Returns `BaseModelOutputWithPooling` (a tuple with `return_dict=False`): `last_hidden_state` (frames, N, D_v)
@@ -608,7 +608,8 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         (videos, frames * pool_size**2, D) tensor when the videos have the same length, as LLaVA-OneVision's, else a
         tuple of one tensor per video, as transformers' VLMs return features of different lengths.
         """
-        return_dict = kwargs.pop("return_dict", self.config.return_dict)
+        return_dict = kwargs.pop("return_dict", None)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         videos = self._split_videos(pixel_values_videos, video_num_frames)
         encoded = self._encode_visual(videos[0] if len(videos) == 1 else torch.cat(videos), return_dict=True, **kwargs)
         encoded.pooler_output = per_video(encoded.pooler_output, [len(video) for video in videos])

@@ -142,6 +142,10 @@ def test_video_and_image_features_and_the_outputs_that_carry_them():
         torch.testing.assert_close(got, want)
     as_tuple = model.get_video_features(videos, return_dict=False)
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], features.last_hidden_state)
+    model.config.return_dict = False
+    assert isinstance(model.get_video_features(videos), tuple)
+    assert isinstance(model.get_video_features(videos, return_dict=None), tuple)
+    model.config.return_dict = True
     with_states = model.get_video_features(videos, output_hidden_states=True)
     assert len(with_states.hidden_states) == config.vision_layers_run + 1
     torch.testing.assert_close(with_states.hidden_states[-1], features.last_hidden_state)
