@@ -127,6 +127,7 @@ class CrossLMMCache(DynamicCache):
         self.memory_visible: torch.Tensor | None = None
         self.memory_scale: torch.Tensor | None = None
         self.rows_per_memory = 1
+        self.decode_mask: tuple | None = None  # (what it was made for, the decode steps' key mask): made once
 
     @property
     def has_visual_memory(self) -> bool:
@@ -156,6 +157,7 @@ class CrossLMMCache(DynamicCache):
             if self.memory_scale is not None:
                 self.memory_scale = self.memory_scale.index_select(0, samples.to(self.memory_scale.device))
             self.rows_per_memory = 1
+            self.decode_mask = None
 
     def reset(self):
         super().reset()
@@ -202,10 +204,12 @@ class VisualPlan:
     output_attentions: bool = False
 
 
-def key_mask(visible: torch.Tensor, keys: int, implementation: str, dtype: torch.dtype):
+def key_mask(visible: torch.Tensor, keys: int, implementation: str, dtype: torch.dtype, groups: int = 1):
     """The mask of a cross-attention call whose query `q` of row `b` sees the first `visible[b, q]` (at least 1) of
     the row's `keys` keys, in the form the attention backend takes: a `BlockMask` for flex_attention, additive
-    (n, 1, Lq, K) for eager, boolean (n, 1, Lq, K) for sdpa."""
+    (n, 1, groups * Lq, K) for eager, boolean (n, 1, groups * Lq, K) for sdpa. The queries are repeated `groups`
+    times, as `CrossLMMCrossAttention` folds the query heads of each key/value head into its queries."""
+    visible = visible.repeat(1, groups)
     if implementation == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -272,7 +276,9 @@ class CrossLMMPooler(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(frames, grid*grid, D) -> (frames, pool_size**2, D), tokens row-major inside a frame."""
         frames, _, dim = features.shape
-        grid = features.transpose(1, 2).reshape(frames, dim, self.grid, self.grid).float()
+        # At least float32 (interpolation in half precision loses the average's digits), float64 in a float64 model.
+        dtype = torch.promote_types(features.dtype, torch.float32)
+        grid = features.transpose(1, 2).reshape(frames, dim, self.grid, self.grid).to(dtype)
         if self.mode == "bilinear":
             pooled = nn.functional.interpolate(
                 grid, size=(self.pool_size, self.pool_size), mode="bilinear", align_corners=False, antialias=True
@@ -306,7 +312,7 @@ class CrossLMMCrossAttention(nn.Module):
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.num_heads = text.num_attention_heads
         self.num_key_value_heads = text.num_key_value_heads
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.num_key_value_groups = 1  # the backends see no grouped heads: `forward` folds them into the queries
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = text.attention_dropout
         self.is_causal = False
@@ -317,18 +323,29 @@ class CrossLMMCrossAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, text.hidden_size, bias=False)
 
     def project_memory(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, M, D_v) original tokens -> keys, values of shape (n, kv_heads, M, head_dim)."""
+        """(n, M, D_v) original tokens -> keys, values of shape (n, kv_heads, M, head_dim), contiguous: the decode
+        steps read them from the cache at every token, and every attention kernel reads a head's keys fastest as one
+        block (on a CPU, SDPA over the strided projection's view took 2.5-3.3x as long per key)."""
         shape = (*tokens.shape[:-1], -1, self.head_dim)  # -1: the local heads under tensor parallelism
         tokens = tokens.to(dtype=_parameter(self.k_proj).dtype)
-        return self.k_proj(tokens).view(shape).transpose(1, 2), self.v_proj(tokens).view(shape).transpose(1, 2)
+        keys = self.k_proj(tokens).view(shape).transpose(1, 2).contiguous()
+        return keys, self.v_proj(tokens).view(shape).transpose(1, 2).contiguous()
 
     def forward(self, queries, keys, values, mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(n, Lq, D) queries attend to their row's (n, kv_heads, K, head_dim) keys/values, restricted by `mask`
-        (from `key_mask`) when given. Returns the output (n, Lq, D) and, on eager, the weights (n, heads, Lq, K)."""
+        (from `key_mask`, made with `groups=num_key_value_groups`) when given. Returns the output (n, Lq, D) and, on
+        eager, the weights (n, heads, Lq, K).
+
+        The query heads that share a key/value head are folded into its queries, (n, kv_heads, groups * Lq,
+        head_dim): without a causal order this is the same attention, and every backend then reads each key once
+        per key/value head, with neither `repeat_kv`'s copy of the keys (eager, masked sdpa) nor a pass per query
+        head."""
         n, length, _ = queries.shape
         query_states = self.q_proj(queries)  # heads from the width: the local heads under tensor parallelism
-        query_states = query_states.view(n, length, query_states.shape[-1] // self.head_dim, self.head_dim)
-        query_states = query_states.transpose(1, 2)
+        heads, kv_heads = query_states.shape[-1] // self.head_dim, keys.shape[1]
+        groups = heads // kv_heads
+        query_states = query_states.view(n, length, heads, self.head_dim).transpose(1, 2)
+        query_states = query_states.reshape(n, kv_heads, groups * length, self.head_dim)
         implementation = self.config._attn_implementation
         if mask is not None:
             implementation = masked_implementation(implementation)
@@ -344,6 +361,11 @@ class CrossLMMCrossAttention(nn.Module):
             scaling=self.scaling,
             is_causal=False,
         )
+        # (n, groups * Lq, kv_heads, head_dim) -> (n, Lq, heads * head_dim), head `h` being group `h % groups` of
+        # key/value head `h // groups` (as `repeat_kv` orders them)
+        output = output.reshape(n, groups, length, kv_heads, self.head_dim).permute(0, 2, 3, 1, 4)
+        if weights is not None:
+            weights = weights.reshape(n, heads, length, weights.shape[-1])
         return self.o_proj(output.flatten(2)), weights
 
 
@@ -579,12 +601,19 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         pixel_values_videos: (videos, frames, 3, H, W), or a list of (frames_i, 3, H, W), or a padded 5-D tensor with
             `video_num_frames` (videos,) giving each video's real frame count.
 
-        Returns `BaseModelOutputWithPooling` over the frames of every video in order: `last_hidden_state` (frames, N,
-        D_v) the original visual tokens, `pooler_output` (frames, pool_size**2, D) the pooled, projected tokens (and
-        the vision tower's `hidden_states`/`attentions` with `output_hidden_states`/`output_attentions`).
+        Returns `BaseModelOutputWithPooling` (a tuple with `return_dict=False`): `last_hidden_state` (frames, N, D_v)
+        the original visual tokens of every frame of every video in order, as the vision tower gives them (and its
+        `hidden_states`/`attentions` with `output_hidden_states`/`output_attentions`); `pooler_output` one entry per
+        video, its pooled, projected tokens (frames * pool_size**2, D) as they replace its placeholders: a
+        (videos, frames * pool_size**2, D) tensor when the videos have the same length, as LLaVA-OneVision's, else a
+        tuple of one tensor per video, as transformers' VLMs return features of different lengths.
         """
+        return_dict = kwargs.pop("return_dict", None)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         videos = self._split_videos(pixel_values_videos, video_num_frames)
-        return self._encode_visual(videos[0] if len(videos) == 1 else torch.cat(videos), **kwargs)
+        encoded = self._encode_visual(videos[0] if len(videos) == 1 else torch.cat(videos), return_dict=True, **kwargs)
+        encoded.pooler_output = per_video(encoded.pooler_output, [len(video) for video in videos])
+        return encoded if return_dict else encoded.to_tuple()
 
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
         r"""
@@ -609,7 +638,8 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         )
         one_pass = recorded or (self.training and torch.is_grad_enabled())
         original = self.get_original_visual_tokens(frames, frames.shape[0] if one_pass else None)
-        # Pooled chunk by chunk, as the tower runs: the pooler computes in float32, which must not grow with frames.
+        # Pooled chunk by chunk, as the tower runs: the pooler's float32 copy (in a half-precision model) must not grow
+        # with frames.
         pooled = torch.cat([self.pooler(chunk) for chunk in original.split(self.config.vision_batch_size)])
         # The tower may run in another dtype than the rest (e.g. kept in float32 while the LLM trains in bfloat16).
         pooled = self.multi_modal_projector(pooled.to(_parameter(self.multi_modal_projector).dtype))
@@ -630,6 +660,8 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             )
         dtype = self.vision_tower.dtype  # float frames are cast to the tower's dtype
         step, original = batch_size or self.config.vision_batch_size, None
+        if frames.shape[0] <= step:  # one chunk: the tower's output as it is, not a copy of it
+            return self._encode_frames(frames.to(dtype))
         for start in range(0, frames.shape[0], step):
             chunk = self._encode_frames(frames[start : start + step].to(dtype))
             if original is None:  # filled chunk by chunk: no second copy of all the tokens, as torch.cat would make
@@ -680,16 +712,21 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
 
     @staticmethod
     def _split_features(encoded: BaseModelOutputWithPooling, clips: dict) -> dict[str, BaseModelOutputWithPooling]:
-        """The features of every video's and image's frames, encoded together, as `video`/`image` features."""
+        """The features of every video's and image's frames, encoded together, as `get_video_features` and
+        `get_image_features` return them."""
         video_frames = sum(clips["video"])
-        parts = {"video": slice(0, video_frames), "image": slice(video_frames, None)}
-        return {
-            kind: BaseModelOutputWithPooling(
-                last_hidden_state=encoded.last_hidden_state[part], pooler_output=encoded.pooler_output[part]
+        features = {}
+        if clips["video"]:
+            pooled = per_video(encoded.pooler_output[:video_frames], clips["video"])
+            features["video"] = BaseModelOutputWithPooling(
+                last_hidden_state=encoded.last_hidden_state[:video_frames], pooler_output=pooled
             )
-            for kind, part in parts.items()
-            if clips[kind]
-        }
+        if clips["image"]:
+            features["image"] = BaseModelOutputWithPooling(
+                last_hidden_state=encoded.last_hidden_state[video_frames:],
+                pooler_output=encoded.pooler_output[video_frames:],
+            )
+        return features
 
     def get_placeholder_mask(self, input_ids, inputs_embeds) -> tuple[torch.Tensor, torch.Tensor]:
         """(image, video) boolean masks (batch, length) of the placeholder tokens, found in `input_ids` or, without
@@ -951,7 +988,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             t2v_queries, t2v_visible, take = _pad_rows(queries, visible, memory_length)
             mask = None
             if bool((t2v_visible < memory_length).any()):
-                mask = key_mask(t2v_visible, memory_length, implementation, dtype)
+                mask = self._key_mask(t2v_visible, memory_length, implementation, dtype)
             t2v = CrossAttentionCall(t2v_queries, memory, torch.zeros(samples, dtype=torch.long), take, mask)
 
         if cache is not None and self.config.use_t2v:
@@ -990,14 +1027,21 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             tokens[i, : len(span)] = span
         sizes = [torch.full((len(q),), len(span)) for q, span in zip(item_queries, spans)]
         queries, visible, take = _pad_rows(item_queries, sizes, longest)
-        return CrossAttentionCall(queries, tokens, starts, take, key_mask(visible, longest, implementation, dtype))
+        return CrossAttentionCall(
+            queries, tokens, starts, take, self._key_mask(visible, longest, implementation, dtype)
+        )
+
+    def _key_mask(self, visible, keys, implementation, dtype):
+        """`key_mask` for the DCALs' calls, whose query heads are folded by key/value head."""
+        text = self.config.text_config
+        return key_mask(visible, keys, implementation, dtype, text.num_attention_heads // text.num_key_value_heads)
 
     def _store_memory_layout(self, cache: CrossLMMCache, lengths, memory_length, rows_per_sample, device):
         """What a decode step needs to plan without reading the device: the memory lengths on the host, the keys
         each sample sees and which samples have none on the device (None when not needed)."""
         cache.memory_lengths = list(lengths)
         cache.rows_per_memory = rows_per_sample
-        cache.memory_visible = cache.memory_scale = None
+        cache.memory_visible = cache.memory_scale = cache.decode_mask = None
         if min(lengths) < memory_length:
             # A sample without memory sees one key (no backend takes a row that sees nothing), scaled by 0.
             cache.memory_visible = torch.tensor([max(n, 1) for n in lengths], device=device)
@@ -1014,9 +1058,16 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             )
         mask = None
         if cache.memory_visible is not None:
+            # The same mask at every step of one length (a flex_attention BlockMask is costly to make): kept.
             implementation = masked_implementation(self.config.text_config._attn_implementation)
-            visible = cache.memory_visible[:, None].expand(samples, k * length)
-            mask = key_mask(visible, max(cache.memory_lengths), implementation, dtype)
+            made_for = (implementation, k, length, dtype)
+            if cache.decode_mask is None or cache.decode_mask[0] != made_for:
+                visible = cache.memory_visible[:, None].expand(samples, k * length)
+                cache.decode_mask = (
+                    made_for,
+                    self._key_mask(visible, max(cache.memory_lengths), implementation, dtype),
+                )
+            mask = cache.decode_mask[1]
         return VisualPlan(
             memory_lengths=cache.memory_lengths,
             decode=True,
@@ -1074,6 +1125,15 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             if plan is not None and str(idx) in self.cross_attention_layers:
                 hidden_states, _ = self.cross_attention_layers[str(idx)](hidden_states, plan, cache)
         return llm.norm(hidden_states)
+
+
+def per_video(pooled: torch.Tensor, frame_counts: list[int]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Pooled tokens of every frame (frames, pool_size**2, D) -> one entry per video (frames_i * pool_size**2, D):
+    a (videos, frames * pool_size**2, D) view when the videos have the same length, else a tuple (as transformers'
+    VLMs return features of different lengths, e.g. Qwen2-VL's)."""
+    if len(set(frame_counts)) == 1:
+        return pooled.reshape(len(frame_counts), -1, pooled.shape[-1])
+    return tuple(video.flatten(0, 1) for video in pooled.split(frame_counts))
 
 
 def siglip2_patches(frames: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,15 +29,21 @@ IMAGE_TOKEN_ID, VIDEO_TOKEN_ID = 3, 4  # inside every size's vocabulary
 TEXT_BEFORE, TEXT_AFTER = 16, 48  # 64 text tokens: a system/user preamble before the video, the question after it
 
 
-def parts(size):
-    """(vision_config, text_config) dicts of a size, as both models are built from them."""
+def parts(size, llm_layers=None):
+    """(vision_config, text_config) dicts of a size, as both models are built from them (`llm_layers`: another
+    number of decoder layers, the widths kept)."""
     sizes = geometry(size)
-    return sizes["vision_config"], {**sizes["text_config"], "max_position_embeddings": MAX_POSITION_EMBEDDINGS}
+    text = {**sizes["text_config"], "max_position_embeddings": MAX_POSITION_EMBEDDINGS}
+    if llm_layers:
+        text["num_hidden_layers"] = llm_layers
+    return sizes["vision_config"], text
 
 
-def crosslmm_config(size, pool_size=3, v2v_scope="video", attn_implementation="sdpa", vision_batch_size=64):
+def crosslmm_config(
+    size, pool_size=3, v2v_scope="video", attn_implementation="sdpa", vision_batch_size=64, llm_layers=None
+):
     """CrossLMM of a size, a DCAL after every 4th decoder layer, as the paper's models."""
-    vision, text = parts(size)
+    vision, text = parts(size, llm_layers)
     config = CrossLMMConfig(
         vision_config=vision,
         text_config=text,
@@ -52,8 +58,8 @@ def crosslmm_config(size, pool_size=3, v2v_scope="video", attn_implementation="s
     return config
 
 
-def llava_config(size, attn_implementation="sdpa"):
-    vision, text = parts(size)
+def llava_config(size, attn_implementation="sdpa", llm_layers=None):
+    vision, text = parts(size, llm_layers)
     config = LlavaOnevisionConfig(
         vision_config=dict(vision),
         text_config=dict(text),
@@ -240,6 +246,9 @@ def add_model_arguments(parser):
     parser.add_argument(
         "--vision-batch-size", type=int, default=64, help="CrossLMM: frames the vision tower encodes at once"
     )
+    parser.add_argument(
+        "--llm-layers", type=int, default=None, help="decoder layers of both LLMs (default: the size's), widths kept"
+    )
 
 
 def models_from_arguments(args):
@@ -248,6 +257,8 @@ def models_from_arguments(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    crosslmm = crosslmm_config(args.size, args.pool_size, args.v2v_scope, args.attn, args.vision_batch_size)
-    configs = {"LLaVA-OV": llava_config(args.size, args.attn), "CrossLMM": crosslmm}
+    crosslmm = crosslmm_config(
+        args.size, args.pool_size, args.v2v_scope, args.attn, args.vision_batch_size, args.llm_layers
+    )
+    configs = {"LLaVA-OV": llava_config(args.size, args.attn, args.llm_layers), "CrossLMM": crosslmm}
     return device, dtype, {name: build(configs[name], device, dtype) for name in args.models}

@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import GenerationConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import is_torch_flex_attn_available
 
 from modeling_crosslmm import CACHE_ARG, CrossLMMCache, CrossLMMForConditionalGeneration
-from tiny import count_encoded_frames, frames, prompt, reference_llm, tiny_config, tiny_model
+from tiny import count_encoded_frames, frames, padded_batch, prompt, reference_llm, tiny_config, tiny_model
 
 
 def video_inputs(config, **kwargs):
@@ -126,8 +127,25 @@ def test_video_and_image_features_and_the_outputs_that_carry_them():
     assert isinstance(features, BaseModelOutputWithPooling)
     grid_tokens, per_frame = config.patch_grid_size**2, config.tokens_per_frame
     assert features.last_hidden_state.shape == (5, grid_tokens, config.vision_config.hidden_size)
-    assert features.pooler_output.shape == (5, per_frame, config.text_config.hidden_size)
     torch.testing.assert_close(features.last_hidden_state, model.model.get_original_visual_tokens(torch.cat(videos)))
+    # One entry per video, its tokens as they replace its placeholders (as transformers' VLMs give them): a tuple for
+    # videos of different lengths, one (videos, frames x tokens, D) tensor for videos of one length.
+    width = config.text_config.hidden_size
+    assert isinstance(features.pooler_output, tuple)
+    assert [tuple(video.shape) for video in features.pooler_output] == [(3 * per_frame, width), (2 * per_frame, width)]
+    same_length = model.get_video_features(torch.stack([frames(2), frames(2, seed=1)]))
+    assert same_length.pooler_output.shape == (2, 2 * per_frame, width)
+    torch.testing.assert_close(same_length.pooler_output[1], features.pooler_output[1])
+    padded = torch.stack([frames(3), torch.cat([frames(2, seed=1), frames(1, seed=5)])])
+    from_padded = model.get_video_features(padded, video_num_frames=torch.tensor([3, 2]))
+    for got, want in zip(from_padded.pooler_output, features.pooler_output, strict=True):
+        torch.testing.assert_close(got, want)
+    as_tuple = model.get_video_features(videos, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], features.last_hidden_state)
+    model.config.return_dict = False
+    assert isinstance(model.get_video_features(videos), tuple)
+    assert isinstance(model.get_video_features(videos, return_dict=None), tuple)
+    model.config.return_dict = True
     with_states = model.get_video_features(videos, output_hidden_states=True)
     assert len(with_states.hidden_states) == config.vision_layers_run + 1
     torch.testing.assert_close(with_states.hidden_states[-1], features.last_hidden_state)
@@ -135,7 +153,8 @@ def test_video_and_image_features_and_the_outputs_that_carry_them():
     assert images.pooler_output.shape == (2, per_frame, config.text_config.hidden_size)
 
     out = model(**video_inputs(config))
-    assert out.video_outputs.pooler_output.shape == (3, per_frame, config.text_config.hidden_size)
+    assert out.video_outputs.pooler_output.shape == (1, 3 * per_frame, config.text_config.hidden_size)
+    assert out.image_outputs.pooler_output.shape == (1, per_frame, config.text_config.hidden_size)
     assert out.image_outputs.last_hidden_state.shape == (1, grid_tokens, config.vision_config.hidden_size)
     assert out.video_hidden_states is out.video_outputs.pooler_output
     # The vision tower's layers do not leak into the decoder's hidden states.
@@ -262,6 +281,30 @@ def test_a_decode_step_plans_from_the_cache_without_reading_the_device():
         out = model(input_ids=step, use_cache=True, **{CACHE_ARG: cache})
     assert out.logits.shape == (4, 1, config.text_config.vocab_size)
     assert calls == [(idx, True) for idx in config.dcal_layer_indices]
+
+
+BACKENDS = ["eager", "sdpa"] + (["flex_attention"] if is_torch_flex_attn_available() else [])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("implementation", BACKENDS)
+def test_the_cached_visual_memory_is_contiguous(implementation):
+    """Every decode step reads each DCAL's memory: its keys/values are kept as (samples, kv_heads, M, head_dim)
+    blocks, made once at prefill (a strided view of the projection made SDPA 2.5-3x slower per key on a CPU), for
+    one sample alone and for a padded batch, and stay so after beam search kept some of its rows."""
+    model = tiny_model(gates=0.5)
+    model.set_attn_implementation(implementation)
+    if implementation == "flex_attention":
+        torch._dynamo.reset()  # see tests/test_backends.py: every flex_attention case compiles afresh
+    config = model.config
+    for inputs in (video_inputs(config), padded_batch(config)):
+        cache = getattr(model(**inputs, use_cache=True), CACHE_ARG)
+        memory = [tensor for keys_values in cache.visual_memory.values() for tensor in keys_values]
+        assert len(memory) == 2 * len(config.dcal_layer_indices)
+        for tensor in memory:
+            assert tensor.is_contiguous(), (tensor.shape, tensor.stride())
+    cache.batch_select_indices(torch.tensor([2, 0]))
+    assert all(tensor.is_contiguous() for keys_values in cache.visual_memory.values() for tensor in keys_values)
 
 
 # ---- training --------------------------------------------------------------------------------------------------

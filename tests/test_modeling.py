@@ -1,10 +1,13 @@
 """CrossLMM against its parts: the base LLM, the DCAL branches, padding, the cache, bad inputs."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 from transformers import SiglipVisionModel
 
+import modeling_crosslmm
 from modeling_crosslmm import CACHE_ARG, CrossLMMForConditionalGeneration
 from tiny import (
     IMAGE_SIZE,
@@ -13,6 +16,7 @@ from tiny import (
     left_padded,
     prompt,
     reference_llm,
+    sample_inputs,
     set_gates,
     tiny_config,
     tiny_model,
@@ -206,7 +210,18 @@ def test_batched_generation_with_left_padding_equals_alone():
     input_ids, attention_mask = left_padded([long_ids[0], short_ids[0]])
     videos = [frames(2, seed=1), frames(1, seed=2)]
     kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
-    batched = model.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values_videos=videos, **kwargs)
+    made = []  # the key masks of the padded memories, made once for every decode step
+    original_key_mask = modeling_crosslmm.key_mask
+    modeling_crosslmm.key_mask = lambda *args, **kwargs: (
+        made.append(args[0].shape) or original_key_mask(*args, **kwargs)
+    )
+    try:
+        batched = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values_videos=videos, **kwargs
+        )
+    finally:
+        modeling_crosslmm.key_mask = original_key_mask
+    assert len(made) == 3  # V2V and T2V at prefill, then one for the 4 decode steps
     for row, (ids, video) in enumerate([(long_ids, videos[0]), (short_ids, videos[1])]):
         alone = model.generate(input_ids=ids, pixel_values_videos=[video], **kwargs)
         assert torch.equal(batched[row, -5:], alone[0, -5:])
@@ -237,6 +252,40 @@ def test_average_pooling_and_images_alone():
     original = model.model.get_original_visual_tokens(frames(2))
     pooled = model.model.pooler(original)
     torch.testing.assert_close(pooled[:, 0], original.mean(1))
+
+
+class Float64Pooling(nn.Module):
+    """The reference pooling: the model's interpolation, in float64 throughout."""
+
+    def __init__(self, pooler):
+        super().__init__()
+        self.pooler = pooler
+
+    def forward(self, features):
+        frames, _, dim = features.shape
+        grid = features.double().transpose(1, 2).reshape(frames, dim, self.pooler.grid, self.pooler.grid)
+        size = (self.pooler.pool_size, self.pooler.pool_size)
+        pooled = nn.functional.interpolate(grid, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return pooled.flatten(2).transpose(1, 2)
+
+
+@torch.no_grad()
+def test_a_float64_model_pools_in_float64():
+    """The pooler computes in the model's dtype when it is wider than float32: a float64 model's logits are those of
+    float64 pooling, and an image's pooled tokens do not depend on what else is encoded with it."""
+    model = tiny_model(gates=0.5).double()
+    config = model.config
+    inputs = sample_inputs(config)
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    logits = model(**inputs).logits
+    reference = copy.deepcopy(model)
+    reference.model.pooler = Float64Pooling(model.model.pooler)
+    torch.testing.assert_close(logits, reference(**inputs).logits, rtol=0, atol=1e-12)
+
+    image = inputs["pixel_values"]
+    alone = model(input_ids=prompt(config, [1], ("image",), [2]), pixel_values=image).image_outputs.pooler_output
+    beside = model(**inputs).image_outputs.pooler_output
+    torch.testing.assert_close(beside, alone, rtol=0, atol=1e-12)  # the tower batches frames: last-bit changes
 
 
 @torch.no_grad()
