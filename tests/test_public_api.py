@@ -310,3 +310,25 @@ def patched():
         "<object>._attn_implementation",
         "mock.patch transformers",
     }
+
+
+def test_a_transformers_release_outside_the_tested_ones_is_named_in_one_line(monkeypatch, capsys):
+    from importlib.metadata import version
+
+    from crosslmm import versions
+
+    installed = version("transformers")
+    monkeypatch.delenv("CROSSLMM_NO_VERSION_WARNING")
+    monkeypatch.setitem(versions.TESTED, "transformers", ("5.17.0", installed))
+    versions.warn_if_untested("crosslmm-x")
+    assert versions.untested_release() is None and capsys.readouterr().err == ""
+
+    monkeypatch.setitem(versions.TESTED, "transformers", ("4.0.0", "4.1.0"))
+    versions.warn_if_untested("crosslmm-x")
+    assert capsys.readouterr().err == (
+        f"crosslmm-x: warning: transformers {installed} is outside the releases this version of crosslmm was tested "
+        "on (4.0.0-4.1.x); if something fails, `pip install 'transformers>=4.0.0,<4.2'`\n"
+    )
+    monkeypatch.setenv("CROSSLMM_NO_VERSION_WARNING", "1")
+    versions.warn_if_untested("crosslmm-x")
+    assert capsys.readouterr().err == ""

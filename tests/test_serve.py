@@ -742,6 +742,7 @@ def test_an_untested_transformers_release_is_named_in_one_line_first(monkeypatch
     from crosslmm.serve import main
 
     monkeypatch.setitem(crosslmm.versions.TESTED, "transformers", ("4.0.0", "4.1.0"))
+    monkeypatch.delenv("CROSSLMM_NO_VERSION_WARNING")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main([str(tmp_path / "no-such-folder")]) == 2
     first, *rest = capsys.readouterr().err.splitlines()
