@@ -10,9 +10,9 @@ cache.
 import argparse
 import hashlib
 import json
+import logging
 import os
 import pickle
-import re
 import shutil
 import sys
 import tempfile
@@ -23,7 +23,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from crosslmm import log, samples
+from crosslmm import log_to_stderr, samples
+from crosslmm.errors import UsageError, one_line
+
+
+logger = logging.getLogger("crosslmm.answer")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -160,21 +164,8 @@ class StageTimer:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class UsageError(Exception):
-    """A bad command-line input: reported as one line, exit code 2."""
-
-
 class QuestionError(UsageError):
     """A follow-up question that cannot be asked: reported as one line, and the conversation goes on."""
-
-
-def _first_line(error: BaseException) -> str:
-    """The first line of an exception's message, without terminal colour codes; its type when the message is empty."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
-    line = text.splitlines()[0].strip() if text else ""
-    if isinstance(error, KeyError) or not line:
-        return f"{type(error).__name__}: {line}" if line else type(error).__name__
-    return line
 
 
 def _position_room(
@@ -199,7 +190,7 @@ def _position_room(
         )
     room = limit - prompt_length
     if max_new_tokens > room:
-        log(
+        logger.warning(
             f"crosslmm-answer: warning: --max-new-tokens {max_new_tokens} capped at {room}: {prompt} takes "
             f"{prompt_length} of the model's {limit} positions (max_position_embeddings)"
         )
@@ -286,14 +277,14 @@ def _load_failure(model: str, error: BaseException) -> UsageError:
         cause = cause.__cause__ or cause.__context__
     refused = [cause for cause in chain if isinstance(cause, pickle.UnpicklingError)]
     if refused:
-        detail = _first_line(refused[-1]).removeprefix("Weights only load failed. ").split(". Please use")[0]
+        detail = one_line(refused[-1]).removeprefix("Weights only load failed. ").split(". Please use")[0]
         return UsageError(
             f"cannot load model {model!r}: its weights are a pickle (pytorch_model.bin) that "
             f"torch.load(weights_only=True) refuses, as it holds more than tensors ({detail}); crosslmm-answer "
             "expects safetensors weights (model.safetensors): convert the checkpoint, unpickling it only if you trust "
             "its source"
         )
-    line = _first_line(error)
+    line = one_line(error)
     if len(line) > 160 and ". " in line:  # transformers' messages run on with advice: their first sentence
         line = line.split(". ")[0] + "."
     return UsageError(f"cannot load model {model!r}: {line}")
@@ -345,7 +336,7 @@ def load_pipeline(model: str, device, dtype_choice: str):
     if os.path.isdir(model):
         _check_weights(model)
     dtype, dtype_words = _resolve_dtype(dtype_choice, config, device)
-    log(f"Loading {model} on {device} ({dtype_words}) ...")
+    logger.info(f"Loading {model} on {device} ({dtype_words}) ...")
     try:
         # The checkpoint's own pipeline class, as pipeline() finds it through the config's custom_pipelines. The model
         # is loaded here rather than by pipeline(), which would report a failure as a traceback inside its message.
@@ -420,7 +411,7 @@ class Conversation:
                 )
             )
         except ValueError as error:  # the processor names bad videos, time windows and placeholders
-            raise UsageError(_first_line(error)) from None
+            raise UsageError(one_line(error)) from None
         answer = outputs[0]["generated_text"]
         ids = timer.prefill_inputs["input_ids"]
         self.video_tokens = int((ids == self.model.config.video_token_id).sum())
@@ -707,11 +698,11 @@ def answer(args: argparse.Namespace):
     device = _resolve_device(args.device)
     if model is None:
         if not (cache_folder() / "sample-checkpoint").exists():
-            log(f"Building the random-weight sample checkpoint in {cache_folder()} (once) ...")
+            logger.info(f"Building the random-weight sample checkpoint in {cache_folder()} (once) ...")
         model = str(sample_checkpoint())
     if video is None:
         if not (cache_folder() / "sample-video.mp4").exists():
-            log(f"Encoding the sample video in {cache_folder()} (once) ...")
+            logger.info(f"Encoding the sample video in {cache_folder()} (once) ...")
         video = str(sample_video())
 
     pipe = load_pipeline(model, device, args.dtype)
@@ -724,7 +715,7 @@ def answer(args: argparse.Namespace):
         raise UsageError(str(error).removesuffix("; ask it again")) from None
     if question is None:
         return
-    log(f"Reading {video} and answering ({sampling}, up to {args.max_new_tokens} new tokens) ...")
+    logger.info(f"Reading {video} and answering ({sampling}, up to {args.max_new_tokens} new tokens) ...")
     first, times, inputs = conversation.ask_first(question)
     _report(first, times, config, inputs, args.model is None, device, dtype)
     if not args.interactive:
@@ -745,6 +736,7 @@ def answer(args: argparse.Namespace):
 def main(argv=None) -> int:
     """Console script `crosslmm-answer`: 0 on success, 2 (with one error line on stderr) on bad input, 130 when
     interrupted."""
+    log_to_stderr()
     try:
         answer(parse_args(argv))
     except UsageError as error:

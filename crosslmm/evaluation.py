@@ -5,13 +5,13 @@
         --batch_size 1 --output_path results/ --log_samples
 
 lmms-eval builds every model from its registry: the built-in ones plus the `ModelManifest`s that installed packages
-declare under the entry point group `lmms_eval.models` (`crosslmm = crosslmm.evaluation:manifest` in setup.cfg). The
-`crosslmm` manifest names two classes, as lmms-eval's own models do:
+declare under the entry point group `lmms_eval.models` (`crosslmm = crosslmm.lmms_eval_manifest:manifest` in
+setup.cfg). The `crosslmm` manifest names two classes of this module, as lmms-eval's own models do:
 
 - `CrossLMMChat` (the default, lmms-eval's "chat" protocol): each sample arrives as chat messages
   (`doc_to_messages`), with a video's `start_time`/`end_time` when the task gives them. Runs `generate_until` and
   `generate_until_multi_round`.
-- `CrossLMM` (`--force_simple`, lmms-eval's "simple" protocol): a prompt string plus `doc_to_visual`. Runs
+- `CrossLMMSimple` (`--force_simple`, lmms-eval's "simple" protocol): a prompt string plus `doc_to_visual`. Runs
   `generate_until`, `generate_until_multi_round` and `loglikelihood`, which the multiple-choice-by-likelihood tasks
   (`output_type: multiple_choice`, e.g. `perceptiontest_val_mcppl`) need: lmms-eval builds chat-protocol requests for
   generation tasks only.
@@ -25,38 +25,24 @@ package's). A video's start/end time from the task (`video_start`/`video_end` of
 inside that window.
 """
 
-MODEL_ID = "crosslmm"
+import json
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from lmms_eval import utils as lmms_utils
+from lmms_eval.api.model import lmms
+from lmms_eval.protocol import ChatMessages
+from tqdm import tqdm
+
+from crosslmm import IMAGE_SUFFIXES
+from crosslmm.errors import UsageError
+from crosslmm.lmms_eval_manifest import MODEL_ID
 
 
-# Defined before anything from lmms-eval is imported: importing lmms-eval's modules builds its model registry, which
-# loads this entry point, which may be this very module, half imported (when it is imported before lmms-eval).
-def manifest():
-    """The `lmms_eval.models` entry point: `--model crosslmm`, chat protocol by default, simple with
-    `--force_simple`."""
-    from lmms_eval.models.registry_v2 import ModelManifest
-
-    return ModelManifest(
-        model_id=MODEL_ID,
-        simple_class_path=f"{__name__}.CrossLMM",
-        chat_class_path=f"{__name__}.CrossLMMChat",
-    )
-
-
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-from collections import defaultdict  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from lmms_eval import utils as lmms_utils  # noqa: E402
-from lmms_eval.api.model import lmms  # noqa: E402
-from lmms_eval.protocol import ChatMessages  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tiff", ".webp")
 DEFAULT_MAX_NEW_TOKENS = 256
 PLACEHOLDERS = ("<video>", "<image>")
 
@@ -125,7 +111,7 @@ def _media(visual, start=None, end=None):
         return "video", visual, start, end
     if isinstance(visual, (str, os.PathLike)):
         path = os.fspath(visual)
-        if path.lower().endswith(IMAGE_EXTENSIONS):
+        if path.lower().endswith(IMAGE_SUFFIXES):
             return "image", Image.open(path).convert("RGB"), None, None
         return "video", path, start, end
     raise TypeError(f"CrossLMM cannot take a visual of type {type(visual).__name__}: {visual!r:.200}")
@@ -133,7 +119,7 @@ def _media(visual, start=None, end=None):
 
 def _positive(name: str, value, kind: type):
     """A model argument as a positive int or finite float (lmms-eval passes numbers, or strings it could not parse),
-    or a ValueError naming it: checked when the model is built, not when the first sample fails."""
+    or a UsageError naming it: checked when the model is built, not when the first sample fails."""
     number = None
     if isinstance(value, float) and value.is_integer():  # lmms-eval reads "-5" as -5.0
         value = int(value)
@@ -144,7 +130,7 @@ def _positive(name: str, value, kind: type):
             pass
     if number is None or not math.isfinite(number) or number <= 0:
         expected = "a positive integer" if kind is int else "a positive number"
-        raise ValueError(f"crosslmm: {name} must be {expected}, got {value!r}")
+        raise UsageError(f"crosslmm: {name} must be {expected}, got {value!r}")
     return number
 
 
@@ -155,9 +141,9 @@ def _checkpoint(pretrained) -> str:
     if os.path.isdir(path):
         return path
     if os.path.exists(path):
-        raise ValueError(f"crosslmm: pretrained={pretrained} is a file; give a checkpoint folder or a Hub id")
+        raise UsageError(f"crosslmm: pretrained={pretrained} is a file; give a checkpoint folder or a Hub id")
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise ValueError(f"crosslmm: pretrained={pretrained}: no such checkpoint folder")
+        raise UsageError(f"crosslmm: pretrained={pretrained}: no such checkpoint folder")
     return path
 
 
@@ -242,7 +228,7 @@ def _cut_at_stop_strings(text: str, until) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class CrossLMM(lmms):
+class CrossLMMSimple(lmms):
     """CrossLMM for lmms-eval's simple protocol (a prompt string and `doc_to_visual`)."""
 
     is_simple = True
@@ -264,9 +250,9 @@ class CrossLMM(lmms):
     ):
         super().__init__()
         if unknown:
-            raise ValueError(f"crosslmm: unknown model argument(s) {sorted(unknown)}")
+            raise UsageError(f"crosslmm: unknown model argument(s) {sorted(unknown)}")
         if str(batch_size).startswith("auto"):
-            raise ValueError("crosslmm: give --batch_size as a number (no automatic batch size)")
+            raise UsageError("crosslmm: give --batch_size as a number (no automatic batch size)")
         self.batch_size_per_gpu = _positive("batch_size", batch_size, int)
         self.video_options = {
             name: _positive(name, value, float if name == "fps" else int)
@@ -284,10 +270,10 @@ class CrossLMM(lmms):
             register_auto_classes()
         config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
         if config.model_type != MODEL_ID:
-            raise ValueError(f"crosslmm: {pretrained} is a {config.model_type!r} checkpoint, not CrossLMM")
+            raise UsageError(f"crosslmm: {pretrained} is a {config.model_type!r} checkpoint, not CrossLMM")
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"crosslmm: dtype must be auto, bfloat16, float16 or float32, got {dtype!r}")
+            raise UsageError(f"crosslmm: dtype must be auto, bfloat16, float16 or float32, got {dtype!r}")
         kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype), "trust_remote_code": trust_remote_code}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
@@ -511,7 +497,7 @@ class CrossLMM(lmms):
         return results
 
 
-class CrossLMMChat(CrossLMM):
+class CrossLMMChat(CrossLMMSimple):
     """CrossLMM for lmms-eval's chat protocol (`doc_to_messages`), the default of `--model crosslmm`."""
 
     is_simple = False
@@ -558,4 +544,4 @@ class CrossLMMChat(CrossLMM):
         )
 
 
-__all__ = ["CrossLMM", "CrossLMMChat", "doc_to_video", "manifest", "prompt_from_messages", "prompt_from_visuals"]
+__all__ = ["CrossLMMChat", "CrossLMMSimple", "doc_to_video", "prompt_from_messages", "prompt_from_visuals"]

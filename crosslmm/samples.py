@@ -3,7 +3,8 @@
 - `build_tokenizer`: a small Qwen2-style byte-level BPE tokenizer trained here, with the ChatML and placeholder tokens.
 - `GEOMETRIES`: the named model shapes (`tiny`, `sample`, `small`, `0.5b`, `2b`, `7b`) and `crosslmm_config` to make a
   `CrossLMMConfig` of one; `llava_onevision_video_tokens`: what LLaVA-OneVision spends on the same frames.
-- `processor_for_config`: the processor for a config (frame size and pooled tokens per frame from the config).
+- `processor_for_config` (at home in `crosslmm.convert.write`, which the converter writes its processors with): the
+  processor for a config (frame size and pooled tokens per frame from the config).
 - `build_sample_checkpoint` / `build_sample_video`: a random-weight checkpoint folder as a Hub repository holds it, and
   a short clip encoded with PyAV; `moving_square` / `video_qa_samples`: generated videos and chat samples to train on.
 - `shipped_code_files`: the code files a checkpoint carries, found as transformers finds them when it saves one.
@@ -22,6 +23,7 @@ from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX
 
 from configuration_crosslmm import DEFAULT_TEXT_CONFIG, DEFAULT_VISION_CONFIG, CrossLMMConfig
+from crosslmm.convert.write import processor_for_config
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -224,26 +226,6 @@ def llava_onevision_tokens_per_frame(grid: int) -> int:
 def llava_onevision_video_tokens(num_frames: int, grid: int) -> int:
     """LLM tokens LLaVA-OneVision spends on a video of `num_frames` such frames: one newline token ends the video."""
     return num_frames * llava_onevision_tokens_per_frame(grid) + 1
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The processor for a config
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def processor_for_config(config: CrossLMMConfig, tokenizer):
-    """The `CrossLMMProcessor` of a model with this config: frames resized to `config.image_size`, placeholders
-    expanded to `config.tokens_per_frame` tokens per frame (the processor stores the pool size)."""
-    from processing_crosslmm import CrossLMMImageProcessor, CrossLMMProcessor
-    from video_processing_crosslmm import CrossLMMVideoProcessor
-
-    size = {"height": config.image_size, "width": config.image_size}
-    return CrossLMMProcessor(
-        image_processor=CrossLMMImageProcessor(size=size),
-        video_processor=CrossLMMVideoProcessor(size=size),
-        tokenizer=tokenizer,
-        pool_size=config.pool_size,
-    )
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ import urllib.parse
 import urllib.request
 import uuid
 
+from crosslmm import log_to_stderr
+from crosslmm.errors import UsageError, one_line
+
 
 logger = logging.getLogger("crosslmm.serve")
 
@@ -58,7 +61,7 @@ FRAME_OPTIONS = {
     "end_time": "a positive number of seconds",
 }
 CONTENT_TYPES = ("text", "image_url", "video_url")
-ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant")
 # OpenAI's chat completion fields: those honoured, those that change nothing here, and those this server cannot honour
 # (refused when set, rather than answered as if they were not there). Any other field is a 422.
 HONOURED = {
@@ -101,13 +104,6 @@ def error_body(message: str, status: int, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
-def _one_line(error: BaseException) -> str:
-    """An exception as the one line a client sees: its message (KeyError's repr stripped), without the traceback."""
-    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-    text = " ".join(text.split())
-    return text or type(error).__name__
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Request checks: everything that can be judged before a medium is fetched
 # --------------------------------------------------------------------------------------------------------------------
@@ -144,8 +140,8 @@ def _message_problem(index: int, message) -> str | None:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         return f"{where} must be an object with 'role' and 'content'."
-    if message.get("role") not in ROLES:
-        return f"{where}.role must be one of {', '.join(ROLES)}, got {message.get('role')!r}."
+    if message.get("role") not in CHAT_ROLES:
+        return f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {message.get('role')!r}."
     content = message.get("content")
     if content is None or isinstance(content, str):
         return None
@@ -458,7 +454,7 @@ def load_medium(url: str, kind: str, folder: str, policy: MediaPolicy) -> Medium
     except FileNotFoundError:
         raise RequestError(f"Image file not found: {name}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise RequestError(f"{name} is not an image Pillow can read ({_one_line(error)}).") from None
+        raise RequestError(f"{name} is not an image Pillow can read ({one_line(error)}).") from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -537,7 +533,7 @@ class Engine:
                 text=[text], images=images or None, videos=videos or None, return_tensors="pt", **frame_options
             )
         except INPUT_ERRORS as error:
-            message = _one_line(error)
+            message = one_line(error)
             for medium in media:  # name a medium as the client did, not by the server's temporary file
                 if medium.path:
                     message = message.replace(medium.path, medium.name)
@@ -545,7 +541,7 @@ class Engine:
         except Exception as error:  # a request's chat template that fails to render (jinja2's errors)
             if body.get("chat_template") is None or "jinja2" not in type(error).__module__:
                 raise
-            raise RequestError(f"chat_template: {_one_line(error)}"[:1000], param="chat_template") from None
+            raise RequestError(f"chat_template: {one_line(error)}"[:1000], param="chat_template") from None
         prompt_tokens = int(inputs["input_ids"].shape[1])
         return Job(inputs, prompt_tokens, self.generation_config(body, prompt_tokens), body.get("seed"))
 
@@ -820,10 +816,6 @@ def create_app(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class UsageError(Exception):
-    pass
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="crosslmm-serve",
@@ -898,7 +890,7 @@ def check_model(model: str, trust_remote_code: bool) -> str:
     try:
         config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise UsageError(f"cannot load the config of {model}: {_one_line(error)}") from None
+        raise UsageError(f"cannot load the config of {model}: {one_line(error)}") from None
     if config.model_type != MODEL_TYPE:
         raise UsageError(f"{model} is a {config.model_type!r} checkpoint, not CrossLMM")
     return model
@@ -936,7 +928,10 @@ def serve(args: argparse.Namespace):
     if args.dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise UsageError(f"--dtype {args.dtype!r}: use bfloat16, float16, float32 or auto")
     policy = media_policy(args)
-    logging.basicConfig(level=args.log_level.upper(), format="crosslmm-serve: %(levelname)s: %(message)s")
+    try:
+        log_to_stderr("crosslmm-serve: %(levelname)s: %(message)s", args.log_level)
+    except ValueError:
+        raise UsageError(f"--log-level {args.log_level!r}: use debug, info, warning, error or critical") from None
     if not args.trust_remote_code:
         from crosslmm.auto import register_auto_classes
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from crosslmm.answer import main as answer_main
-from crosslmm.samples import build_tokenizer, processor_for_config
+from crosslmm.convert.write import processor_for_config
+from crosslmm.samples import build_tokenizer
 from tiny import tiny_config
 from video_processing_crosslmm import CrossLMMVideoProcessor, VideoLoadError, read_video
 from videos import encode_video, has_encoder, index_frame, truncate

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from crosslmm.errors import UsageError
 from tiny import tiny_checkpoint, tiny_video
 from videos import encode_video
 
@@ -178,7 +179,7 @@ def test_lmms_eval_command_runs_crosslmm_on_local_tasks(local_task, tmp_path):
         "1",
         model_args="num_frames=4,batch_size=2",
     )
-    assert results["config"]["model_backend"] == "crosslmm.evaluation.CrossLMM (simple)", log
+    assert results["config"]["model_backend"] == "crosslmm.evaluation.CrossLMMSimple (simple)", log
     simple_samples = sorted(samples["crosslmm_local_videomme"], key=lambda sample: sample["doc_id"])
     # Both protocols build the same prompts: the same answers.
     assert [s["filtered_resps"] for s in simple_samples] == [s["filtered_resps"] for s in chat_samples]
@@ -207,7 +208,7 @@ def evaluation():
 def lm(evaluation, local_task):
     """The simple-protocol model, over the local task's samples (the checkpoint's own code: this process's Auto classes
     stay as the other tests expect them)."""
-    model = evaluation.CrossLMM.create_from_arg_string(
+    model = evaluation.CrossLMMSimple.create_from_arg_string(
         f"pretrained={local_task['folder']},num_frames=4,trust_remote_code=true,batch_size=2",
         {"batch_size": 1, "max_batch_size": None, "device": "cpu"},
     )
@@ -227,10 +228,10 @@ def test_model_arguments(evaluation, lm, local_task):
     assert lm.batch_size == 2  # --model_args beats the command line's default
     assert lm.video_options == {"num_frames": 4}
     assert type(lm.model).__module__.startswith("transformers_modules.")
-    with pytest.raises(ValueError, match="unknown model argument"):
-        evaluation.CrossLMM(pretrained=str(local_task["folder"]), frames=8)
-    with pytest.raises(ValueError, match="no automatic batch size"):
-        evaluation.CrossLMM(pretrained=str(local_task["folder"]), batch_size="auto")
+    with pytest.raises(UsageError, match="unknown model argument"):
+        evaluation.CrossLMMSimple(pretrained=str(local_task["folder"]), frames=8)
+    with pytest.raises(UsageError, match="no automatic batch size"):
+        evaluation.CrossLMMSimple(pretrained=str(local_task["folder"]), batch_size="auto")
 
 
 @pytest.mark.parametrize(
@@ -250,21 +251,24 @@ def test_model_arguments(evaluation, lm, local_task):
 def test_bad_model_arguments_are_named_before_anything_loads(evaluation, local_task, arguments, message):
     """Through lmms-eval's own parsing of `--model_args`; refused before the checkpoint is read (a missing folder
     would otherwise be reported by the Hub client as an invalid repository id)."""
-    with pytest.raises(ValueError, match=f"^crosslmm: {re.escape(message)}$"):
-        evaluation.CrossLMM.create_from_arg_string(f"pretrained={local_task['folder']},{arguments}", {"device": "cpu"})
+    with pytest.raises(UsageError, match=f"^crosslmm: {re.escape(message)}$"):
+        evaluation.CrossLMMSimple.create_from_arg_string(
+            f"pretrained={local_task['folder']},{arguments}", {"device": "cpu"}
+        )
 
 
 @pytest.mark.parametrize("where", ["missing/folder/x", "./missing", "~/missing-crosslmm"])
 def test_a_missing_checkpoint_folder_is_named(evaluation, where):
-    with pytest.raises(ValueError, match=f"^crosslmm: pretrained={re.escape(where)}: no such checkpoint folder$"):
-        evaluation.CrossLMM(pretrained=where)
+    with pytest.raises(UsageError, match=f"^crosslmm: pretrained={re.escape(where)}: no such checkpoint folder$"):
+        evaluation.CrossLMMSimple(pretrained=where)
 
 
 def test_registered_through_the_entry_point(evaluation):
     from lmms_eval.models import get_model
 
     assert get_model("crosslmm") is evaluation.CrossLMMChat and not evaluation.CrossLMMChat.is_simple
-    assert get_model("crosslmm", force_simple=True) is evaluation.CrossLMM and evaluation.CrossLMM.is_simple
+    simple = get_model("crosslmm", force_simple=True)
+    assert simple is evaluation.CrossLMMSimple and simple.is_simple
 
 
 def test_prompts_from_both_protocols(evaluation, local_task):

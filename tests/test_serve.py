@@ -753,6 +753,21 @@ def test_an_untested_transformers_release_is_named_in_one_line_first(monkeypatch
     assert rest and rest[-1].startswith("crosslmm-serve: error: cannot load the config of")
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--log-level", "loud"], "--log-level 'loud': use debug, info, warning, error or critical"),
+        (["--dtype", "int8"], "--dtype 'int8': use bfloat16, float16, float32 or auto"),
+        (["--media-timeout", "0"], "--media-timeout must be positive, got 0.0"),
+    ],
+)
+def test_bad_options_are_one_line_and_exit_2_before_the_model_loads(capsys, tmp_path, option, message):
+    from crosslmm.serve import main
+
+    assert main([*option, str(tmp_path / "no-such-folder")]) == 2
+    assert capsys.readouterr().err == f"crosslmm-serve: error: {message}\n"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The reader takes what OpenAI-style clients send
 # --------------------------------------------------------------------------------------------------------------------

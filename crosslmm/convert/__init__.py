@@ -6,11 +6,19 @@ CrossLMM config and a recipe for every target tensor), `write` (streamed shards,
 model card), `verify` (the new folder against the source, in a fresh process) and `cli` (the command).
 """
 
+import logging
+
 import torch
 
+from crosslmm.errors import UsageError
 
-class ConversionError(Exception):
-    """A source that cannot become a CrossLMM checkpoint; the message names what is wrong."""
+
+logger = logging.getLogger("crosslmm.convert")  # progress lines: stderr, through `crosslmm.log_to_stderr`
+
+
+class ConversionError(UsageError):
+    """A source that cannot become a CrossLMM checkpoint, or an output that cannot be written; the message names
+    what is wrong."""
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -45,8 +45,8 @@ from pathlib import Path
 
 import torch
 
-from crosslmm import log
-from crosslmm.convert import DTYPES, ConversionError
+from crosslmm import log_to_stderr
+from crosslmm.convert import DTYPES, ConversionError, logger
 from crosslmm.convert.plan import build_config, expected_tensors, plan_conversion, report_plan
 from crosslmm.convert.sources import load_source, load_tokenizer, resolve, source_dtype
 from crosslmm.convert.verify import VERIFY_MAX_PARAMETERS, run_verification
@@ -237,7 +237,7 @@ def convert(args) -> Path:
         if verify:
             run_verification(temporary, source.reference, dtype)
         else:
-            log(f"Not verified ({num_parameters / 1e9:.1f}B parameters, or --no-verify; --verify forces it).")
+            logger.info(f"Not verified ({num_parameters / 1e9:.1f}B parameters, or --no-verify; --verify forces it).")
         set_permissions(temporary)
         with _signals_held():
             _move_into_place(temporary, output, args.overwrite)
@@ -247,7 +247,7 @@ def convert(args) -> Path:
         if temporary is not None:
             with _signals_held():
                 shutil.rmtree(temporary, ignore_errors=True)
-    log(f"Wrote {output}")
+    logger.info(f"Wrote {output}")
     if args.push_to_hub:
         push_folder(output, args.push_to_hub)
     return output
@@ -317,6 +317,7 @@ def main(argv=None):
     bad input; 128 + the signal's number (130 SIGINT, 143 SIGTERM, 129 SIGHUP) with one line when interrupted, the
     temporary folder removed and the process ended at once (`_exit_now`). From Python, call `convert` instead."""
     args = parse_args(argv)
+    log_to_stderr()
     names = ("SIGINT", "SIGTERM", "SIGHUP") if threading.current_thread() is threading.main_thread() else ()
     previous = {
         sig: signal.signal(sig, _on_signal) for sig in (getattr(signal, n) for n in names if hasattr(signal, n))

@@ -9,9 +9,8 @@ import torch
 from transformers import Qwen2Config
 
 from configuration_crosslmm import CrossLMMConfig
-from crosslmm import log
-from crosslmm.convert import ConversionError
-from crosslmm.convert.sources import Source, WeightSource, rename
+from crosslmm.convert import ConversionError, logger
+from crosslmm.convert.sources import ConversionSource, WeightSource, rename
 from modeling_crosslmm import CrossLMMForConditionalGeneration
 
 
@@ -71,7 +70,7 @@ class Plan:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def build_config(source: Source, tokenizer, args, dtype: torch.dtype) -> CrossLMMConfig:
+def build_config(source: ConversionSource, tokenizer, args, dtype: torch.dtype) -> CrossLMMConfig:
     """The CrossLMM config of the source's parts, the tokenizer's placeholders and the command's DCAL options (a
     trained source's DCAL layout wins)."""
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -119,7 +118,7 @@ def expected_tensors(config: CrossLMMConfig) -> dict[str, tuple[int, ...]]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def plan_conversion(source: Source, config: CrossLMMConfig, dcal_init: str) -> Plan:
+def plan_conversion(source: ConversionSource, config: CrossLMMConfig, dcal_init: str) -> Plan:
     plan = Plan()
     expected = expected_tensors(config)
     for weights, key_map in source.weights:
@@ -172,7 +171,7 @@ def plan_conversion(source: Source, config: CrossLMMConfig, dcal_init: str) -> P
     return plan
 
 
-def _drop_reason(key: str, source: Source, config: CrossLMMConfig) -> str | None:
+def _drop_reason(key: str, source: ConversionSource, config: CrossLMMConfig) -> str | None:
     """Why a (source or renamed) key has no place in CrossLMM on purpose; None if it should have one."""
     for pattern, reason in DROPPED_SOURCE_KEYS:
         if re.search(pattern, key):
@@ -187,7 +186,9 @@ def _drop_reason(key: str, source: Source, config: CrossLMMConfig) -> str | None
     return None
 
 
-def _new_tensor(target: str, config, source: Source, plan: Plan, dcal_init: str, std: float) -> Recipe | None:
+def _new_tensor(
+    target: str, config, source: ConversionSource, plan: Plan, dcal_init: str, std: float
+) -> Recipe | None:
     """Recipes for the tensors no source has: the DCALs (and, from parts, the projector)."""
     match = re.match(r"model\.cross_attention_layers\.(\d+)\.(.+)$", target)
     if match and source.kind != "crosslmm_llava_next":
@@ -204,10 +205,10 @@ def _new_tensor(target: str, config, source: Source, plan: Plan, dcal_init: str,
     return None
 
 
-def report_plan(plan: Plan, source: Source, num_parameters: int):
+def report_plan(plan: Plan, source: ConversionSource, num_parameters: int):
     """What the run will do: the source format, the tensors copied, new and dropped (with the reasons)."""
     copied = sum(r.source is not None for r in plan.recipes.values())
-    log(
+    logger.info(
         f"Source format: {source.kind}; {num_parameters / 1e6:,.1f}M parameters; {copied} tensors copied, "
         f"{len(plan.recipes) - copied} new, {len(plan.dropped)} dropped on purpose."
     )
@@ -215,4 +216,4 @@ def report_plan(plan: Plan, source: Source, num_parameters: int):
     for key, reason in plan.dropped.items():
         by_reason.setdefault(reason, []).append(key)
     for reason, keys in by_reason.items():
-        log(f"Dropped ({reason}): {', '.join(keys)}")
+        logger.info(f"Dropped ({reason}): {', '.join(keys)}")

@@ -13,8 +13,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AddedToken, AutoConfig, AutoTokenizer, Qwen2Config
 
 from configuration_crosslmm import DEFAULT_VISION_CONFIG, VISION_MODEL_TYPES
-from crosslmm import log
-from crosslmm.convert import ConversionError
+from crosslmm.convert import ConversionError, logger
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -170,7 +169,7 @@ def read_config_json(folder: Path) -> dict:
 
 
 @dataclass
-class Source:
+class ConversionSource:
     """A source after format detection: its configs, tensors, tokenizer folder and how to check the result."""
 
     kind: str  # "llava_onevision", "llava_next", "crosslmm_llava_next" or "parts"
@@ -212,7 +211,7 @@ def load_key_map(path: str | None) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def load_source(args) -> Source:
+def load_source(args) -> ConversionSource:
     if args.source and (args.vision or args.text):
         raise ConversionError("Pass either --source, or --vision and --text, not both.")
     if args.source:
@@ -261,7 +260,7 @@ def _text_config_of(config, what: str):
     return config
 
 
-def _llava_onevision_source(folder: Path, base: list[str]) -> Source:
+def _llava_onevision_source(folder: Path, base: list[str]) -> ConversionSource:
     try:
         config = AutoConfig.from_pretrained(folder)
     except (ValueError, OSError) as error:
@@ -270,7 +269,7 @@ def _llava_onevision_source(folder: Path, base: list[str]) -> Source:
     if not isinstance(layer, int):
         raise ConversionError(f"vision_feature_layer={layer} (several layers) has no CrossLMM equivalent.")
     text_config = _text_config_of(config.text_config, "The LLaVA-OneVision checkpoint")
-    return Source(
+    return ConversionSource(
         kind="llava_onevision",
         vision_config=_vision_config_of(config.vision_config, "The LLaVA-OneVision checkpoint"),
         text_config=text_config,
@@ -284,7 +283,7 @@ def _llava_onevision_source(folder: Path, base: list[str]) -> Source:
     )
 
 
-def _llava_next_source(folder: Path, config: dict, base: list[str], dcal_key_map) -> Source:
+def _llava_next_source(folder: Path, config: dict, base: list[str], dcal_key_map) -> ConversionSource:
     """LLaVA-NeXT keeps the Qwen2 fields at the top of config.json and names the SigLIP tower in `mm_vision_tower`;
     its SigLIP wrapper drops the tower's last layer and head, and takes the last remaining hidden state."""
     weights = WeightSource(folder)
@@ -297,7 +296,7 @@ def _llava_next_source(folder: Path, config: dict, base: list[str], dcal_key_map
     try:  # the tower's own config (local folder or Hub); LLaVA-NeXT itself hard-codes SigLIP-so400m/14 at 384 px
         vision_config = _vision_config_of(AutoConfig.from_pretrained(tower), f"mm_vision_tower {tower!r}")
     except (OSError, ValueError) as error:
-        log(f"mm_vision_tower {tower!r} has no readable config ({error}); using SigLIP-so400m/14 at 384 px.")
+        logger.info(f"mm_vision_tower {tower!r} has no readable config ({error}); using SigLIP-so400m/14 at 384 px.")
         vision_config = AutoConfig.for_model(**DEFAULT_VISION_CONFIG)
     prefix = "model.vision_tower.vision_tower.vision_model.encoder.layers."
     layers = {int(key[len(prefix) :].split(".")[0]) for key in weights.keys() if key.startswith(prefix)}
@@ -306,7 +305,7 @@ def _llava_next_source(folder: Path, config: dict, base: list[str], dcal_key_map
 
     dcal_keys = [key for key in weights.keys() if rename(key, dcal_key_map)]
     kind = "crosslmm_llava_next" if dcal_keys else "llava_next"
-    return Source(
+    return ConversionSource(
         kind=kind,
         vision_config=vision_config,
         text_config=text_config,
@@ -324,7 +323,7 @@ def _llava_next_source(folder: Path, config: dict, base: list[str], dcal_key_map
     )
 
 
-def _parts_source(args) -> Source:
+def _parts_source(args) -> ConversionSource:
     vision_folder = resolve(args.vision, "--vision")
     text_folder = resolve(args.text, "--text")
     try:
@@ -337,7 +336,7 @@ def _parts_source(args) -> Source:
     vision_config.num_hidden_layers = full_layers - 1  # LLaVA-OneVision's cut: the penultimate layer's output
     vision_config.vision_use_head = False
     base = [spec for spec in (args.vision, args.text) if not Path(spec).expanduser().exists()]
-    return Source(
+    return ConversionSource(
         kind="parts",
         vision_config=vision_config,
         text_config=text_config,
@@ -365,12 +364,12 @@ def load_tokenizer(folder: Path):
     vocab = tokenizer.get_vocab()
     missing = [token for token in ("<image>", "<video>") if token not in vocab]
     if missing:
-        log(f"The tokenizer has no {missing}: adding them as special tokens.")
+        logger.info(f"The tokenizer has no {missing}: adding them as special tokens.")
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
     return tokenizer
 
 
-def source_dtype(source: Source) -> torch.dtype:
+def source_dtype(source: ConversionSource) -> torch.dtype:
     """The dtype of the source LLM's token embeddings (float32 if it has none)."""
     llm_weights = source.weights[-1][0]
     embed_key = next((k for k in llm_weights.keys() if k.endswith("embed_tokens.weight")), None)

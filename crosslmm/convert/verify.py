@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, Qwen2Config
 
-from crosslmm import log
-from crosslmm.convert import DTYPES, ConversionError
+from crosslmm.convert import DTYPES, ConversionError, logger
 from crosslmm.convert.sources import WeightSource
 from modeling_crosslmm import siglip2_patches
 
@@ -123,7 +122,7 @@ def run_verification(folder: Path, reference: dict, dtype: torch.dtype):
     modules = folder / ".verify_modules"
     argv = [str(folder), json.dumps(reference), str(dtype).removeprefix("torch.")]
     env = {**os.environ, "HF_MODULES_CACHE": str(modules), "HF_HUB_OFFLINE": "1"}
-    log("Verifying: loading the new folder with trust_remote_code and the source with transformers...")
+    logger.info("Verifying: loading the new folder with trust_remote_code and the source with transformers...")
     result = subprocess.run(
         [sys.executable, "-m", "crosslmm.convert.verify", *argv], env=env, capture_output=True, text=True
     )
@@ -132,7 +131,7 @@ def run_verification(folder: Path, reference: dict, dtype: torch.dtype):
         raise ConversionError(
             "Verification failed: the converted model does not reproduce the source.\n" + result.stderr[-4000:]
         )
-    log(f"Verified, largest absolute differences: {result.stdout.strip().splitlines()[-1]}")
+    logger.info(f"Verified, largest absolute differences: {result.stdout.strip().splitlines()[-1]}")
 
 
 if (

@@ -1,5 +1,6 @@
 """Writing the converted folder: streamed weight shards, the processor, the generation config, the code files, the
-model card; and pushing the folder to the Hub."""
+model card; and pushing the folder to the Hub. `processor_for_config` is also how the sample builders
+(`crosslmm.samples`) make their processors."""
 
 import json
 import os
@@ -16,11 +17,9 @@ from transformers import GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 
 from configuration_crosslmm import CrossLMMConfig
-from crosslmm import log
-from crosslmm.convert import ConversionError
+from crosslmm.convert import ConversionError, logger
 from crosslmm.convert.plan import Plan
-from crosslmm.convert.sources import Source
-from crosslmm.samples import processor_for_config
+from crosslmm.convert.sources import ConversionSource
 from modeling_crosslmm import CrossLMMForConditionalGeneration
 
 
@@ -64,13 +63,28 @@ def write_code(folder: Path, config: CrossLMMConfig):
     custom_object_save(model, folder, config=config)
 
 
+def processor_for_config(config: CrossLMMConfig, tokenizer):
+    """The `CrossLMMProcessor` of a model with this config: frames resized to `config.image_size`, placeholders
+    expanded to `config.tokens_per_frame` tokens per frame (the processor stores the pool size)."""
+    from processing_crosslmm import CrossLMMImageProcessor, CrossLMMProcessor
+    from video_processing_crosslmm import CrossLMMVideoProcessor
+
+    size = {"height": config.image_size, "width": config.image_size}
+    return CrossLMMProcessor(
+        image_processor=CrossLMMImageProcessor(size=size),
+        video_processor=CrossLMMVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        pool_size=config.pool_size,
+    )
+
+
 def write_processor(folder: Path, tokenizer, config: CrossLMMConfig):
     """The processor of `config`, with the source's tokenizer: processor, video-processor, image-processor and
     tokenizer files, the chat template and the processor's code files."""
     processor_for_config(config, tokenizer).save_pretrained(folder)
 
 
-def write_generation_config(folder: Path, source: Source, tokenizer, config: CrossLMMConfig):
+def write_generation_config(folder: Path, source: ConversionSource, tokenizer, config: CrossLMMConfig):
     """The source's generation settings (else: end a turn at <|im_end|> as Qwen2.5-Instruct does), never generating
     the `<image>`/`<video>` placeholders, which stand for visual tokens."""
     try:
@@ -85,7 +99,7 @@ def write_generation_config(folder: Path, source: Source, tokenizer, config: Cro
     generation.save_pretrained(folder)
 
 
-def write_model_card(folder: Path, source: Source, config: CrossLMMConfig, repo_id: str | None):
+def write_model_card(folder: Path, source: ConversionSource, config: CrossLMMConfig, repo_id: str | None):
     """README.md: the card's metadata (`pipeline_tag`, base models, tags) and model_card.md filled in."""
     described = {
         "llava_onevision": "LLaVA-OneVision (transformers format)",
@@ -133,4 +147,4 @@ def push_folder(folder: Path, repo_id: str):
     api = HfApi()
     api.create_repo(repo_id, exist_ok=True)
     api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="Add CrossLMM checkpoint")
-    log(f"Pushed to https://huggingface.co/{repo_id}")
+    logger.info(f"Pushed to https://huggingface.co/{repo_id}")
