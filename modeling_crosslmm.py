@@ -74,16 +74,6 @@ class CrossLMMModelOutputWithPast(BaseModelOutputWithPast):
     image_outputs: BaseModelOutputWithPooling | None = None
     video_outputs: BaseModelOutputWithPooling | None = None
 
-    @property
-    def image_hidden_states(self):
-        """The pooled, projected image tokens (the name transformers' VLM outputs used before `image_outputs`)."""
-        return None if self.image_outputs is None else self.image_outputs.pooler_output
-
-    @property
-    def video_hidden_states(self):
-        """The pooled, projected video tokens (the name transformers' VLM outputs used before `video_outputs`)."""
-        return None if self.video_outputs is None else self.video_outputs.pooler_output
-
 
 @dataclass
 class CrossLMMCausalLMOutputWithPast(CausalLMOutputWithPast):
@@ -94,9 +84,6 @@ class CrossLMMCausalLMOutputWithPast(CausalLMOutputWithPast):
     cross_attentions: tuple[torch.FloatTensor, ...] | None = None
     image_outputs: BaseModelOutputWithPooling | None = None
     video_outputs: BaseModelOutputWithPooling | None = None
-
-    image_hidden_states = CrossLMMModelOutputWithPast.image_hidden_states
-    video_hidden_states = CrossLMMModelOutputWithPast.video_hidden_states
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -110,8 +97,8 @@ class CrossLMMCache(DynamicCache):
 
     The visual memory is kept once per sample, however many rows of the batch share it (beam search,
     `num_return_sequences`): `visual_memory[layer_idx]` holds `(keys, values)` of shape
-    (samples, kv_heads, M, head_dim), padded along M, and rows `s * rows_per_memory` to
-    `(s + 1) * rows_per_memory - 1` read sample `s`'s memory. `memory_lengths[s]` is how many of the M slots are
+    (samples, kv_heads, M, head_dim), padded along M, and rows `s * rows_per_sample` to
+    `(s + 1) * rows_per_sample - 1` read sample `s`'s memory. `memory_lengths[s]` is how many of the M slots are
     sample `s`'s (a host list, so that a decode step plans without reading the device) and `memory_visible`
     (samples,) holds them on the device for the key mask (None when no sample is padded); `memory_scale`
     (samples, 1, 1) is 0 for samples without any video or image (None when every sample has some).
@@ -126,27 +113,22 @@ class CrossLMMCache(DynamicCache):
         self.memory_lengths: list[int] = []
         self.memory_visible: torch.Tensor | None = None
         self.memory_scale: torch.Tensor | None = None
-        self.rows_per_memory = 1
+        self.rows_per_sample = 1
         self.decode_mask: tuple | None = None  # (what it was made for, the decode steps' key mask): made once
 
     @property
     def has_visual_memory(self) -> bool:
         return bool(self.memory_lengths)
 
-    def reorder_cache(self, beam_idx: torch.LongTensor):
-        """Beam search moves rows only among the beams of one sample (its indices carry the sample's offset), so each
-        row keeps reading its sample's memory: only the self-attention cache is reordered."""
-        super().reorder_cache(beam_idx)
-
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
-        self.rows_per_memory *= repeats
+        self.rows_per_sample *= repeats
 
     def batch_select_indices(self, indices: torch.Tensor):
         """Keep some rows: each keeps its own copy of its sample's memory (rows may now come in any order)."""
         super().batch_select_indices(indices)
         if self.has_visual_memory:
-            samples = indices.to(torch.long) // self.rows_per_memory
+            samples = indices.to(torch.long) // self.rows_per_sample
             self.visual_memory = {
                 idx: (k.index_select(0, samples.to(k.device)), v.index_select(0, samples.to(v.device)))
                 for idx, (k, v) in self.visual_memory.items()
@@ -156,7 +138,7 @@ class CrossLMMCache(DynamicCache):
                 self.memory_visible = self.memory_visible.index_select(0, samples.to(self.memory_visible.device))
             if self.memory_scale is not None:
                 self.memory_scale = self.memory_scale.index_select(0, samples.to(self.memory_scale.device))
-            self.rows_per_memory = 1
+            self.rows_per_sample = 1
             self.decode_mask = None
 
     def reset(self):
@@ -227,7 +209,7 @@ def masked_implementation(implementation: str) -> str:
     return implementation if implementation in ("eager", "flex_attention", "sdpa") else "sdpa"
 
 
-def _parameter(module: nn.Module) -> nn.Parameter:
+def _zero3_safe_parameter(module: nn.Module) -> nn.Parameter:
     """A module's first parameter, for its dtype and device: read through `parameters()`, since reading
     `module.weight` during a forward makes DeepSpeed ZeRO-3 gather the weight (on this rank alone)."""
     return next(module.parameters())
@@ -243,6 +225,11 @@ def _check_finite(name: str, clips):
     ]
     if bad:
         raise ValueError(f"{name} holds NaN or infinite values (at index {', '.join(map(str, bad))}).")
+
+
+def _check_images(pixel_values: torch.Tensor):
+    if pixel_values.ndim != 4:
+        raise ValueError(f"pixel_values must have shape (images, 3, H, W), got {tuple(pixel_values.shape)}.")
 
 
 def _pad_rows(rows: list[torch.Tensor], visible: list[torch.Tensor], fill: int):
@@ -327,7 +314,7 @@ class CrossLMMCrossAttention(nn.Module):
         steps read them from the cache at every token, and every attention kernel reads a head's keys fastest as one
         block (on a CPU, SDPA over the strided projection's view took 2.5-3.3x as long per key)."""
         shape = (*tokens.shape[:-1], -1, self.head_dim)  # -1: the local heads under tensor parallelism
-        tokens = tokens.to(dtype=_parameter(self.k_proj).dtype)
+        tokens = tokens.to(dtype=_zero3_safe_parameter(self.k_proj).dtype)
         keys = self.k_proj(tokens).view(shape).transpose(1, 2).contiguous()
         return keys, self.v_proj(tokens).view(shape).transpose(1, 2).contiguous()
 
@@ -622,8 +609,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         Returns `BaseModelOutputWithPooling`: `last_hidden_state` (images, N, D_v), `pooler_output` (images,
         pool_size**2, D), as `get_video_features`.
         """
-        if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must have shape (images, 3, H, W), got {tuple(pixel_values.shape)}.")
+        _check_images(pixel_values)
         return self._encode_visual(pixel_values, **kwargs)
 
     @capture_outputs(tie_last_hidden_states=False)
@@ -637,15 +623,15 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             for name in ("hidden_states", "attentions")
         )
         one_pass = recorded or (self.training and torch.is_grad_enabled())
-        original = self.get_original_visual_tokens(frames, frames.shape[0] if one_pass else None)
+        original = self._original_tokens(frames, frames.shape[0] if one_pass else None)
         # Pooled chunk by chunk, as the tower runs: the pooler's float32 copy (in a half-precision model) must not grow
         # with frames.
         pooled = torch.cat([self.pooler(chunk) for chunk in original.split(self.config.vision_batch_size)])
         # The tower may run in another dtype than the rest (e.g. kept in float32 while the LLM trains in bfloat16).
-        pooled = self.multi_modal_projector(pooled.to(_parameter(self.multi_modal_projector).dtype))
+        pooled = self.multi_modal_projector(pooled.to(_zero3_safe_parameter(self.multi_modal_projector).dtype))
         return BaseModelOutputWithPooling(last_hidden_state=original, pooler_output=pooled)
 
-    def get_original_visual_tokens(self, frames: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    def _original_tokens(self, frames: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """(F, 3, H, W) frames -> (F, N, D_v) original visual tokens, `batch_size` (default `vision_batch_size`)
         frames at a time so that activation memory does not grow with the video length."""
         size = self.config.image_size
@@ -736,7 +722,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         embed = self.get_input_embeddings()
         masks = []
         for token_id in (self.config.image_token_id, self.config.video_token_id):
-            token = embed(torch.tensor(token_id, device=_parameter(embed).device)).to(inputs_embeds.device)
+            token = embed(torch.tensor(token_id, device=_zero3_safe_parameter(embed).device)).to(inputs_embeds.device)
             masks.append((inputs_embeds == token.to(inputs_embeds.dtype)).all(-1))
         return masks[0], masks[1]
 
@@ -773,7 +759,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         self._check_text_inputs(input_ids, inputs_embeds, attention_mask, cache, prefill)
         if inputs_embeds is None:
             embed_tokens = self.get_input_embeddings()
-            inputs_embeds = embed_tokens(input_ids.to(_parameter(embed_tokens).device))
+            inputs_embeds = embed_tokens(input_ids.to(_zero3_safe_parameter(embed_tokens).device))
         rows, length = inputs_embeds.shape[:2]
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
         output_attentions = bool(output_attentions) and self.config.text_config._attn_implementation == "eager"
@@ -787,10 +773,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                 _check_finite("pixel_values_videos", frames)
                 clips["video"] = [len(video) for video in frames]
             if pixel_values is not None:
-                if pixel_values.ndim != 4:
-                    raise ValueError(
-                        f"pixel_values must have shape (images, 3, H, W), got {tuple(pixel_values.shape)}."
-                    )
+                _check_images(pixel_values)
                 _check_finite("pixel_values", pixel_values)
                 frames.append(pixel_values)
                 clips["image"] = [1] * len(pixel_values)
@@ -961,7 +944,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             memory = tokens[0].new_zeros(samples, memory_length, tokens[0].shape[-1])
             for item, start, item_tokens in zip(items, memory_start, tokens):
                 memory[item.sample, start : start + item.frames * grid_tokens] = item_tokens.flatten(0, 1)
-        dtype = _parameter(self.get_input_embeddings()).dtype
+        dtype = _zero3_safe_parameter(self.get_input_embeddings()).dtype
         implementation = masked_implementation(self.config.text_config._attn_implementation)
         v2v = None
         if self.config.use_v2v:
@@ -1040,7 +1023,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         """What a decode step needs to plan without reading the device: the memory lengths on the host, the keys
         each sample sees and which samples have none on the device (None when not needed)."""
         cache.memory_lengths = list(lengths)
-        cache.rows_per_memory = rows_per_sample
+        cache.rows_per_sample = rows_per_sample
         cache.memory_visible = cache.memory_scale = cache.decode_mask = None
         if min(lengths) < memory_length:
             # A sample without memory sees one key (no backend takes a row that sees nothing), scaled by 0.
@@ -1051,7 +1034,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
     def _decode_plan(self, cache: CrossLMMCache, rows, length, dtype, output_attentions) -> VisualPlan:
         """A step after the prefill: every new position of every row reads its sample's whole memory. Planned from
         what the cache holds on the host; nothing is read back from the device."""
-        samples, k = len(cache.memory_lengths), cache.rows_per_memory
+        samples, k = len(cache.memory_lengths), cache.rows_per_sample
         if rows != samples * k:
             raise ValueError(
                 f"The cache holds visual memory for {samples} sample(s) x {k} row(s) but this batch has {rows} rows."
