@@ -6,8 +6,8 @@ cross-attention layer (DCAL) after every K-th decoder layer. In a DCAL, V2V lets
 original tokens of its own video (or frame), and T2V lets each text token attend to the original tokens of every
 video/image placed before it. Gates start at 0, so a fresh CrossLMM computes exactly what its base LLM computes.
 
-Where every query looks is worked out once per forward pass by the model (`VisualPlan`, on the host, from the
-placeholder positions at prefill and from the cache on decode steps); the DCALs only run that plan.
+Where every query looks is worked out once per forward pass by the model, on the host: a `PrefillPlan` from the
+placeholder positions, a `DecodePlan` from the cache on decode steps; the DCALs only run that plan.
 """
 
 import inspect
@@ -166,24 +166,34 @@ class CrossAttentionCall:
 
 
 @dataclass
-class VisualPlan:
-    """What the DCALs of one forward pass do, built once by `CrossLMMModel` and shared by every DCAL.
-
-    Prefill: one V2V call (each pooled token and the original tokens of its video, or of its frame) and one T2V call
-    (the text positions of each sample, its rows side by side, and the sample's memory: its videos' and images'
-    original tokens in reading order, of which each query sees the prefix placed before it). Decode steps
-    (`decode`): every position of every row attends to its sample's whole memory, read from the cache with the key
-    mask `t2v_mask`. Idle (`scale` 0): a training pass without visual inputs, see `CrossLMMModel._idle_plan`.
-    """
+class PrefillPlan:
+    """What the DCALs of a prefill (or training) pass do, built once by `CrossLMMModel` and shared by every DCAL: one
+    V2V call (each pooled token and the original tokens of its video, or of its frame) and one T2V call (the text
+    positions of each sample, its rows side by side, and the sample's memory: its videos' and images' original tokens
+    in reading order, of which each query sees the prefix placed before it). A training pass without visual inputs
+    runs a blank frame's calls with `scale` 0, so that its updates are exactly 0 (`CrossLMMModel._idle_plan`)."""
 
     memory_lengths: list[int]
     v2v: CrossAttentionCall | None = None
     t2v: CrossAttentionCall | None = None
-    decode: bool = False
-    t2v_mask: object = None  # decode steps
-    memory_scale: torch.Tensor | None = None  # decode steps: (samples, 1, 1), 0 for samples without memory
-    scale: float = 1.0  # 0.0: an idle pass (`CrossLMMModel._idle_plan`), whose updates are exactly 0
+    scale: float = 1.0
     output_attentions: bool = False
+
+
+@dataclass
+class DecodePlan:
+    """A decode step: every position of every row attends to its sample's whole memory, kept in the cache. `mask`
+    keeps each sample to its own keys (None: no sample's memory is padded); `memory_scale` (samples, 1, 1) is 0 for
+    the samples without any video or image (None: every sample has some)."""
+
+    memory_lengths: list[int]
+    mask: object = None
+    memory_scale: torch.Tensor | None = None
+    output_attentions: bool = False
+
+    def scaled(self, update: torch.Tensor) -> torch.Tensor:
+        """(samples, queries, D) updates, 0 for the samples without memory."""
+        return update if self.memory_scale is None else update * self.memory_scale
 
 
 def key_mask(visible: torch.Tensor, keys: int, implementation: str, dtype: torch.dtype, groups: int = 1):
@@ -359,7 +369,7 @@ class CrossLMMCrossAttention(nn.Module):
 class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
     """DCAL (figure 2): V2V and T2V cross-attention in parallel, each pre-norm and tanh-gated into the residual
     stream, then a gated feed-forward block at the positions that attended to something. Where each query looks is
-    the `VisualPlan`'s business; this layer runs it.
+    the plan's business (`PrefillPlan`, `DecodePlan`); this layer runs it.
 
     At prefill and in training each enabled branch runs exactly once per pass, its sub-modules always in the same
     order, whatever the inputs: DeepSpeed ZeRO-3 gathers a sub-module's parameters on each call, so data-parallel
@@ -385,97 +395,116 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
             self.mlp = None
 
     def forward(
-        self, hidden_states: torch.Tensor, plan: VisualPlan, cache: CrossLMMCache | None = None
+        self, hidden_states: torch.Tensor, plan: PrefillPlan | DecodePlan, cache: CrossLMMCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the new hidden states and, when the plan asks for them (eager backend), the attention weights
-        over each sample's memory (batch, heads, length, memory_length)."""
-        if plan.decode:
+        """mllama's gated cross-attention layer at the positions the plan names: norm -> attention -> tanh(gate) ->
+        residual for V2V, then for T2V, then the gated MLP. Returns the new hidden states and, when the plan asks for
+        them (eager backend), the attention weights over each sample's memory (batch, heads, length, memory_length)."""
+        if isinstance(plan, DecodePlan):
             return self._decode_step(hidden_states, plan, cache)
         rows, length, width = hidden_states.shape
-        flat = hidden_states.reshape(rows * length, width)
-        weights = self._weights(flat, plan)
-        positions, updates = [], []
-        for enabled, norm, attention, gate, call in (
-            (self.use_v2v, self.v2v_norm, self.v2v_attn, self.v2v_gate, plan.v2v),
-            (self.use_t2v, self.t2v_norm, self.t2v_attn, self.t2v_gate, plan.t2v),
-        ):
-            if not enabled or call is None:
-                continue
-            # Under device_map the vision tower may sit on another device: K/V are made on this layer's.
-            keys, values = attention.project_memory(call.tokens.to(flat.device))
-            if attention is self.t2v_attn and cache is not None:  # the decode steps' memory
-                cache.visual_memory[self.layer_idx] = (keys, values)
-            queries = call.queries.to(flat.device)
-            out, call_weights = attention(norm(flat[queries]), keys, values, call.mask)
-            out, where = (plan.scale * torch.tanh(gate) * out).flatten(0, 1), queries.flatten()
-            take = None if call.take is None else call.take.to(flat.device)
-            if take is not None:
-                out, where = out[take], where[take]
-            positions.append(where)
-            updates.append(out)
-            if weights is not None and call_weights is not None:
-                starts = call.key_starts.to(flat.device).repeat_interleave(queries.shape[1])
-                self._place(weights, call_weights, where, starts, take)
-        if positions:
-            positions = torch.cat(positions)  # V2V and T2V queries are disjoint: visual and text positions
-            flat = flat.index_add(0, positions, torch.cat(updates).to(flat.dtype))
-            if self.mlp is not None:  # at the positions that attended to something
-                flat = flat.index_add(0, positions, (plan.scale * self._mlp(flat[positions])).to(flat.dtype))
-        return flat.view(rows, length, width), self._dense(weights, rows, length, max(plan.memory_lengths))
+        hidden_states = hidden_states.reshape(rows * length, width)
+        weights = CrossAttentionWeights(plan, rows, length, self.t2v_attn.num_heads, hidden_states)
+        attended = []  # V2V and T2V queries are disjoint: visual and text positions
+        if self.use_v2v and plan.v2v is not None:
+            hidden_states, positions, _ = self._gated_cross_attention(
+                hidden_states, "v2v", plan.v2v, plan.scale, weights
+            )
+            attended.append(positions)
+        if self.use_t2v and plan.t2v is not None:
+            hidden_states, positions, memory = self._gated_cross_attention(
+                hidden_states, "t2v", plan.t2v, plan.scale, weights
+            )
+            attended.append(positions)
+            if cache is not None:  # the decode steps' keys/values
+                cache.visual_memory[self.layer_idx] = memory
+        if self.mlp is not None and attended:  # at the positions that attended to something
+            positions = torch.cat(attended)
+            update = plan.scale * self._gated_mlp(hidden_states[positions])
+            hidden_states = hidden_states.index_add(0, positions, update.to(hidden_states.dtype))
+        return hidden_states.view(rows, length, width), weights.per_row()
 
-    def _decode_step(self, hidden_states, plan, cache):
-        """Every position of every row attends to its sample's whole memory, in one call for the whole batch: the
-        rows of one sample side by side as one row of queries against the cached keys/values, no copy of them."""
+    def _gated_cross_attention(self, hidden_states, branch: str, call: CrossAttentionCall, scale: float, weights):
+        """One branch (`"v2v"` or `"t2v"`) at its call's queries of the flat (positions, D) hidden states: norm ->
+        cross-attention -> tanh(gate) -> residual. Returns the new hidden states, the positions it updated and the
+        keys/values it made of the call's original tokens."""
+        norm, attention, gate = (getattr(self, f"{branch}_{part}") for part in ("norm", "attn", "gate"))
+        # Under device_map the vision tower may sit on another device: K/V are made on this layer's.
+        keys, values = attention.project_memory(call.tokens.to(hidden_states.device))
+        queries = call.queries.to(hidden_states.device)
+        out, call_weights = attention(norm(hidden_states[queries]), keys, values, call.mask)
+        out, positions = (scale * torch.tanh(gate) * out).flatten(0, 1), queries.flatten()
+        if call.take is not None:
+            take = call.take.to(hidden_states.device)
+            out, positions = out[take], positions[take]
+        weights.add(call, call_weights, positions)
+        return hidden_states.index_add(0, positions, out.to(hidden_states.dtype)), positions, (keys, values)
+
+    def _decode_step(self, hidden_states, plan: DecodePlan, cache: CrossLMMCache):
+        """T2V alone (a new position is text), in one call for the whole batch: the rows of one sample side by side as
+        one row of queries against its cached keys/values, no copy of them; then the gated MLP."""
         if not self.use_t2v:
             return hidden_states, None
         rows, length, width = hidden_states.shape
         keys, values = cache.visual_memory[self.layer_idx]
         samples = keys.shape[0]
-        queries = hidden_states.reshape(samples, -1, width)
-        out, call_weights = self.t2v_attn(self.t2v_norm(queries), keys, values, plan.t2v_mask)
-        out = torch.tanh(self.t2v_gate) * out
-        if plan.memory_scale is not None:  # rows of samples without videos or images attend to nothing
-            out = out * plan.memory_scale
+        queries = self.t2v_norm(hidden_states.reshape(samples, -1, width))
+        out, call_weights = self.t2v_attn(queries, keys, values, plan.mask)
+        out = plan.scaled(torch.tanh(self.t2v_gate) * out)
         hidden_states = hidden_states + out.reshape(rows, length, width).to(hidden_states.dtype)
         if self.mlp is not None:
-            update = self._mlp(hidden_states).reshape(samples, -1, width)
-            if plan.memory_scale is not None:
-                update = update * plan.memory_scale
+            update = plan.scaled(self._gated_mlp(hidden_states).reshape(samples, -1, width))
             hidden_states = hidden_states + update.reshape(rows, length, width).to(hidden_states.dtype)
         weights = None
-        if plan.output_attentions and call_weights is not None:  # (samples, heads, k * length, M) -> per row
-            heads, memory = call_weights.shape[1], call_weights.shape[-1]
-            weights = call_weights.view(samples, heads, -1, length, memory).transpose(1, 2)
-            weights = weights.reshape(rows, heads, length, memory)
+        if plan.output_attentions and call_weights is not None:
+            weights = CrossAttentionWeights.of_decode_step(call_weights, rows, length)
         return hidden_states, weights
 
-    def _mlp(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _gated_mlp(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.mlp_gate) * self.mlp(self.mlp_norm(hidden_states))
 
-    def _weights(self, flat, plan):
-        """The dense (positions, heads, memory) attention weights to fill, when asked for; room past the memory for
-        the padded keys of a V2V row, cut off by `_dense`."""
-        if not plan.output_attentions:
-            return None
-        room = plan.v2v.tokens.shape[1] if plan.v2v is not None else 0
-        return flat.new_zeros(flat.shape[0], self.t2v_attn.num_heads, max(plan.memory_lengths) + room)
 
-    @staticmethod
-    def _place(weights, call_weights, positions, key_starts, take=None):
-        """Write a call's (n, heads, Lq, K) weights (its queries `take`, default all) into the dense
-        (positions, heads, memory) tensor, each query's keys starting at its `key_starts` entry."""
+class CrossAttentionWeights:
+    """`output_attentions` of one DCAL at prefill: each position's weights over its sample's memory, (positions, heads,
+    memory) filled call by call, each query's keys placed where they start in the memory. Inert when the plan does
+    not ask for weights (or the backend gives none)."""
+
+    def __init__(self, plan: PrefillPlan, rows: int, length: int, heads: int, like: torch.Tensor):
+        self.rows, self.length, self.memory_length = rows, length, max(plan.memory_lengths)
+        self.dense = None
+        if plan.output_attentions:  # room past the memory for the padded keys of a V2V row, cut off by `per_row`
+            room = plan.v2v.tokens.shape[1] if plan.v2v is not None else 0
+            self.dense = like.new_zeros(rows * length, heads, self.memory_length + room)
+
+    def add(self, call: CrossAttentionCall, call_weights: torch.Tensor | None, positions: torch.Tensor):
+        """A call's (n, heads, Lq, K) weights, for its real queries, now at flat `positions`."""
+        if self.dense is None or call_weights is None:
+            return
+        device = self.dense.device
+        starts = call.key_starts.to(device).repeat_interleave(call.queries.shape[1])
         call_weights = call_weights.permute(0, 2, 1, 3).flatten(0, 1)
-        if take is not None:
-            call_weights, key_starts = call_weights[take], key_starts[take]
-        columns = key_starts[:, None] + torch.arange(call_weights.shape[-1], device=weights.device)
-        heads = torch.arange(call_weights.shape[1], device=weights.device)
-        weights[positions[:, None, None], heads[None, :, None], columns[:, None, :]] = call_weights.to(weights.dtype)
+        if call.take is not None:
+            take = call.take.to(device)
+            call_weights, starts = call_weights[take], starts[take]
+        columns = starts[:, None] + torch.arange(call_weights.shape[-1], device=device)
+        heads = torch.arange(call_weights.shape[1], device=device)
+        self.dense[positions[:, None, None], heads[None, :, None], columns[:, None, :]] = call_weights.to(
+            self.dense.dtype
+        )
+
+    def per_row(self) -> torch.Tensor | None:
+        """(rows, heads, length, memory_length), or None when no weights were asked for."""
+        if self.dense is None:
+            return None
+        memory = self.memory_length
+        return self.dense[..., :memory].reshape(self.rows, self.length, self.dense.shape[1], memory).transpose(1, 2)
 
     @staticmethod
-    def _dense(weights, rows, length, memory_length):
-        if weights is None:
-            return None
-        return weights[..., :memory_length].reshape(rows, length, weights.shape[1], memory_length).transpose(1, 2)
+    def of_decode_step(call_weights: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+        """A decode step's (samples, heads, rows_per_sample * length, M) weights -> (rows, heads, length, M)."""
+        samples, heads, _, memory = call_weights.shape
+        weights = call_weights.view(samples, heads, -1, length, memory).transpose(1, 2)
+        return weights.reshape(rows, heads, length, memory)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -527,7 +556,7 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
         """Reentrant checkpointing differentiates only through a layer's tensor arguments; a DCAL reads the original
-        visual tokens from its VisualPlan argument, so it needs the non-reentrant kind (transformers' default)."""
+        visual tokens from its plan argument, so it needs the non-reentrant kind (transformers' default)."""
         if enable and getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant"):
             raise ValueError(
                 "CrossLMM's DCALs need non-reentrant gradient checkpointing: pass "
@@ -926,7 +955,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
 
     def _prefill_plan(
         self, items, original, masks, attention_mask, rows, length, rows_per_sample, cache, output_attentions
-    ) -> VisualPlan:
+    ) -> PrefillPlan:
         """Every DCAL query of a prefill with its keys, worked out once on the host: the V2V call, the T2V call
         (text positions with the memory prefix each may see) and each sample's memory (kept in the cache for the
         decode steps). `original` holds the original tokens of every frame, videos' then images'."""
@@ -976,7 +1005,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
 
         if cache is not None and self.config.use_t2v:
             self._store_memory_layout(cache, lengths, memory_length, k, memory.device)
-        return VisualPlan(memory_lengths=lengths, v2v=v2v, t2v=t2v, output_attentions=output_attentions)
+        return PrefillPlan(memory_lengths=lengths, v2v=v2v, t2v=t2v, output_attentions=output_attentions)
 
     def _v2v_call(self, items, original, memory_start, length, rows_per_sample, implementation, dtype):
         """V2V in one call: each pooled token attends to its own video's original tokens ("video" scope: a row per
@@ -1031,7 +1060,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             if min(lengths) == 0:
                 cache.memory_scale = torch.tensor([float(n > 0) for n in lengths], device=device)[:, None, None]
 
-    def _decode_plan(self, cache: CrossLMMCache, rows, length, dtype, output_attentions) -> VisualPlan:
+    def _decode_plan(self, cache: CrossLMMCache, rows, length, dtype, output_attentions) -> DecodePlan:
         """A step after the prefill: every new position of every row reads its sample's whole memory. Planned from
         what the cache holds on the host; nothing is read back from the device."""
         samples, k = len(cache.memory_lengths), cache.rows_per_sample
@@ -1051,15 +1080,14 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                     self._key_mask(visible, max(cache.memory_lengths), implementation, dtype),
                 )
             mask = cache.decode_mask[1]
-        return VisualPlan(
+        return DecodePlan(
             memory_lengths=cache.memory_lengths,
-            decode=True,
-            t2v_mask=mask,
+            mask=mask,
             memory_scale=None if cache.memory_scale is None else cache.memory_scale.to(dtype),
             output_attentions=output_attentions,
         )
 
-    def _idle_plan(self, inputs_embeds) -> tuple[torch.Tensor, VisualPlan]:
+    def _idle_plan(self, inputs_embeds) -> tuple[torch.Tensor, PrefillPlan]:
         """Training on a micro-batch without videos or images: a blank frame goes the way a video goes, into the
         embeddings and to every DCAL branch (queried from the first position), with every update scaled by exactly 0.
         Data-parallel ranks with and without visual inputs then make the same calls in the same order, as FSDP and
@@ -1071,7 +1099,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         inputs_embeds = inputs_embeds + 0.0 * pooled.sum()
         first, start = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
         call = CrossAttentionCall(first, encoded.last_hidden_state, start)
-        plan = VisualPlan(memory_lengths=[call.tokens.shape[1]], v2v=call, t2v=call, scale=0.0)
+        plan = PrefillPlan(memory_lengths=[call.tokens.shape[1]], v2v=call, t2v=call, scale=0.0)
         return inputs_embeds, plan
 
     def _run_decoder_with_dcals(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, plan, **kwargs):
