@@ -145,6 +145,17 @@ class CrossLMMCache(DynamicCache):
         super().reset()
         self.reset_visual_memory()
 
+    def keep_memory_layout(self, lengths: list[int], rows_per_sample: int, device):
+        """At prefill, what a decode step needs to plan without reading the device: the memory lengths on the host,
+        and on the device the keys each sample sees and which samples have none (None when not needed)."""
+        self.memory_lengths, self.rows_per_sample = list(lengths), rows_per_sample
+        self.memory_visible = self.memory_scale = self.decode_mask = None
+        if min(lengths) < max(lengths):
+            # A sample without memory sees one key (no backend takes a row that sees nothing), scaled by 0.
+            self.memory_visible = torch.tensor([max(n, 1) for n in lengths], device=device)
+            if min(lengths) == 0:
+                self.memory_scale = torch.tensor([float(n > 0) for n in lengths], device=device)[:, None, None]
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # The plan: which queries see which original tokens, decided once per forward pass
@@ -786,66 +797,41 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         cache = self._prepare_cache(_one_cache(cache, past_key_values), use_cache, has_visual)
         prefill = cache is None or cache.get_seq_length() == 0
         self._check_text_inputs(input_ids, inputs_embeds, attention_mask, cache, prefill)
-        if inputs_embeds is None:
-            embed_tokens = self.get_input_embeddings()
-            inputs_embeds = embed_tokens(input_ids.to(_zero3_safe_parameter(embed_tokens).device))
-        rows, length = inputs_embeds.shape[:2]
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
         output_attentions = bool(output_attentions) and self.config.text_config._attn_implementation == "eager"
 
+        if inputs_embeds is None:
+            embed_tokens = self.get_input_embeddings()
+            inputs_embeds = embed_tokens(input_ids.to(_zero3_safe_parameter(embed_tokens).device))
         features, plan = {}, None
         if has_visual:
-            clips = {"video": [], "image": []}  # the frame count of each video and image, in input order
-            frames = []
-            if pixel_values_videos is not None:
-                frames = self._split_videos(pixel_values_videos, video_num_frames)
-                _check_finite("pixel_values_videos", frames)
-                clips["video"] = [len(video) for video in frames]
-            if pixel_values is not None:
-                _check_images(pixel_values)
-                _check_finite("pixel_values", pixel_values)
-                frames.append(pixel_values)
-                clips["image"] = [1] * len(pixel_values)
-            # Every frame through the tower in one go, outside this pass's output capturing (the tower's layers are
-            # not the decoder's hidden states).
-            encoded = self._encode_visual(
-                frames[0] if len(frames) == 1 else torch.cat(frames),
-                return_dict=True,
-                output_hidden_states=False,
-                output_attentions=False,
-            )
+            encoded, clips = self._encode_visual_inputs(pixel_values, pixel_values_videos, video_num_frames)
             features = self._split_features(encoded, clips)
-            masks = dict(zip(("image", "video"), self.get_placeholder_mask(input_ids, inputs_embeds)))
-            items = self._layout({k: m.cpu() for k, m in masks.items()}, clips, rows_per_sample)
+            placeholders = dict(zip(("image", "video"), self.get_placeholder_mask(input_ids, inputs_embeds)))
+            items = self._layout({kind: mask.cpu() for kind, mask in placeholders.items()}, clips, rows_per_sample)
             inputs_embeds = self._insert_pooled(inputs_embeds, items, encoded.pooler_output, rows_per_sample)
             plan = self._prefill_plan(
                 items,
                 encoded.last_hidden_state,
-                masks,
+                placeholders,
                 attention_mask,
-                rows,
-                length,
                 rows_per_sample,
                 cache,
                 output_attentions,
             )
         elif prefill:
-            placeholders = self.get_placeholder_mask(input_ids, inputs_embeds)
-            if (placeholders[0] | placeholders[1]).any():
+            image_placeholders, video_placeholders = self.get_placeholder_mask(input_ids, inputs_embeds)
+            if (image_placeholders | video_placeholders).any():
                 raise ValueError(
                     "The prompt has <video>/<image> placeholder tokens but no videos or images were given."
                 )
             if self.training and torch.is_grad_enabled():
                 inputs_embeds, plan = self._idle_plan(inputs_embeds)
         elif cache.has_visual_memory:
-            plan = self._decode_plan(cache, rows, length, inputs_embeds.dtype, output_attentions)
+            plan = self._decode_plan(cache, *inputs_embeds.shape[:2], inputs_embeds.dtype, output_attentions)
 
-        past_seen = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            if attention_mask is not None and attention_mask.ndim == 2:  # left padding: count real tokens only
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-            else:
-                position_ids = torch.arange(past_seen, past_seen + length, device=inputs_embeds.device)[None]
+            position_ids = self._position_ids(attention_mask, cache, inputs_embeds)
         hidden_states = self._run_decoder_with_dcals(
             inputs_embeds, attention_mask, position_ids, cache, use_cache, plan, **kwargs
         )
@@ -855,6 +841,34 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             image_outputs=features.get("image"),
             video_outputs=features.get("video"),
         )
+
+    def _encode_visual_inputs(self, pixel_values, pixel_values_videos, video_num_frames):
+        """Every video's frames, then every image, through the tower in one go, outside this pass's output capturing
+        (the tower's layers are not the decoder's hidden states). Returns the features and each video's and image's
+        frame count, in input order."""
+        clips, frames = {"video": [], "image": []}, []
+        if pixel_values_videos is not None:
+            frames = self._split_videos(pixel_values_videos, video_num_frames)
+            _check_finite("pixel_values_videos", frames)
+            clips["video"] = [len(video) for video in frames]
+        if pixel_values is not None:
+            _check_images(pixel_values)
+            _check_finite("pixel_values", pixel_values)
+            frames.append(pixel_values)
+            clips["image"] = [1] * len(pixel_values)
+        frames = frames[0] if len(frames) == 1 else torch.cat(frames)
+        return self._encode_visual(
+            frames, return_dict=True, output_hidden_states=False, output_attentions=False
+        ), clips
+
+    @staticmethod
+    def _position_ids(attention_mask, cache, inputs_embeds):
+        """Positions of the new tokens; with a 2-D attention mask (left padding) only real tokens count."""
+        length = inputs_embeds.shape[1]
+        if attention_mask is not None and attention_mask.ndim == 2:
+            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        return torch.arange(past_seen, past_seen + length, device=inputs_embeds.device)[None]
 
     def _check_text_inputs(self, input_ids, inputs_embeds, attention_mask, cache, prefill):
         """Shapes that do not fit, and token ids outside the vocabulary, named here rather than as an index error
@@ -954,13 +968,13 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         return flat.view(rows, length, width)
 
     def _prefill_plan(
-        self, items, original, masks, attention_mask, rows, length, rows_per_sample, cache, output_attentions
+        self, items, original, placeholders, attention_mask, rows_per_sample, cache, output_attentions
     ) -> PrefillPlan:
         """Every DCAL query of a prefill with its keys, worked out once on the host: the V2V call, the T2V call
         (text positions with the memory prefix each may see) and each sample's memory (kept in the cache for the
         decode steps). `original` holds the original tokens of every frame, videos' then images'."""
-        k, grid_tokens = rows_per_sample, self.config.patch_grid_size**2
-        samples = rows // k
+        (rows, length), grid_tokens = placeholders["video"].shape, self.config.patch_grid_size**2
+        samples = rows // rows_per_sample
         memory_start, lengths = [], [0] * samples
         for item in items:
             memory_start.append(lengths[item.sample])
@@ -977,18 +991,18 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         implementation = masked_implementation(self.config.text_config._attn_implementation)
         v2v = None
         if self.config.use_v2v:
-            v2v = self._v2v_call(items, original, memory_start, length, k, implementation, dtype)
+            v2v = self._v2v_call(items, original, memory_start, length, rows_per_sample, implementation, dtype)
 
         # T2V: a text position sees the memory of the items that end before it, a prefix of its sample's memory.
-        text = ~(masks["video"] | masks["image"]).cpu()
+        text = ~(placeholders["video"] | placeholders["image"]).cpu()
         if attention_mask is not None and attention_mask.ndim == 2:
             text &= attention_mask[:, -length:].cpu().bool()
         queries, visible = [[] for _ in range(samples)], [[] for _ in range(samples)]
         for sample in range(samples):
             sample_items = [i for i, item in enumerate(items) if item.sample == sample]
             sizes = torch.tensor([0] + [items[i].frames * grid_tokens for i in sample_items]).cumsum(0)
-            for j in range(k):
-                row = sample * k + j
+            for j in range(rows_per_sample):
+                row = sample * rows_per_sample + j
                 ends = torch.tensor([int(items[i].positions[j, -1]) for i in sample_items], dtype=torch.long)
                 positions = text[row].nonzero().flatten()
                 seen = sizes[torch.searchsorted(ends, positions)]
@@ -1004,7 +1018,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             t2v = CrossAttentionCall(t2v_queries, memory, torch.zeros(samples, dtype=torch.long), take, mask)
 
         if cache is not None and self.config.use_t2v:
-            self._store_memory_layout(cache, lengths, memory_length, k, memory.device)
+            cache.keep_memory_layout(lengths, rows_per_sample, memory.device)
         return PrefillPlan(memory_lengths=lengths, v2v=v2v, t2v=t2v, output_attentions=output_attentions)
 
     def _v2v_call(self, items, original, memory_start, length, rows_per_sample, implementation, dtype):
@@ -1012,15 +1026,14 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         video or image, padded to the longest) or to its own frame's ("frame" scope: a row per frame, which are
         `original`'s frames as they are)."""
         per_frame, grid_tokens = self.config.tokens_per_frame, self.config.patch_grid_size**2
-        k = rows_per_sample
 
-        def frame_queries(item):  # (frames, k * per_frame): each frame's pooled positions in each row
-            rows = item.sample * k + torch.arange(k)
-            positions = item.positions.view(k, item.frames, per_frame)
+        def frame_queries(item):  # (frames, rows_per_sample * per_frame): each frame's pooled positions in each row
+            rows = item.sample * rows_per_sample + torch.arange(rows_per_sample)
+            positions = item.positions.view(rows_per_sample, item.frames, per_frame)
             return (rows[:, None, None] * length + positions).transpose(0, 1).flatten(1)
 
         if self.config.v2v_scope == "frame":
-            queries = torch.zeros(original.shape[0], k * per_frame, dtype=torch.long)
+            queries = torch.zeros(original.shape[0], rows_per_sample * per_frame, dtype=torch.long)
             starts = torch.zeros(original.shape[0], dtype=torch.long)
             for item, start in zip(items, memory_start):
                 queries[item.frame : item.frame + item.frames] = frame_queries(item)
@@ -1048,37 +1061,24 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         text = self.config.text_config
         return key_mask(visible, keys, implementation, dtype, text.num_attention_heads // text.num_key_value_heads)
 
-    def _store_memory_layout(self, cache: CrossLMMCache, lengths, memory_length, rows_per_sample, device):
-        """What a decode step needs to plan without reading the device: the memory lengths on the host, the keys
-        each sample sees and which samples have none on the device (None when not needed)."""
-        cache.memory_lengths = list(lengths)
-        cache.rows_per_sample = rows_per_sample
-        cache.memory_visible = cache.memory_scale = cache.decode_mask = None
-        if min(lengths) < memory_length:
-            # A sample without memory sees one key (no backend takes a row that sees nothing), scaled by 0.
-            cache.memory_visible = torch.tensor([max(n, 1) for n in lengths], device=device)
-            if min(lengths) == 0:
-                cache.memory_scale = torch.tensor([float(n > 0) for n in lengths], device=device)[:, None, None]
-
     def _decode_plan(self, cache: CrossLMMCache, rows, length, dtype, output_attentions) -> DecodePlan:
         """A step after the prefill: every new position of every row reads its sample's whole memory. Planned from
         what the cache holds on the host; nothing is read back from the device."""
-        samples, k = len(cache.memory_lengths), cache.rows_per_sample
-        if rows != samples * k:
+        samples, rows_per_sample = len(cache.memory_lengths), cache.rows_per_sample
+        if rows != samples * rows_per_sample:
             raise ValueError(
-                f"The cache holds visual memory for {samples} sample(s) x {k} row(s) but this batch has {rows} rows."
+                f"The cache holds visual memory for {samples} sample(s) x {rows_per_sample} row(s) but this batch has "
+                f"{rows} rows."
             )
         mask = None
         if cache.memory_visible is not None:
             # The same mask at every step of one length (a flex_attention BlockMask is costly to make): kept.
             implementation = masked_implementation(self.config.text_config._attn_implementation)
-            made_for = (implementation, k, length, dtype)
+            made_for = (implementation, rows_per_sample, length, dtype)
             if cache.decode_mask is None or cache.decode_mask[0] != made_for:
-                visible = cache.memory_visible[:, None].expand(samples, k * length)
-                cache.decode_mask = (
-                    made_for,
-                    self._key_mask(visible, max(cache.memory_lengths), implementation, dtype),
-                )
+                visible = cache.memory_visible[:, None].expand(samples, rows_per_sample * length)
+                mask = self._key_mask(visible, max(cache.memory_lengths), implementation, dtype)
+                cache.decode_mask = (made_for, mask)
             mask = cache.decode_mask[1]
         return DecodePlan(
             memory_lengths=cache.memory_lengths,
