@@ -134,12 +134,10 @@ class CrossLMMCache(DynamicCache):
                 for idx, (k, v) in self.visual_memory.items()
             }
             self.memory_lengths = [self.memory_lengths[s] for s in samples.tolist()]
-            if self.memory_visible is not None:
-                self.memory_visible = self.memory_visible.index_select(0, samples.to(self.memory_visible.device))
-            if self.memory_scale is not None:
-                self.memory_scale = self.memory_scale.index_select(0, samples.to(self.memory_scale.device))
-            self.rows_per_sample = 1
-            self.decode_mask = None
+            for name in ("memory_visible", "memory_scale"):
+                if (tensor := getattr(self, name)) is not None:
+                    setattr(self, name, tensor.index_select(0, samples.to(tensor.device)))
+            self.rows_per_sample, self.decode_mask = 1, None
 
     def reset(self):
         super().reset()
@@ -740,17 +738,14 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
     def _split_features(encoded: BaseModelOutputWithPooling, clips: dict) -> dict[str, BaseModelOutputWithPooling]:
         """The features of every video's and image's frames, encoded together, as `get_video_features` and
         `get_image_features` return them."""
-        video_frames = sum(clips["video"])
+        video, image = slice(None, sum(clips["video"])), slice(sum(clips["video"]), None)
         features = {}
         if clips["video"]:
-            pooled = per_video(encoded.pooler_output[:video_frames], clips["video"])
-            features["video"] = BaseModelOutputWithPooling(
-                last_hidden_state=encoded.last_hidden_state[:video_frames], pooler_output=pooled
-            )
+            pooled = per_video(encoded.pooler_output[video], clips["video"])
+            features["video"] = BaseModelOutputWithPooling(encoded.last_hidden_state[video], pooled)
         if clips["image"]:
             features["image"] = BaseModelOutputWithPooling(
-                last_hidden_state=encoded.last_hidden_state[video_frames:],
-                pooler_output=encoded.pooler_output[video_frames:],
+                encoded.last_hidden_state[image], encoded.pooler_output[image]
             )
         return features
 
@@ -970,35 +965,46 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
     def _prefill_plan(
         self, items, original, placeholders, attention_mask, rows_per_sample, cache, output_attentions
     ) -> PrefillPlan:
-        """Every DCAL query of a prefill with its keys, worked out once on the host: the V2V call, the T2V call
-        (text positions with the memory prefix each may see) and each sample's memory (kept in the cache for the
-        decode steps). `original` holds the original tokens of every frame, videos' then images'."""
-        (rows, length), grid_tokens = placeholders["video"].shape, self.config.patch_grid_size**2
-        samples = rows // rows_per_sample
+        """Every DCAL query of a prefill with its keys, worked out once on the host: the V2V call, the T2V call and
+        each sample's memory (kept in the cache for the decode steps). `original` holds the original tokens of every
+        frame, videos' then images'."""
+        rows, length = placeholders["video"].shape
+        memory, memory_start, lengths = self._visual_memory(items, original, rows // rows_per_sample)
+        dtype = _zero3_safe_parameter(self.get_input_embeddings()).dtype
+        v2v = None
+        if self.config.use_v2v:
+            v2v = self._v2v_call(items, original, memory_start, length, rows_per_sample, dtype)
+        text = ~(placeholders["video"] | placeholders["image"]).cpu()
+        if attention_mask is not None and attention_mask.ndim == 2:
+            text &= attention_mask[:, -length:].cpu().bool()
+        t2v = self._t2v_call(items, memory, lengths, text, rows_per_sample, dtype, cache is not None or self.training)
+        if cache is not None and self.config.use_t2v:
+            cache.keep_memory_layout(lengths, rows_per_sample, memory.device)
+        return PrefillPlan(memory_lengths=lengths, v2v=v2v, t2v=t2v, output_attentions=output_attentions)
+
+    def _visual_memory(self, items, original, samples):
+        """Each sample's memory, (samples, M, D_v) padded along M: its items' original tokens in reading order. Also
+        where each item starts in it and each sample's length."""
+        grid_tokens = self.config.patch_grid_size**2
         memory_start, lengths = [], [0] * samples
         for item in items:
             memory_start.append(lengths[item.sample])
             lengths[item.sample] += item.frames * grid_tokens
-        memory_length = max(lengths)
         tokens = [original[item.frame : item.frame + item.frames] for item in items]
         if samples == 1 and len(items) == 1:
-            memory = tokens[0].reshape(1, memory_length, -1)
-        else:
-            memory = tokens[0].new_zeros(samples, memory_length, tokens[0].shape[-1])
-            for item, start, item_tokens in zip(items, memory_start, tokens):
-                memory[item.sample, start : start + item.frames * grid_tokens] = item_tokens.flatten(0, 1)
-        dtype = _zero3_safe_parameter(self.get_input_embeddings()).dtype
-        implementation = masked_implementation(self.config.text_config._attn_implementation)
-        v2v = None
-        if self.config.use_v2v:
-            v2v = self._v2v_call(items, original, memory_start, length, rows_per_sample, implementation, dtype)
+            return tokens[0].reshape(1, lengths[0], -1), memory_start, lengths
+        memory = tokens[0].new_zeros(samples, max(lengths), tokens[0].shape[-1])
+        for item, start, item_tokens in zip(items, memory_start, tokens):
+            memory[item.sample, start : start + item.frames * grid_tokens] = item_tokens.flatten(0, 1)
+        return memory, memory_start, lengths
 
-        # T2V: a text position sees the memory of the items that end before it, a prefix of its sample's memory.
-        text = ~(placeholders["video"] | placeholders["image"]).cpu()
-        if attention_mask is not None and attention_mask.ndim == 2:
-            text &= attention_mask[:, -length:].cpu().bool()
-        queries, visible = [[] for _ in range(samples)], [[] for _ in range(samples)]
-        for sample in range(samples):
+    def _t2v_call(self, items, memory, lengths, text, rows_per_sample, dtype, always):
+        """T2V in one call: a row per sample, its rows' `text` positions side by side, each seeing the memory of the
+        items that end before it (a prefix of its sample's memory). None when no query sees any memory, unless
+        `always` (the call then fills the cache, or keeps data-parallel ranks making the same calls in training)."""
+        grid_tokens, length, memory_length = self.config.patch_grid_size**2, text.shape[1], max(lengths)
+        queries, visible = [[] for _ in lengths], [[] for _ in lengths]
+        for sample in range(len(lengths)):
             sample_items = [i for i, item in enumerate(items) if item.sample == sample]
             sizes = torch.tensor([0] + [items[i].frames * grid_tokens for i in sample_items]).cumsum(0)
             for j in range(rows_per_sample):
@@ -1009,19 +1015,13 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                 queries[sample].append(row * length + positions[seen > 0])
                 visible[sample].append(seen[seen > 0])
         queries, visible = [torch.cat(q) for q in queries], [torch.cat(v) for v in visible]
-        t2v = None
-        if any(len(q) for q in queries) or cache is not None or self.training:
-            t2v_queries, t2v_visible, take = _pad_rows(queries, visible, memory_length)
-            mask = None
-            if bool((t2v_visible < memory_length).any()):
-                mask = self._key_mask(t2v_visible, memory_length, implementation, dtype)
-            t2v = CrossAttentionCall(t2v_queries, memory, torch.zeros(samples, dtype=torch.long), take, mask)
+        if not (always or any(len(q) for q in queries)):
+            return None
+        queries, visible, take = _pad_rows(queries, visible, memory_length)
+        mask = self._key_mask(visible, memory_length, dtype) if bool((visible < memory_length).any()) else None
+        return CrossAttentionCall(queries, memory, torch.zeros(len(lengths), dtype=torch.long), take, mask)
 
-        if cache is not None and self.config.use_t2v:
-            cache.keep_memory_layout(lengths, rows_per_sample, memory.device)
-        return PrefillPlan(memory_lengths=lengths, v2v=v2v, t2v=t2v, output_attentions=output_attentions)
-
-    def _v2v_call(self, items, original, memory_start, length, rows_per_sample, implementation, dtype):
+    def _v2v_call(self, items, original, memory_start, length, rows_per_sample, dtype):
         """V2V in one call: each pooled token attends to its own video's original tokens ("video" scope: a row per
         video or image, padded to the longest) or to its own frame's ("frame" scope: a row per frame, which are
         `original`'s frames as they are)."""
@@ -1052,13 +1052,13 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             tokens[i, : len(span)] = span
         sizes = [torch.full((len(q),), len(span)) for q, span in zip(item_queries, spans)]
         queries, visible, take = _pad_rows(item_queries, sizes, longest)
-        return CrossAttentionCall(
-            queries, tokens, starts, take, self._key_mask(visible, longest, implementation, dtype)
-        )
+        return CrossAttentionCall(queries, tokens, starts, take, self._key_mask(visible, longest, dtype))
 
-    def _key_mask(self, visible, keys, implementation, dtype):
-        """`key_mask` for the DCALs' calls, whose query heads are folded by key/value head."""
+    def _key_mask(self, visible, keys, dtype):
+        """`key_mask` for the DCALs' calls, on the backend that runs them, whose query heads are folded by key/value
+        head."""
         text = self.config.text_config
+        implementation = masked_implementation(text._attn_implementation)
         return key_mask(visible, keys, implementation, dtype, text.num_attention_heads // text.num_key_value_heads)
 
     def _decode_plan(self, cache: CrossLMMCache, rows, length, dtype, output_attentions) -> DecodePlan:
@@ -1077,7 +1077,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             made_for = (implementation, rows_per_sample, length, dtype)
             if cache.decode_mask is None or cache.decode_mask[0] != made_for:
                 visible = cache.memory_visible[:, None].expand(samples, rows_per_sample * length)
-                mask = self._key_mask(visible, max(cache.memory_lengths), implementation, dtype)
+                mask = self._key_mask(visible, max(cache.memory_lengths), dtype)
                 cache.decode_mask = (made_for, mask)
             mask = cache.decode_mask[1]
         return DecodePlan(
@@ -1269,14 +1269,7 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
             )
 
         return CrossLMMCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            cross_attentions=outputs.cross_attentions,
-            image_outputs=outputs.image_outputs,
-            video_outputs=outputs.video_outputs,
+            loss=loss, logits=logits, **{key: value for key, value in outputs.items() if key != "last_hidden_state"}
         )
 
     def prepare_inputs_for_generation(
