@@ -802,17 +802,11 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         if has_visual:
             encoded, clips = self._encode_visual_inputs(pixel_values, pixel_values_videos, video_num_frames)
             features = self._split_features(encoded, clips)
-            placeholders = dict(zip(("image", "video"), self.get_placeholder_mask(input_ids, inputs_embeds)))
-            items = self._layout({kind: mask.cpu() for kind, mask in placeholders.items()}, clips, rows_per_sample)
+            masks = dict(zip(("image", "video"), self.get_placeholder_mask(input_ids, inputs_embeds)))
+            items = self._layout({kind: mask.cpu() for kind, mask in masks.items()}, clips, rows_per_sample)
             inputs_embeds = self._insert_pooled(inputs_embeds, items, encoded.pooler_output, rows_per_sample)
             plan = self._prefill_plan(
-                items,
-                encoded.last_hidden_state,
-                placeholders,
-                attention_mask,
-                rows_per_sample,
-                cache,
-                output_attentions,
+                items, encoded.last_hidden_state, masks, attention_mask, rows_per_sample, cache, output_attentions
             )
         elif prefill:
             image_placeholders, video_placeholders = self.get_placeholder_mask(input_ids, inputs_embeds)
@@ -1228,12 +1222,9 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
         **kwargs,
     ) -> CrossLMMCausalLMOutputWithPast:
         r"""
-        pixel_values_videos: (videos, frames, 3, H, W), or a list of (frames_i, 3, H, W) for videos of different
-            lengths, or a padded 5-D tensor with `video_num_frames` (videos,) giving each video's real frame count.
-        pixel_values: (images, 3, H, W); each image is a one-frame video.
+        pixel_values_videos, video_num_frames, pixel_values, rows_per_sample: as in `CrossLMMModel.forward`.
         labels: (batch, seq) token ids for the shifted causal-LM loss; -100 is ignored and visual placeholder
             positions never count.
-        rows_per_sample: see `CrossLMMModel.forward`.
         """
         outputs = self.model(
             input_ids=input_ids,
