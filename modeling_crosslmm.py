@@ -6,8 +6,8 @@ cross-attention layer (DCAL) after every K-th decoder layer. In a DCAL, V2V lets
 original tokens of its own video (or frame), and T2V lets each text token attend to the original tokens of every
 video/image placed before it. Gates start at 0, so a fresh CrossLMM computes exactly what its base LLM computes.
 
-Where every query looks is worked out once per forward pass by the model, on the host: a `PrefillPlan` from the
-placeholder positions, a `DecodePlan` from the cache on decode steps; the DCALs only run that plan.
+Where every query looks is worked out once per forward pass by the model's `VisualPlanner`, on the host: a
+`PrefillPlan` from the placeholder positions, a `DecodePlan` from the cache on decode steps; the DCALs only run it.
 """
 
 import inspect
@@ -263,6 +263,189 @@ def _pad_rows(rows: list[torch.Tensor], visible: list[torch.Tensor], fill: int):
         queries[i, : len(row)], seen[i, : len(row)], real[i, : len(row)] = row, row_visible, True
     take = None if bool(real.all()) else real.flatten().nonzero().flatten()
     return queries, seen, take
+
+
+@dataclass
+class _Item:
+    """One video or image of a prefill, on the host: where its pooled tokens sit in each row of its sample."""
+
+    sample: int
+    kind: str  # "video" or "image"
+    frame: int  # its first frame among the pass's frames (every video's, then every image's)
+    frames: int
+    positions: torch.Tensor  # (rows_per_sample, frames * pool_size**2) positions in each row of its sample
+
+
+class VisualPlanner:
+    """Works out on the host, once per forward pass, where every DCAL query looks: at prefill, which positions hold
+    which video's or image's pooled tokens (`layout`) and the `PrefillPlan`; on a decode step, the `DecodePlan` from
+    what the cache holds. `dtype` is the additive key masks' (eager); `rows_per_sample`: see CrossLMMModel.forward."""
+
+    def __init__(self, config: CrossLMMConfig, dtype: torch.dtype, rows_per_sample: int = 1):
+        self.config, self.dtype, self.rows_per_sample = config, dtype, rows_per_sample
+
+    def layout(self, masks: dict, clips: dict) -> list[_Item]:
+        """Assign the placeholder tokens of each modality, in reading order, to its videos / images (`clips[kind]`:
+        each one's frame count, in input order). Returns the items of every sample in reading order."""
+        per_frame = self.config.tokens_per_frame
+        rows = masks["video"].shape[0]
+        if self.rows_per_sample < 1 or rows % self.rows_per_sample:
+            raise ValueError(f"rows_per_sample={self.rows_per_sample} does not divide the batch's {rows} rows.")
+        repeats = f", in each of the {self.rows_per_sample} rows of a sample" if self.rows_per_sample > 1 else ""
+        items = []
+        for kind in ("video", "image"):
+            counts, mask = clips[kind], masks[kind]
+            found, needed = int(mask.sum()), sum(counts) * per_frame * self.rows_per_sample
+            if found != needed:
+                raise ValueError(
+                    f"The prompt has {found} {kind} placeholder tokens but the {len(counts)} {kind}(s) given need "
+                    f"{needed} ({[n * per_frame for n in counts]}: frames x pool_size**2 each{repeats}). Let the "
+                    f"processor expand the placeholders, and give one {kind} per placeholder."
+                )
+            next_clip, frame = 0, 0 if kind == "video" else sum(clips["video"])
+            for sample in range(rows // self.rows_per_sample):
+                block = mask[sample * self.rows_per_sample : (sample + 1) * self.rows_per_sample]
+                positions = [row.nonzero().flatten() for row in block]
+                if any(len(p) != len(positions[0]) for p in positions):
+                    raise ValueError(f"The rows of one sample (rows_per_sample) hold different {kind} placeholders.")
+                used = 0
+                while used < len(positions[0]):
+                    tokens = counts[next_clip] * per_frame
+                    if used + tokens > len(positions[0]):
+                        raise ValueError(f"The placeholder tokens of one {kind} are split across batch rows.")
+                    span = torch.stack([p[used : used + tokens] for p in positions])
+                    items.append(_Item(sample, kind, frame, counts[next_clip], span))
+                    used += tokens
+                    frame += counts[next_clip]
+                    next_clip += 1
+        items.sort(key=lambda item: (item.sample, int(item.positions[0, 0])))
+        return items
+
+    def prefill(
+        self, items, original, placeholders, attention_mask, cache, output_attentions, training
+    ) -> PrefillPlan:
+        """Every DCAL query of a prefill with its keys, worked out once on the host: the V2V call, the T2V call and
+        each sample's memory (kept in the cache for the decode steps). `original` holds the original tokens of every
+        frame, videos' then images'."""
+        rows, length = placeholders["video"].shape
+        memory, memory_start, lengths = self._visual_memory(items, original, rows // self.rows_per_sample)
+        v2v = None
+        if self.config.use_v2v:
+            v2v = self._v2v_call(items, original, memory_start, length)
+        text = ~(placeholders["video"] | placeholders["image"]).cpu()
+        if attention_mask is not None and attention_mask.ndim == 2:
+            text &= attention_mask[:, -length:].cpu().bool()
+        t2v = self._t2v_call(items, memory, lengths, text, always=cache is not None or training)
+        if cache is not None and self.config.use_t2v:
+            cache.keep_memory_layout(lengths, self.rows_per_sample, memory.device)
+        return PrefillPlan(memory_lengths=lengths, v2v=v2v, t2v=t2v, output_attentions=output_attentions)
+
+    def _visual_memory(self, items, original, samples):
+        """Each sample's memory, (samples, M, D_v) padded along M: its items' original tokens in reading order. Also
+        where each item starts in it and each sample's length."""
+        grid_tokens = self.config.patch_grid_size**2
+        memory_start, lengths = [], [0] * samples
+        for item in items:
+            memory_start.append(lengths[item.sample])
+            lengths[item.sample] += item.frames * grid_tokens
+        tokens = [original[item.frame : item.frame + item.frames] for item in items]
+        if samples == 1 and len(items) == 1:
+            return tokens[0].reshape(1, lengths[0], -1), memory_start, lengths
+        memory = tokens[0].new_zeros(samples, max(lengths), tokens[0].shape[-1])
+        for item, start, item_tokens in zip(items, memory_start, tokens):
+            memory[item.sample, start : start + item.frames * grid_tokens] = item_tokens.flatten(0, 1)
+        return memory, memory_start, lengths
+
+    def _t2v_call(self, items, memory, lengths, text, always):
+        """T2V in one call: a row per sample, its rows' `text` positions side by side, each seeing the memory of the
+        items that end before it (a prefix of its sample's memory). None when no query sees any memory, unless
+        `always` (the call then fills the cache, or keeps data-parallel ranks making the same calls in training)."""
+        grid_tokens, length, memory_length = self.config.patch_grid_size**2, text.shape[1], max(lengths)
+        queries, visible = [[] for _ in lengths], [[] for _ in lengths]
+        for sample in range(len(lengths)):
+            sample_items = [i for i, item in enumerate(items) if item.sample == sample]
+            sizes = torch.tensor([0] + [items[i].frames * grid_tokens for i in sample_items]).cumsum(0)
+            for j in range(self.rows_per_sample):
+                row = sample * self.rows_per_sample + j
+                ends = torch.tensor([int(items[i].positions[j, -1]) for i in sample_items], dtype=torch.long)
+                positions = text[row].nonzero().flatten()
+                seen = sizes[torch.searchsorted(ends, positions)]
+                queries[sample].append(row * length + positions[seen > 0])
+                visible[sample].append(seen[seen > 0])
+        queries, visible = [torch.cat(q) for q in queries], [torch.cat(v) for v in visible]
+        if not (always or any(len(q) for q in queries)):
+            return None
+        queries, visible, take = _pad_rows(queries, visible, memory_length)
+        mask = self._key_mask(visible, memory_length) if bool((visible < memory_length).any()) else None
+        return CrossAttentionCall(queries, memory, torch.zeros(len(lengths), dtype=torch.long), take, mask)
+
+    def _v2v_call(self, items, original, memory_start, length):
+        """V2V in one call: each pooled token attends to its own video's original tokens ("video" scope: a row per
+        video or image, padded to the longest) or to its own frame's ("frame" scope: a row per frame, which are
+        `original`'s frames as they are)."""
+        per_frame, grid_tokens = self.config.tokens_per_frame, self.config.patch_grid_size**2
+
+        def frame_queries(item):  # (frames, rows_per_sample * per_frame): each frame's pooled positions in each row
+            rows = item.sample * self.rows_per_sample + torch.arange(self.rows_per_sample)
+            positions = item.positions.view(self.rows_per_sample, item.frames, per_frame)
+            return (rows[:, None, None] * length + positions).transpose(0, 1).flatten(1)
+
+        if self.config.v2v_scope == "frame":
+            queries = torch.zeros(original.shape[0], self.rows_per_sample * per_frame, dtype=torch.long)
+            starts = torch.zeros(original.shape[0], dtype=torch.long)
+            for item, start in zip(items, memory_start):
+                queries[item.frame : item.frame + item.frames] = frame_queries(item)
+                starts[item.frame : item.frame + item.frames] = start + grid_tokens * torch.arange(item.frames)
+            return CrossAttentionCall(queries, original, starts)
+
+        item_queries = [frame_queries(item).flatten() for item in items]
+        spans = [original[item.frame : item.frame + item.frames].flatten(0, 1) for item in items]
+        starts = torch.tensor(memory_start)
+        if len({len(span) for span in spans}) == 1:  # equal lengths: no padding
+            tokens = spans[0][None] if len(spans) == 1 else torch.stack(spans)
+            return CrossAttentionCall(torch.stack(item_queries), tokens, starts)
+        longest = max(len(span) for span in spans)
+        tokens = spans[0].new_zeros(len(spans), longest, spans[0].shape[-1])
+        for i, span in enumerate(spans):
+            tokens[i, : len(span)] = span
+        sizes = [torch.full((len(q),), len(span)) for q, span in zip(item_queries, spans)]
+        queries, visible, take = _pad_rows(item_queries, sizes, longest)
+        return CrossAttentionCall(queries, tokens, starts, take, self._key_mask(visible, longest))
+
+    def _key_mask(self, visible, keys):
+        """`key_mask` for the DCALs' calls, on the backend that runs them, whose query heads are folded by key/value
+        head."""
+        text = self.config.text_config
+        implementation = masked_implementation(text._attn_implementation)
+        return key_mask(
+            visible, keys, implementation, self.dtype, text.num_attention_heads // text.num_key_value_heads
+        )
+
+    def decode(self, cache: CrossLMMCache, rows, length, output_attentions) -> DecodePlan:
+        """A step after the prefill: every new position of every row reads its sample's whole memory. Planned from
+        what the cache holds on the host; nothing is read back from the device."""
+        samples, rows_per_sample = len(cache.memory_lengths), cache.rows_per_sample
+        if rows != samples * rows_per_sample:
+            raise ValueError(
+                f"The cache holds visual memory for {samples} sample(s) x {rows_per_sample} row(s) but this batch has "
+                f"{rows} rows."
+            )
+        mask = None
+        if cache.memory_visible is not None:
+            # The same mask at every step of one length (a flex_attention BlockMask is costly to make): kept.
+            implementation = masked_implementation(self.config.text_config._attn_implementation)
+            made_for = (implementation, rows_per_sample, length, self.dtype)
+            if cache.decode_mask is None or cache.decode_mask[0] != made_for:
+                visible = cache.memory_visible[:, None].expand(samples, rows_per_sample * length)
+                mask = self._key_mask(visible, max(cache.memory_lengths))
+                cache.decode_mask = (made_for, mask)
+            mask = cache.decode_mask[1]
+        return DecodePlan(
+            memory_lengths=cache.memory_lengths,
+            mask=mask,
+            memory_scale=None if cache.memory_scale is None else cache.memory_scale.to(self.dtype),
+            output_attentions=output_attentions,
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -586,17 +769,6 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.mlp_gate)
 
 
-@dataclass
-class _Item:
-    """One video or image of a prefill, on the host: where its pooled tokens sit in each row of its sample."""
-
-    sample: int
-    kind: str  # "video" or "image"
-    frame: int  # its first frame among the pass's frames (every video's, then every image's)
-    frames: int
-    positions: torch.Tensor  # (rows_per_sample, frames * pool_size**2) positions in each row of its sample
-
-
 class CrossLMMModel(CrossLMMPreTrainedModel):
     """Vision tower, pooler, projector and the Qwen2 decoder with DCALs; no LM head."""
 
@@ -795,18 +967,19 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
         output_attentions = bool(output_attentions) and self.config.text_config._attn_implementation == "eager"
 
+        embed_tokens = self.get_input_embeddings()
         if inputs_embeds is None:
-            embed_tokens = self.get_input_embeddings()
             inputs_embeds = embed_tokens(input_ids.to(_zero3_safe_parameter(embed_tokens).device))
         features, plan = {}, None
         if has_visual:
             encoded, clips = self._encode_visual_inputs(pixel_values, pixel_values_videos, video_num_frames)
             features = self._split_features(encoded, clips)
             masks = dict(zip(("image", "video"), self.get_placeholder_mask(input_ids, inputs_embeds)))
-            items = self._layout({kind: mask.cpu() for kind, mask in masks.items()}, clips, rows_per_sample)
+            planner = VisualPlanner(self.config, _zero3_safe_parameter(embed_tokens).dtype, rows_per_sample)
+            items = planner.layout({kind: mask.cpu() for kind, mask in masks.items()}, clips)
             inputs_embeds = self._insert_pooled(inputs_embeds, items, encoded.pooler_output, rows_per_sample)
-            plan = self._prefill_plan(
-                items, encoded.last_hidden_state, masks, attention_mask, rows_per_sample, cache, output_attentions
+            plan = planner.prefill(
+                items, encoded.last_hidden_state, masks, attention_mask, cache, output_attentions, self.training
             )
         elif prefill:
             image_placeholders, video_placeholders = self.get_placeholder_mask(input_ids, inputs_embeds)
@@ -817,7 +990,8 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             if self.training and torch.is_grad_enabled():
                 inputs_embeds, plan = self._idle_plan(inputs_embeds)
         elif cache.has_visual_memory:
-            plan = self._decode_plan(cache, *inputs_embeds.shape[:2], inputs_embeds.dtype, output_attentions)
+            planner = VisualPlanner(self.config, inputs_embeds.dtype)
+            plan = planner.decode(cache, *inputs_embeds.shape[:2], output_attentions)
 
         if position_ids is None:
             position_ids = self._position_ids(attention_mask, cache, inputs_embeds)
@@ -903,43 +1077,6 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
 
     # ---- where the visual tokens go (prefill, on the host) ---------------------------------------------------------
 
-    def _layout(self, masks: dict, clips: dict, rows_per_sample: int) -> list[_Item]:
-        """Assign the placeholder tokens of each modality, in reading order, to its videos / images (`clips[kind]`:
-        each one's frame count, in input order). Returns the items of every sample in reading order."""
-        per_frame = self.config.tokens_per_frame
-        rows = masks["video"].shape[0]
-        if rows_per_sample < 1 or rows % rows_per_sample:
-            raise ValueError(f"rows_per_sample={rows_per_sample} does not divide the batch's {rows} rows.")
-        repeats = f", in each of the {rows_per_sample} rows of a sample" if rows_per_sample > 1 else ""
-        items = []
-        for kind in ("video", "image"):
-            counts, mask = clips[kind], masks[kind]
-            found, needed = int(mask.sum()), sum(counts) * per_frame * rows_per_sample
-            if found != needed:
-                raise ValueError(
-                    f"The prompt has {found} {kind} placeholder tokens but the {len(counts)} {kind}(s) given need "
-                    f"{needed} ({[n * per_frame for n in counts]}: frames x pool_size**2 each{repeats}). Let the "
-                    f"processor expand the placeholders, and give one {kind} per placeholder."
-                )
-            next_clip, frame = 0, 0 if kind == "video" else sum(clips["video"])
-            for sample in range(rows // rows_per_sample):
-                block = mask[sample * rows_per_sample : (sample + 1) * rows_per_sample]
-                positions = [row.nonzero().flatten() for row in block]
-                if any(len(p) != len(positions[0]) for p in positions):
-                    raise ValueError(f"The rows of one sample (rows_per_sample) hold different {kind} placeholders.")
-                used = 0
-                while used < len(positions[0]):
-                    tokens = counts[next_clip] * per_frame
-                    if used + tokens > len(positions[0]):
-                        raise ValueError(f"The placeholder tokens of one {kind} are split across batch rows.")
-                    span = torch.stack([p[used : used + tokens] for p in positions])
-                    items.append(_Item(sample, kind, frame, counts[next_clip], span))
-                    used += tokens
-                    frame += counts[next_clip]
-                    next_clip += 1
-        items.sort(key=lambda item: (item.sample, int(item.positions[0, 0])))
-        return items
-
     def _insert_pooled(self, inputs_embeds, items, pooled, rows_per_sample):
         """The pooled, projected tokens (every frame's, (frames, pool_size**2, D)) in place of their placeholders, in
         every row of their sample."""
@@ -955,131 +1092,6 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         values = pooled.flatten(0, 1)[torch.cat(sources).to(pooled.device)].to(device, inputs_embeds.dtype)
         flat = inputs_embeds.reshape(rows * length, width).index_put((torch.cat(targets).to(device),), values)
         return flat.view(rows, length, width)
-
-    def _prefill_plan(
-        self, items, original, placeholders, attention_mask, rows_per_sample, cache, output_attentions
-    ) -> PrefillPlan:
-        """Every DCAL query of a prefill with its keys, worked out once on the host: the V2V call, the T2V call and
-        each sample's memory (kept in the cache for the decode steps). `original` holds the original tokens of every
-        frame, videos' then images'."""
-        rows, length = placeholders["video"].shape
-        memory, memory_start, lengths = self._visual_memory(items, original, rows // rows_per_sample)
-        dtype = _zero3_safe_parameter(self.get_input_embeddings()).dtype
-        v2v = None
-        if self.config.use_v2v:
-            v2v = self._v2v_call(items, original, memory_start, length, rows_per_sample, dtype)
-        text = ~(placeholders["video"] | placeholders["image"]).cpu()
-        if attention_mask is not None and attention_mask.ndim == 2:
-            text &= attention_mask[:, -length:].cpu().bool()
-        t2v = self._t2v_call(items, memory, lengths, text, rows_per_sample, dtype, cache is not None or self.training)
-        if cache is not None and self.config.use_t2v:
-            cache.keep_memory_layout(lengths, rows_per_sample, memory.device)
-        return PrefillPlan(memory_lengths=lengths, v2v=v2v, t2v=t2v, output_attentions=output_attentions)
-
-    def _visual_memory(self, items, original, samples):
-        """Each sample's memory, (samples, M, D_v) padded along M: its items' original tokens in reading order. Also
-        where each item starts in it and each sample's length."""
-        grid_tokens = self.config.patch_grid_size**2
-        memory_start, lengths = [], [0] * samples
-        for item in items:
-            memory_start.append(lengths[item.sample])
-            lengths[item.sample] += item.frames * grid_tokens
-        tokens = [original[item.frame : item.frame + item.frames] for item in items]
-        if samples == 1 and len(items) == 1:
-            return tokens[0].reshape(1, lengths[0], -1), memory_start, lengths
-        memory = tokens[0].new_zeros(samples, max(lengths), tokens[0].shape[-1])
-        for item, start, item_tokens in zip(items, memory_start, tokens):
-            memory[item.sample, start : start + item.frames * grid_tokens] = item_tokens.flatten(0, 1)
-        return memory, memory_start, lengths
-
-    def _t2v_call(self, items, memory, lengths, text, rows_per_sample, dtype, always):
-        """T2V in one call: a row per sample, its rows' `text` positions side by side, each seeing the memory of the
-        items that end before it (a prefix of its sample's memory). None when no query sees any memory, unless
-        `always` (the call then fills the cache, or keeps data-parallel ranks making the same calls in training)."""
-        grid_tokens, length, memory_length = self.config.patch_grid_size**2, text.shape[1], max(lengths)
-        queries, visible = [[] for _ in lengths], [[] for _ in lengths]
-        for sample in range(len(lengths)):
-            sample_items = [i for i, item in enumerate(items) if item.sample == sample]
-            sizes = torch.tensor([0] + [items[i].frames * grid_tokens for i in sample_items]).cumsum(0)
-            for j in range(rows_per_sample):
-                row = sample * rows_per_sample + j
-                ends = torch.tensor([int(items[i].positions[j, -1]) for i in sample_items], dtype=torch.long)
-                positions = text[row].nonzero().flatten()
-                seen = sizes[torch.searchsorted(ends, positions)]
-                queries[sample].append(row * length + positions[seen > 0])
-                visible[sample].append(seen[seen > 0])
-        queries, visible = [torch.cat(q) for q in queries], [torch.cat(v) for v in visible]
-        if not (always or any(len(q) for q in queries)):
-            return None
-        queries, visible, take = _pad_rows(queries, visible, memory_length)
-        mask = self._key_mask(visible, memory_length, dtype) if bool((visible < memory_length).any()) else None
-        return CrossAttentionCall(queries, memory, torch.zeros(len(lengths), dtype=torch.long), take, mask)
-
-    def _v2v_call(self, items, original, memory_start, length, rows_per_sample, dtype):
-        """V2V in one call: each pooled token attends to its own video's original tokens ("video" scope: a row per
-        video or image, padded to the longest) or to its own frame's ("frame" scope: a row per frame, which are
-        `original`'s frames as they are)."""
-        per_frame, grid_tokens = self.config.tokens_per_frame, self.config.patch_grid_size**2
-
-        def frame_queries(item):  # (frames, rows_per_sample * per_frame): each frame's pooled positions in each row
-            rows = item.sample * rows_per_sample + torch.arange(rows_per_sample)
-            positions = item.positions.view(rows_per_sample, item.frames, per_frame)
-            return (rows[:, None, None] * length + positions).transpose(0, 1).flatten(1)
-
-        if self.config.v2v_scope == "frame":
-            queries = torch.zeros(original.shape[0], rows_per_sample * per_frame, dtype=torch.long)
-            starts = torch.zeros(original.shape[0], dtype=torch.long)
-            for item, start in zip(items, memory_start):
-                queries[item.frame : item.frame + item.frames] = frame_queries(item)
-                starts[item.frame : item.frame + item.frames] = start + grid_tokens * torch.arange(item.frames)
-            return CrossAttentionCall(queries, original, starts)
-
-        item_queries = [frame_queries(item).flatten() for item in items]
-        spans = [original[item.frame : item.frame + item.frames].flatten(0, 1) for item in items]
-        starts = torch.tensor(memory_start)
-        if len({len(span) for span in spans}) == 1:  # equal lengths: no padding
-            tokens = spans[0][None] if len(spans) == 1 else torch.stack(spans)
-            return CrossAttentionCall(torch.stack(item_queries), tokens, starts)
-        longest = max(len(span) for span in spans)
-        tokens = spans[0].new_zeros(len(spans), longest, spans[0].shape[-1])
-        for i, span in enumerate(spans):
-            tokens[i, : len(span)] = span
-        sizes = [torch.full((len(q),), len(span)) for q, span in zip(item_queries, spans)]
-        queries, visible, take = _pad_rows(item_queries, sizes, longest)
-        return CrossAttentionCall(queries, tokens, starts, take, self._key_mask(visible, longest, dtype))
-
-    def _key_mask(self, visible, keys, dtype):
-        """`key_mask` for the DCALs' calls, on the backend that runs them, whose query heads are folded by key/value
-        head."""
-        text = self.config.text_config
-        implementation = masked_implementation(text._attn_implementation)
-        return key_mask(visible, keys, implementation, dtype, text.num_attention_heads // text.num_key_value_heads)
-
-    def _decode_plan(self, cache: CrossLMMCache, rows, length, dtype, output_attentions) -> DecodePlan:
-        """A step after the prefill: every new position of every row reads its sample's whole memory. Planned from
-        what the cache holds on the host; nothing is read back from the device."""
-        samples, rows_per_sample = len(cache.memory_lengths), cache.rows_per_sample
-        if rows != samples * rows_per_sample:
-            raise ValueError(
-                f"The cache holds visual memory for {samples} sample(s) x {rows_per_sample} row(s) but this batch has "
-                f"{rows} rows."
-            )
-        mask = None
-        if cache.memory_visible is not None:
-            # The same mask at every step of one length (a flex_attention BlockMask is costly to make): kept.
-            implementation = masked_implementation(self.config.text_config._attn_implementation)
-            made_for = (implementation, rows_per_sample, length, dtype)
-            if cache.decode_mask is None or cache.decode_mask[0] != made_for:
-                visible = cache.memory_visible[:, None].expand(samples, rows_per_sample * length)
-                mask = self._key_mask(visible, max(cache.memory_lengths), dtype)
-                cache.decode_mask = (made_for, mask)
-            mask = cache.decode_mask[1]
-        return DecodePlan(
-            memory_lengths=cache.memory_lengths,
-            mask=mask,
-            memory_scale=None if cache.memory_scale is None else cache.memory_scale.to(dtype),
-            output_attentions=output_attentions,
-        )
 
     def _idle_plan(self, inputs_embeds) -> tuple[torch.Tensor, PrefillPlan]:
         """Training on a micro-batch without videos or images: a blank frame goes the way a video goes, into the
