@@ -599,14 +599,10 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
         weights = CrossAttentionWeights(plan, rows, length, self.t2v_attn.num_heads, hidden_states)
         attended = []  # V2V and T2V queries are disjoint: visual and text positions
         if self.use_v2v and plan.v2v is not None:
-            hidden_states, positions, _ = self._gated_cross_attention(
-                hidden_states, "v2v", plan.v2v, plan.scale, weights
-            )
+            hidden_states, positions, _ = self._gated_attention(hidden_states, "v2v", plan, weights)
             attended.append(positions)
         if self.use_t2v and plan.t2v is not None:
-            hidden_states, positions, memory = self._gated_cross_attention(
-                hidden_states, "t2v", plan.t2v, plan.scale, weights
-            )
+            hidden_states, positions, memory = self._gated_attention(hidden_states, "t2v", plan, weights)
             attended.append(positions)
             if cache is not None:  # the decode steps' keys/values
                 cache.visual_memory[self.layer_idx] = memory
@@ -616,16 +612,17 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
             hidden_states = hidden_states.index_add(0, positions, update.to(hidden_states.dtype))
         return hidden_states.view(rows, length, width), weights.per_row()
 
-    def _gated_cross_attention(self, hidden_states, branch: str, call: CrossAttentionCall, scale: float, weights):
+    def _gated_attention(self, hidden_states, branch: str, plan: PrefillPlan, weights: "CrossAttentionWeights"):
         """One branch (`"v2v"` or `"t2v"`) at its call's queries of the flat (positions, D) hidden states: norm ->
         cross-attention -> tanh(gate) -> residual. Returns the new hidden states, the positions it updated and the
         keys/values it made of the call's original tokens."""
         norm, attention, gate = (getattr(self, f"{branch}_{part}") for part in ("norm", "attn", "gate"))
+        call = getattr(plan, branch)
         # Under device_map the vision tower may sit on another device: K/V are made on this layer's.
         keys, values = attention.project_memory(call.tokens.to(hidden_states.device))
         queries = call.queries.to(hidden_states.device)
         out, call_weights = attention(norm(hidden_states[queries]), keys, values, call.mask)
-        out, positions = (scale * torch.tanh(gate) * out).flatten(0, 1), queries.flatten()
+        out, positions = (plan.scale * torch.tanh(gate) * out).flatten(0, 1), queries.flatten()
         if call.take is not None:
             take = call.take.to(hidden_states.device)
             out, positions = out[take], positions[take]
@@ -680,9 +677,8 @@ class CrossAttentionWeights:
             call_weights, starts = call_weights[take], starts[take]
         columns = starts[:, None] + torch.arange(call_weights.shape[-1], device=device)
         heads = torch.arange(call_weights.shape[1], device=device)
-        self.dense[positions[:, None, None], heads[None, :, None], columns[:, None, :]] = call_weights.to(
-            self.dense.dtype
-        )
+        call_weights = call_weights.to(self.dense.dtype)
+        self.dense[positions[:, None, None], heads[None, :, None], columns[:, None, :]] = call_weights
 
     def per_row(self) -> torch.Tensor | None:
         """(rows, heads, length, memory_length), or None when no weights were asked for."""
