@@ -558,6 +558,48 @@ class CrossLMMCrossAttention(nn.Module):
         return self.o_proj(output.flatten(2)), weights
 
 
+class CrossAttentionWeights:
+    """`output_attentions` of one DCAL at prefill: each position's weights over its sample's memory, (positions, heads,
+    memory) filled call by call, each query's keys placed where they start in the memory. Inert when the plan does
+    not ask for weights (or the backend gives none)."""
+
+    def __init__(self, plan: PrefillPlan, rows: int, length: int, heads: int, like: torch.Tensor):
+        self.rows, self.length, self.memory_length = rows, length, max(plan.memory_lengths)
+        self.dense = None
+        if plan.output_attentions:  # room past the memory for the padded keys of a V2V row, cut off by `per_row`
+            room = plan.v2v.tokens.shape[1] if plan.v2v is not None else 0
+            self.dense = like.new_zeros(rows * length, heads, self.memory_length + room)
+
+    def add(self, call: CrossAttentionCall, call_weights: torch.Tensor | None, positions: torch.Tensor):
+        """A call's (n, heads, Lq, K) weights, for its real queries, now at flat `positions`."""
+        if self.dense is None or call_weights is None:
+            return
+        device = self.dense.device
+        starts = call.key_starts.to(device).repeat_interleave(call.queries.shape[1])
+        call_weights = call_weights.permute(0, 2, 1, 3).flatten(0, 1)
+        if call.take is not None:
+            take = call.take.to(device)
+            call_weights, starts = call_weights[take], starts[take]
+        columns = starts[:, None] + torch.arange(call_weights.shape[-1], device=device)
+        heads = torch.arange(call_weights.shape[1], device=device)
+        call_weights = call_weights.to(self.dense.dtype)
+        self.dense[positions[:, None, None], heads[None, :, None], columns[:, None, :]] = call_weights
+
+    def per_row(self) -> torch.Tensor | None:
+        """(rows, heads, length, memory_length), or None when no weights were asked for."""
+        if self.dense is None:
+            return None
+        memory = self.memory_length
+        return self.dense[..., :memory].reshape(self.rows, self.length, self.dense.shape[1], memory).transpose(1, 2)
+
+    @staticmethod
+    def of_decode_step(call_weights: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+        """A decode step's (samples, heads, rows_per_sample * length, M) weights -> (rows, heads, length, M)."""
+        samples, heads, _, memory = call_weights.shape
+        weights = call_weights.view(samples, heads, -1, length, memory).transpose(1, 2)
+        return weights.reshape(rows, heads, length, memory)
+
+
 class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
     """DCAL (figure 2): V2V and T2V cross-attention in parallel, each pre-norm and tanh-gated into the residual
     stream, then a gated feed-forward block at the positions that attended to something. Where each query looks is
@@ -612,7 +654,7 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
             hidden_states = hidden_states.index_add(0, positions, update.to(hidden_states.dtype))
         return hidden_states.view(rows, length, width), weights.per_row()
 
-    def _gated_attention(self, hidden_states, branch: str, plan: PrefillPlan, weights: "CrossAttentionWeights"):
+    def _gated_attention(self, hidden_states, branch: str, plan: PrefillPlan, weights: CrossAttentionWeights):
         """One branch (`"v2v"` or `"t2v"`) at its call's queries of the flat (positions, D) hidden states: norm ->
         cross-attention -> tanh(gate) -> residual. Returns the new hidden states, the positions it updated and the
         keys/values it made of the call's original tokens."""
@@ -651,48 +693,6 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
 
     def _gated_mlp(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.mlp_gate) * self.mlp(self.mlp_norm(hidden_states))
-
-
-class CrossAttentionWeights:
-    """`output_attentions` of one DCAL at prefill: each position's weights over its sample's memory, (positions, heads,
-    memory) filled call by call, each query's keys placed where they start in the memory. Inert when the plan does
-    not ask for weights (or the backend gives none)."""
-
-    def __init__(self, plan: PrefillPlan, rows: int, length: int, heads: int, like: torch.Tensor):
-        self.rows, self.length, self.memory_length = rows, length, max(plan.memory_lengths)
-        self.dense = None
-        if plan.output_attentions:  # room past the memory for the padded keys of a V2V row, cut off by `per_row`
-            room = plan.v2v.tokens.shape[1] if plan.v2v is not None else 0
-            self.dense = like.new_zeros(rows * length, heads, self.memory_length + room)
-
-    def add(self, call: CrossAttentionCall, call_weights: torch.Tensor | None, positions: torch.Tensor):
-        """A call's (n, heads, Lq, K) weights, for its real queries, now at flat `positions`."""
-        if self.dense is None or call_weights is None:
-            return
-        device = self.dense.device
-        starts = call.key_starts.to(device).repeat_interleave(call.queries.shape[1])
-        call_weights = call_weights.permute(0, 2, 1, 3).flatten(0, 1)
-        if call.take is not None:
-            take = call.take.to(device)
-            call_weights, starts = call_weights[take], starts[take]
-        columns = starts[:, None] + torch.arange(call_weights.shape[-1], device=device)
-        heads = torch.arange(call_weights.shape[1], device=device)
-        call_weights = call_weights.to(self.dense.dtype)
-        self.dense[positions[:, None, None], heads[None, :, None], columns[:, None, :]] = call_weights
-
-    def per_row(self) -> torch.Tensor | None:
-        """(rows, heads, length, memory_length), or None when no weights were asked for."""
-        if self.dense is None:
-            return None
-        memory = self.memory_length
-        return self.dense[..., :memory].reshape(self.rows, self.length, self.dense.shape[1], memory).transpose(1, 2)
-
-    @staticmethod
-    def of_decode_step(call_weights: torch.Tensor, rows: int, length: int) -> torch.Tensor:
-        """A decode step's (samples, heads, rows_per_sample * length, M) weights -> (rows, heads, length, M)."""
-        samples, heads, _, memory = call_weights.shape
-        weights = call_weights.view(samples, heads, -1, length, memory).transpose(1, 2)
-        return weights.reshape(rows, heads, length, memory)
 
 
 # --------------------------------------------------------------------------------------------------------------------
