@@ -6,8 +6,8 @@ cross-attention layer (DCAL) after every K-th decoder layer. In a DCAL, V2V lets
 original tokens of its own video (or frame), and T2V lets each text token attend to the original tokens of every
 video/image placed before it. Gates start at 0, so a fresh CrossLMM computes exactly what its base LLM computes.
 
-Where every query looks is worked out once per forward pass by the model (`VisualPlan`, on the host, from the
-placeholder positions at prefill and from the cache on decode steps); the DCALs only run that plan.
+Where every query looks is worked out once per forward pass by the model's `VisualPlanner`, on the host: a
+`PrefillPlan` from the placeholder positions, a `DecodePlan` from the cache on decode steps; the DCALs only run it.
 """
 
 import inspect
@@ -74,16 +74,6 @@ class CrossLMMModelOutputWithPast(BaseModelOutputWithPast):
     image_outputs: BaseModelOutputWithPooling | None = None
     video_outputs: BaseModelOutputWithPooling | None = None
 
-    @property
-    def image_hidden_states(self):
-        """The pooled, projected image tokens (the name transformers' VLM outputs used before `image_outputs`)."""
-        return None if self.image_outputs is None else self.image_outputs.pooler_output
-
-    @property
-    def video_hidden_states(self):
-        """The pooled, projected video tokens (the name transformers' VLM outputs used before `video_outputs`)."""
-        return None if self.video_outputs is None else self.video_outputs.pooler_output
-
 
 @dataclass
 class CrossLMMCausalLMOutputWithPast(CausalLMOutputWithPast):
@@ -94,9 +84,6 @@ class CrossLMMCausalLMOutputWithPast(CausalLMOutputWithPast):
     cross_attentions: tuple[torch.FloatTensor, ...] | None = None
     image_outputs: BaseModelOutputWithPooling | None = None
     video_outputs: BaseModelOutputWithPooling | None = None
-
-    image_hidden_states = CrossLMMModelOutputWithPast.image_hidden_states
-    video_hidden_states = CrossLMMModelOutputWithPast.video_hidden_states
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -110,8 +97,8 @@ class CrossLMMCache(DynamicCache):
 
     The visual memory is kept once per sample, however many rows of the batch share it (beam search,
     `num_return_sequences`): `visual_memory[layer_idx]` holds `(keys, values)` of shape
-    (samples, kv_heads, M, head_dim), padded along M, and rows `s * rows_per_memory` to
-    `(s + 1) * rows_per_memory - 1` read sample `s`'s memory. `memory_lengths[s]` is how many of the M slots are
+    (samples, kv_heads, M, head_dim), padded along M, and rows `s * rows_per_sample` to
+    `(s + 1) * rows_per_sample - 1` read sample `s`'s memory. `memory_lengths[s]` is how many of the M slots are
     sample `s`'s (a host list, so that a decode step plans without reading the device) and `memory_visible`
     (samples,) holds them on the device for the key mask (None when no sample is padded); `memory_scale`
     (samples, 1, 1) is 0 for samples without any video or image (None when every sample has some).
@@ -126,42 +113,46 @@ class CrossLMMCache(DynamicCache):
         self.memory_lengths: list[int] = []
         self.memory_visible: torch.Tensor | None = None
         self.memory_scale: torch.Tensor | None = None
-        self.rows_per_memory = 1
+        self.rows_per_sample = 1
         self.decode_mask: tuple | None = None  # (what it was made for, the decode steps' key mask): made once
 
     @property
     def has_visual_memory(self) -> bool:
         return bool(self.memory_lengths)
 
-    def reorder_cache(self, beam_idx: torch.LongTensor):
-        """Beam search moves rows only among the beams of one sample (its indices carry the sample's offset), so each
-        row keeps reading its sample's memory: only the self-attention cache is reordered."""
-        super().reorder_cache(beam_idx)
-
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
-        self.rows_per_memory *= repeats
+        self.rows_per_sample *= repeats
 
     def batch_select_indices(self, indices: torch.Tensor):
         """Keep some rows: each keeps its own copy of its sample's memory (rows may now come in any order)."""
         super().batch_select_indices(indices)
         if self.has_visual_memory:
-            samples = indices.to(torch.long) // self.rows_per_memory
+            samples = indices.to(torch.long) // self.rows_per_sample
             self.visual_memory = {
                 idx: (k.index_select(0, samples.to(k.device)), v.index_select(0, samples.to(v.device)))
                 for idx, (k, v) in self.visual_memory.items()
             }
             self.memory_lengths = [self.memory_lengths[s] for s in samples.tolist()]
-            if self.memory_visible is not None:
-                self.memory_visible = self.memory_visible.index_select(0, samples.to(self.memory_visible.device))
-            if self.memory_scale is not None:
-                self.memory_scale = self.memory_scale.index_select(0, samples.to(self.memory_scale.device))
-            self.rows_per_memory = 1
-            self.decode_mask = None
+            for name in ("memory_visible", "memory_scale"):
+                if (tensor := getattr(self, name)) is not None:
+                    setattr(self, name, tensor.index_select(0, samples.to(tensor.device)))
+            self.rows_per_sample, self.decode_mask = 1, None
 
     def reset(self):
         super().reset()
         self.reset_visual_memory()
+
+    def keep_memory_layout(self, lengths: list[int], rows_per_sample: int, device):
+        """At prefill, what a decode step needs to plan without reading the device: the memory lengths on the host,
+        and on the device the keys each sample sees and which samples have none (None when not needed)."""
+        self.memory_lengths, self.rows_per_sample = list(lengths), rows_per_sample
+        self.memory_visible = self.memory_scale = self.decode_mask = None
+        if min(lengths) < max(lengths):
+            # A sample without memory sees one key (no backend takes a row that sees nothing), scaled by 0.
+            self.memory_visible = torch.tensor([max(n, 1) for n in lengths], device=device)
+            if min(lengths) == 0:
+                self.memory_scale = torch.tensor([float(n > 0) for n in lengths], device=device)[:, None, None]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -184,24 +175,34 @@ class CrossAttentionCall:
 
 
 @dataclass
-class VisualPlan:
-    """What the DCALs of one forward pass do, built once by `CrossLMMModel` and shared by every DCAL.
-
-    Prefill: one V2V call (each pooled token and the original tokens of its video, or of its frame) and one T2V call
-    (the text positions of each sample, its rows side by side, and the sample's memory: its videos' and images'
-    original tokens in reading order, of which each query sees the prefix placed before it). Decode steps
-    (`decode`): every position of every row attends to its sample's whole memory, read from the cache with the key
-    mask `t2v_mask`. Idle (`scale` 0): a training pass without visual inputs, see `CrossLMMModel._idle_plan`.
-    """
+class PrefillPlan:
+    """What the DCALs of a prefill (or training) pass do, built once by `CrossLMMModel` and shared by every DCAL: one
+    V2V call (each pooled token and the original tokens of its video, or of its frame) and one T2V call (the text
+    positions of each sample, its rows side by side, and the sample's memory: its videos' and images' original tokens
+    in reading order, of which each query sees the prefix placed before it). A training pass without visual inputs
+    runs a blank frame's calls with `scale` 0, so that its updates are exactly 0 (`CrossLMMModel._idle_plan`)."""
 
     memory_lengths: list[int]
     v2v: CrossAttentionCall | None = None
     t2v: CrossAttentionCall | None = None
-    decode: bool = False
-    t2v_mask: object = None  # decode steps
-    memory_scale: torch.Tensor | None = None  # decode steps: (samples, 1, 1), 0 for samples without memory
-    scale: float = 1.0  # 0.0: an idle pass (`CrossLMMModel._idle_plan`), whose updates are exactly 0
+    scale: float = 1.0
     output_attentions: bool = False
+
+
+@dataclass
+class DecodePlan:
+    """A decode step: every position of every row attends to its sample's whole memory, kept in the cache. `mask`
+    keeps each sample to its own keys (None: no sample's memory is padded); `memory_scale` (samples, 1, 1) is 0 for
+    the samples without any video or image (None: every sample has some)."""
+
+    memory_lengths: list[int]
+    mask: object = None
+    memory_scale: torch.Tensor | None = None
+    output_attentions: bool = False
+
+    def scaled(self, update: torch.Tensor) -> torch.Tensor:
+        """(samples, queries, D) updates, 0 for the samples without memory."""
+        return update if self.memory_scale is None else update * self.memory_scale
 
 
 def key_mask(visible: torch.Tensor, keys: int, implementation: str, dtype: torch.dtype, groups: int = 1):
@@ -227,7 +228,7 @@ def masked_implementation(implementation: str) -> str:
     return implementation if implementation in ("eager", "flex_attention", "sdpa") else "sdpa"
 
 
-def _parameter(module: nn.Module) -> nn.Parameter:
+def _zero3_safe_parameter(module: nn.Module) -> nn.Parameter:
     """A module's first parameter, for its dtype and device: read through `parameters()`, since reading
     `module.weight` during a forward makes DeepSpeed ZeRO-3 gather the weight (on this rank alone)."""
     return next(module.parameters())
@@ -245,6 +246,11 @@ def _check_finite(name: str, clips):
         raise ValueError(f"{name} holds NaN or infinite values (at index {', '.join(map(str, bad))}).")
 
 
+def _check_images(pixel_values: torch.Tensor):
+    if pixel_values.ndim != 4:
+        raise ValueError(f"pixel_values must have shape (images, 3, H, W), got {tuple(pixel_values.shape)}.")
+
+
 def _pad_rows(rows: list[torch.Tensor], visible: list[torch.Tensor], fill: int):
     """Rows of queries (flat positions) and of how many keys each sees, padded to the longest row, and to one query
     at least: a call with no query is no call to the attention backends (padding queries repeat a position and see
@@ -257,6 +263,189 @@ def _pad_rows(rows: list[torch.Tensor], visible: list[torch.Tensor], fill: int):
         queries[i, : len(row)], seen[i, : len(row)], real[i, : len(row)] = row, row_visible, True
     take = None if bool(real.all()) else real.flatten().nonzero().flatten()
     return queries, seen, take
+
+
+@dataclass
+class _Item:
+    """One video or image of a prefill, on the host: where its pooled tokens sit in each row of its sample."""
+
+    sample: int
+    kind: str  # "video" or "image"
+    frame: int  # its first frame among the pass's frames (every video's, then every image's)
+    frames: int
+    positions: torch.Tensor  # (rows_per_sample, frames * pool_size**2) positions in each row of its sample
+
+
+class VisualPlanner:
+    """Works out on the host, once per forward pass, where every DCAL query looks: at prefill, which positions hold
+    which video's or image's pooled tokens (`layout`) and the `PrefillPlan`; on a decode step, the `DecodePlan` from
+    what the cache holds. `dtype` is the additive key masks' (eager); `rows_per_sample`: see CrossLMMModel.forward."""
+
+    def __init__(self, config: CrossLMMConfig, dtype: torch.dtype, rows_per_sample: int = 1):
+        self.config, self.dtype, self.rows_per_sample = config, dtype, rows_per_sample
+
+    def layout(self, masks: dict, clips: dict) -> list[_Item]:
+        """Assign the placeholder tokens of each modality, in reading order, to its videos / images (`clips[kind]`:
+        each one's frame count, in input order). Returns the items of every sample in reading order."""
+        per_frame = self.config.tokens_per_frame
+        rows = masks["video"].shape[0]
+        if self.rows_per_sample < 1 or rows % self.rows_per_sample:
+            raise ValueError(f"rows_per_sample={self.rows_per_sample} does not divide the batch's {rows} rows.")
+        repeats = f", in each of the {self.rows_per_sample} rows of a sample" if self.rows_per_sample > 1 else ""
+        items = []
+        for kind in ("video", "image"):
+            counts, mask = clips[kind], masks[kind]
+            found, needed = int(mask.sum()), sum(counts) * per_frame * self.rows_per_sample
+            if found != needed:
+                raise ValueError(
+                    f"The prompt has {found} {kind} placeholder tokens but the {len(counts)} {kind}(s) given need "
+                    f"{needed} ({[n * per_frame for n in counts]}: frames x pool_size**2 each{repeats}). Let the "
+                    f"processor expand the placeholders, and give one {kind} per placeholder."
+                )
+            next_clip, frame = 0, 0 if kind == "video" else sum(clips["video"])
+            for sample in range(rows // self.rows_per_sample):
+                block = mask[sample * self.rows_per_sample : (sample + 1) * self.rows_per_sample]
+                positions = [row.nonzero().flatten() for row in block]
+                if any(len(p) != len(positions[0]) for p in positions):
+                    raise ValueError(f"The rows of one sample (rows_per_sample) hold different {kind} placeholders.")
+                used = 0
+                while used < len(positions[0]):
+                    tokens = counts[next_clip] * per_frame
+                    if used + tokens > len(positions[0]):
+                        raise ValueError(f"The placeholder tokens of one {kind} are split across batch rows.")
+                    span = torch.stack([p[used : used + tokens] for p in positions])
+                    items.append(_Item(sample, kind, frame, counts[next_clip], span))
+                    used += tokens
+                    frame += counts[next_clip]
+                    next_clip += 1
+        items.sort(key=lambda item: (item.sample, int(item.positions[0, 0])))
+        return items
+
+    def prefill(
+        self, items, original, placeholders, attention_mask, cache, output_attentions, training
+    ) -> PrefillPlan:
+        """Every DCAL query of a prefill with its keys, worked out once on the host: the V2V call, the T2V call and
+        each sample's memory (kept in the cache for the decode steps). `original` holds the original tokens of every
+        frame, videos' then images'."""
+        rows, length = placeholders["video"].shape
+        memory, memory_start, lengths = self._visual_memory(items, original, rows // self.rows_per_sample)
+        v2v = None
+        if self.config.use_v2v:
+            v2v = self._v2v_call(items, original, memory_start, length)
+        text = ~(placeholders["video"] | placeholders["image"]).cpu()
+        if attention_mask is not None and attention_mask.ndim == 2:
+            text &= attention_mask[:, -length:].cpu().bool()
+        t2v = self._t2v_call(items, memory, lengths, text, always=cache is not None or training)
+        if cache is not None and self.config.use_t2v:
+            cache.keep_memory_layout(lengths, self.rows_per_sample, memory.device)
+        return PrefillPlan(memory_lengths=lengths, v2v=v2v, t2v=t2v, output_attentions=output_attentions)
+
+    def _visual_memory(self, items, original, samples):
+        """Each sample's memory, (samples, M, D_v) padded along M: its items' original tokens in reading order. Also
+        where each item starts in it and each sample's length."""
+        grid_tokens = self.config.patch_grid_size**2
+        memory_start, lengths = [], [0] * samples
+        for item in items:
+            memory_start.append(lengths[item.sample])
+            lengths[item.sample] += item.frames * grid_tokens
+        tokens = [original[item.frame : item.frame + item.frames] for item in items]
+        if samples == 1 and len(items) == 1:
+            return tokens[0].reshape(1, lengths[0], -1), memory_start, lengths
+        memory = tokens[0].new_zeros(samples, max(lengths), tokens[0].shape[-1])
+        for item, start, item_tokens in zip(items, memory_start, tokens):
+            memory[item.sample, start : start + item.frames * grid_tokens] = item_tokens.flatten(0, 1)
+        return memory, memory_start, lengths
+
+    def _t2v_call(self, items, memory, lengths, text, always):
+        """T2V in one call: a row per sample, its rows' `text` positions side by side, each seeing the memory of the
+        items that end before it (a prefix of its sample's memory). None when no query sees any memory, unless
+        `always` (the call then fills the cache, or keeps data-parallel ranks making the same calls in training)."""
+        grid_tokens, length, memory_length = self.config.patch_grid_size**2, text.shape[1], max(lengths)
+        queries, visible = [[] for _ in lengths], [[] for _ in lengths]
+        for sample in range(len(lengths)):
+            sample_items = [i for i, item in enumerate(items) if item.sample == sample]
+            sizes = torch.tensor([0] + [items[i].frames * grid_tokens for i in sample_items]).cumsum(0)
+            for j in range(self.rows_per_sample):
+                row = sample * self.rows_per_sample + j
+                ends = torch.tensor([int(items[i].positions[j, -1]) for i in sample_items], dtype=torch.long)
+                positions = text[row].nonzero().flatten()
+                seen = sizes[torch.searchsorted(ends, positions)]
+                queries[sample].append(row * length + positions[seen > 0])
+                visible[sample].append(seen[seen > 0])
+        queries, visible = [torch.cat(q) for q in queries], [torch.cat(v) for v in visible]
+        if not (always or any(len(q) for q in queries)):
+            return None
+        queries, visible, take = _pad_rows(queries, visible, memory_length)
+        mask = self._key_mask(visible, memory_length) if bool((visible < memory_length).any()) else None
+        return CrossAttentionCall(queries, memory, torch.zeros(len(lengths), dtype=torch.long), take, mask)
+
+    def _v2v_call(self, items, original, memory_start, length):
+        """V2V in one call: each pooled token attends to its own video's original tokens ("video" scope: a row per
+        video or image, padded to the longest) or to its own frame's ("frame" scope: a row per frame, which are
+        `original`'s frames as they are)."""
+        per_frame, grid_tokens = self.config.tokens_per_frame, self.config.patch_grid_size**2
+
+        def frame_queries(item):  # (frames, rows_per_sample * per_frame): each frame's pooled positions in each row
+            rows = item.sample * self.rows_per_sample + torch.arange(self.rows_per_sample)
+            positions = item.positions.view(self.rows_per_sample, item.frames, per_frame)
+            return (rows[:, None, None] * length + positions).transpose(0, 1).flatten(1)
+
+        if self.config.v2v_scope == "frame":
+            queries = torch.zeros(original.shape[0], self.rows_per_sample * per_frame, dtype=torch.long)
+            starts = torch.zeros(original.shape[0], dtype=torch.long)
+            for item, start in zip(items, memory_start):
+                queries[item.frame : item.frame + item.frames] = frame_queries(item)
+                starts[item.frame : item.frame + item.frames] = start + grid_tokens * torch.arange(item.frames)
+            return CrossAttentionCall(queries, original, starts)
+
+        item_queries = [frame_queries(item).flatten() for item in items]
+        spans = [original[item.frame : item.frame + item.frames].flatten(0, 1) for item in items]
+        starts = torch.tensor(memory_start)
+        if len({len(span) for span in spans}) == 1:  # equal lengths: no padding
+            tokens = spans[0][None] if len(spans) == 1 else torch.stack(spans)
+            return CrossAttentionCall(torch.stack(item_queries), tokens, starts)
+        longest = max(len(span) for span in spans)
+        tokens = spans[0].new_zeros(len(spans), longest, spans[0].shape[-1])
+        for i, span in enumerate(spans):
+            tokens[i, : len(span)] = span
+        sizes = [torch.full((len(q),), len(span)) for q, span in zip(item_queries, spans)]
+        queries, visible, take = _pad_rows(item_queries, sizes, longest)
+        return CrossAttentionCall(queries, tokens, starts, take, self._key_mask(visible, longest))
+
+    def _key_mask(self, visible, keys):
+        """`key_mask` for the DCALs' calls, on the backend that runs them, whose query heads are folded by key/value
+        head."""
+        text = self.config.text_config
+        implementation = masked_implementation(text._attn_implementation)
+        return key_mask(
+            visible, keys, implementation, self.dtype, text.num_attention_heads // text.num_key_value_heads
+        )
+
+    def decode(self, cache: CrossLMMCache, rows, length, output_attentions) -> DecodePlan:
+        """A step after the prefill: every new position of every row reads its sample's whole memory. Planned from
+        what the cache holds on the host; nothing is read back from the device."""
+        samples, rows_per_sample = len(cache.memory_lengths), cache.rows_per_sample
+        if rows != samples * rows_per_sample:
+            raise ValueError(
+                f"The cache holds visual memory for {samples} sample(s) x {rows_per_sample} row(s) but this batch has "
+                f"{rows} rows."
+            )
+        mask = None
+        if cache.memory_visible is not None:
+            # The same mask at every step of one length (a flex_attention BlockMask is costly to make): kept.
+            implementation = masked_implementation(self.config.text_config._attn_implementation)
+            made_for = (implementation, rows_per_sample, length, self.dtype)
+            if cache.decode_mask is None or cache.decode_mask[0] != made_for:
+                visible = cache.memory_visible[:, None].expand(samples, rows_per_sample * length)
+                mask = self._key_mask(visible, max(cache.memory_lengths))
+                cache.decode_mask = (made_for, mask)
+            mask = cache.decode_mask[1]
+        return DecodePlan(
+            memory_lengths=cache.memory_lengths,
+            mask=mask,
+            memory_scale=None if cache.memory_scale is None else cache.memory_scale.to(self.dtype),
+            output_attentions=output_attentions,
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -327,7 +516,7 @@ class CrossLMMCrossAttention(nn.Module):
         steps read them from the cache at every token, and every attention kernel reads a head's keys fastest as one
         block (on a CPU, SDPA over the strided projection's view took 2.5-3.3x as long per key)."""
         shape = (*tokens.shape[:-1], -1, self.head_dim)  # -1: the local heads under tensor parallelism
-        tokens = tokens.to(dtype=_parameter(self.k_proj).dtype)
+        tokens = tokens.to(dtype=_zero3_safe_parameter(self.k_proj).dtype)
         keys = self.k_proj(tokens).view(shape).transpose(1, 2).contiguous()
         return keys, self.v_proj(tokens).view(shape).transpose(1, 2).contiguous()
 
@@ -369,10 +558,52 @@ class CrossLMMCrossAttention(nn.Module):
         return self.o_proj(output.flatten(2)), weights
 
 
+class CrossAttentionWeights:
+    """`output_attentions` of one DCAL at prefill: each position's weights over its sample's memory, (positions, heads,
+    memory) filled call by call, each query's keys placed where they start in the memory. Inert when the plan does
+    not ask for weights (or the backend gives none)."""
+
+    def __init__(self, plan: PrefillPlan, rows: int, length: int, heads: int, like: torch.Tensor):
+        self.rows, self.length, self.memory_length = rows, length, max(plan.memory_lengths)
+        self.dense = None
+        if plan.output_attentions:  # room past the memory for the padded keys of a V2V row, cut off by `per_row`
+            room = plan.v2v.tokens.shape[1] if plan.v2v is not None else 0
+            self.dense = like.new_zeros(rows * length, heads, self.memory_length + room)
+
+    def add(self, call: CrossAttentionCall, call_weights: torch.Tensor | None, positions: torch.Tensor):
+        """A call's (n, heads, Lq, K) weights, for its real queries, now at flat `positions`."""
+        if self.dense is None or call_weights is None:
+            return
+        device = self.dense.device
+        starts = call.key_starts.to(device).repeat_interleave(call.queries.shape[1])
+        call_weights = call_weights.permute(0, 2, 1, 3).flatten(0, 1)
+        if call.take is not None:
+            take = call.take.to(device)
+            call_weights, starts = call_weights[take], starts[take]
+        columns = starts[:, None] + torch.arange(call_weights.shape[-1], device=device)
+        heads = torch.arange(call_weights.shape[1], device=device)
+        call_weights = call_weights.to(self.dense.dtype)
+        self.dense[positions[:, None, None], heads[None, :, None], columns[:, None, :]] = call_weights
+
+    def per_row(self) -> torch.Tensor | None:
+        """(rows, heads, length, memory_length), or None when no weights were asked for."""
+        if self.dense is None:
+            return None
+        memory = self.memory_length
+        return self.dense[..., :memory].reshape(self.rows, self.length, self.dense.shape[1], memory).transpose(1, 2)
+
+    @staticmethod
+    def of_decode_step(call_weights: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+        """A decode step's (samples, heads, rows_per_sample * length, M) weights -> (rows, heads, length, M)."""
+        samples, heads, _, memory = call_weights.shape
+        weights = call_weights.view(samples, heads, -1, length, memory).transpose(1, 2)
+        return weights.reshape(rows, heads, length, memory)
+
+
 class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
     """DCAL (figure 2): V2V and T2V cross-attention in parallel, each pre-norm and tanh-gated into the residual
     stream, then a gated feed-forward block at the positions that attended to something. Where each query looks is
-    the `VisualPlan`'s business; this layer runs it.
+    the plan's business (`PrefillPlan`, `DecodePlan`); this layer runs it.
 
     At prefill and in training each enabled branch runs exactly once per pass, its sub-modules always in the same
     order, whatever the inputs: DeepSpeed ZeRO-3 gathers a sub-module's parameters on each call, so data-parallel
@@ -398,97 +629,70 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
             self.mlp = None
 
     def forward(
-        self, hidden_states: torch.Tensor, plan: VisualPlan, cache: CrossLMMCache | None = None
+        self, hidden_states: torch.Tensor, plan: PrefillPlan | DecodePlan, cache: CrossLMMCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the new hidden states and, when the plan asks for them (eager backend), the attention weights
-        over each sample's memory (batch, heads, length, memory_length)."""
-        if plan.decode:
+        """mllama's gated cross-attention layer at the positions the plan names: norm -> attention -> tanh(gate) ->
+        residual for V2V, then for T2V, then the gated MLP. Returns the new hidden states and, when the plan asks for
+        them (eager backend), the attention weights over each sample's memory (batch, heads, length, memory_length)."""
+        if isinstance(plan, DecodePlan):
             return self._decode_step(hidden_states, plan, cache)
         rows, length, width = hidden_states.shape
-        flat = hidden_states.reshape(rows * length, width)
-        weights = self._weights(flat, plan)
-        positions, updates = [], []
-        for enabled, norm, attention, gate, call in (
-            (self.use_v2v, self.v2v_norm, self.v2v_attn, self.v2v_gate, plan.v2v),
-            (self.use_t2v, self.t2v_norm, self.t2v_attn, self.t2v_gate, plan.t2v),
-        ):
-            if not enabled or call is None:
-                continue
-            # Under device_map the vision tower may sit on another device: K/V are made on this layer's.
-            keys, values = attention.project_memory(call.tokens.to(flat.device))
-            if attention is self.t2v_attn and cache is not None:  # the decode steps' memory
-                cache.visual_memory[self.layer_idx] = (keys, values)
-            queries = call.queries.to(flat.device)
-            out, call_weights = attention(norm(flat[queries]), keys, values, call.mask)
-            out, where = (plan.scale * torch.tanh(gate) * out).flatten(0, 1), queries.flatten()
-            take = None if call.take is None else call.take.to(flat.device)
-            if take is not None:
-                out, where = out[take], where[take]
-            positions.append(where)
-            updates.append(out)
-            if weights is not None and call_weights is not None:
-                starts = call.key_starts.to(flat.device).repeat_interleave(queries.shape[1])
-                self._place(weights, call_weights, where, starts, take)
-        if positions:
-            positions = torch.cat(positions)  # V2V and T2V queries are disjoint: visual and text positions
-            flat = flat.index_add(0, positions, torch.cat(updates).to(flat.dtype))
-            if self.mlp is not None:  # at the positions that attended to something
-                flat = flat.index_add(0, positions, (plan.scale * self._mlp(flat[positions])).to(flat.dtype))
-        return flat.view(rows, length, width), self._dense(weights, rows, length, max(plan.memory_lengths))
+        hidden_states = hidden_states.reshape(rows * length, width)
+        weights = CrossAttentionWeights(plan, rows, length, self.t2v_attn.num_heads, hidden_states)
+        attended = []  # V2V and T2V queries are disjoint: visual and text positions
+        if self.use_v2v and plan.v2v is not None:
+            hidden_states, positions, _ = self._gated_attention(hidden_states, "v2v", plan, weights)
+            attended.append(positions)
+        if self.use_t2v and plan.t2v is not None:
+            hidden_states, positions, memory = self._gated_attention(hidden_states, "t2v", plan, weights)
+            attended.append(positions)
+            if cache is not None:  # the decode steps' keys/values
+                cache.visual_memory[self.layer_idx] = memory
+        if self.mlp is not None and attended:  # at the positions that attended to something
+            positions = torch.cat(attended)
+            update = plan.scale * self._gated_mlp(hidden_states[positions])
+            hidden_states = hidden_states.index_add(0, positions, update.to(hidden_states.dtype))
+        return hidden_states.view(rows, length, width), weights.per_row()
 
-    def _decode_step(self, hidden_states, plan, cache):
-        """Every position of every row attends to its sample's whole memory, in one call for the whole batch: the
-        rows of one sample side by side as one row of queries against the cached keys/values, no copy of them."""
+    def _gated_attention(self, hidden_states, branch: str, plan: PrefillPlan, weights: CrossAttentionWeights):
+        """One branch (`"v2v"` or `"t2v"`) at its call's queries of the flat (positions, D) hidden states: norm ->
+        cross-attention -> tanh(gate) -> residual. Returns the new hidden states, the positions it updated and the
+        keys/values it made of the call's original tokens."""
+        norm, attention, gate = (getattr(self, f"{branch}_{part}") for part in ("norm", "attn", "gate"))
+        call = getattr(plan, branch)
+        # Under device_map the vision tower may sit on another device: K/V are made on this layer's.
+        keys, values = attention.project_memory(call.tokens.to(hidden_states.device))
+        queries = call.queries.to(hidden_states.device)
+        out, call_weights = attention(norm(hidden_states[queries]), keys, values, call.mask)
+        out, positions = (plan.scale * torch.tanh(gate) * out).flatten(0, 1), queries.flatten()
+        if call.take is not None:
+            take = call.take.to(hidden_states.device)
+            out, positions = out[take], positions[take]
+        weights.add(call, call_weights, positions)
+        return hidden_states.index_add(0, positions, out.to(hidden_states.dtype)), positions, (keys, values)
+
+    def _decode_step(self, hidden_states, plan: DecodePlan, cache: CrossLMMCache):
+        """T2V alone (a new position is text), in one call for the whole batch: the rows of one sample side by side as
+        one row of queries against its cached keys/values, no copy of them; then the gated MLP."""
         if not self.use_t2v:
             return hidden_states, None
         rows, length, width = hidden_states.shape
         keys, values = cache.visual_memory[self.layer_idx]
         samples = keys.shape[0]
-        queries = hidden_states.reshape(samples, -1, width)
-        out, call_weights = self.t2v_attn(self.t2v_norm(queries), keys, values, plan.t2v_mask)
-        out = torch.tanh(self.t2v_gate) * out
-        if plan.memory_scale is not None:  # rows of samples without videos or images attend to nothing
-            out = out * plan.memory_scale
+        queries = self.t2v_norm(hidden_states.reshape(samples, -1, width))
+        out, call_weights = self.t2v_attn(queries, keys, values, plan.mask)
+        out = plan.scaled(torch.tanh(self.t2v_gate) * out)
         hidden_states = hidden_states + out.reshape(rows, length, width).to(hidden_states.dtype)
         if self.mlp is not None:
-            update = self._mlp(hidden_states).reshape(samples, -1, width)
-            if plan.memory_scale is not None:
-                update = update * plan.memory_scale
+            update = plan.scaled(self._gated_mlp(hidden_states).reshape(samples, -1, width))
             hidden_states = hidden_states + update.reshape(rows, length, width).to(hidden_states.dtype)
         weights = None
-        if plan.output_attentions and call_weights is not None:  # (samples, heads, k * length, M) -> per row
-            heads, memory = call_weights.shape[1], call_weights.shape[-1]
-            weights = call_weights.view(samples, heads, -1, length, memory).transpose(1, 2)
-            weights = weights.reshape(rows, heads, length, memory)
+        if plan.output_attentions and call_weights is not None:
+            weights = CrossAttentionWeights.of_decode_step(call_weights, rows, length)
         return hidden_states, weights
 
-    def _mlp(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _gated_mlp(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.mlp_gate) * self.mlp(self.mlp_norm(hidden_states))
-
-    def _weights(self, flat, plan):
-        """The dense (positions, heads, memory) attention weights to fill, when asked for; room past the memory for
-        the padded keys of a V2V row, cut off by `_dense`."""
-        if not plan.output_attentions:
-            return None
-        room = plan.v2v.tokens.shape[1] if plan.v2v is not None else 0
-        return flat.new_zeros(flat.shape[0], self.t2v_attn.num_heads, max(plan.memory_lengths) + room)
-
-    @staticmethod
-    def _place(weights, call_weights, positions, key_starts, take=None):
-        """Write a call's (n, heads, Lq, K) weights (its queries `take`, default all) into the dense
-        (positions, heads, memory) tensor, each query's keys starting at its `key_starts` entry."""
-        call_weights = call_weights.permute(0, 2, 1, 3).flatten(0, 1)
-        if take is not None:
-            call_weights, key_starts = call_weights[take], key_starts[take]
-        columns = key_starts[:, None] + torch.arange(call_weights.shape[-1], device=weights.device)
-        heads = torch.arange(call_weights.shape[1], device=weights.device)
-        weights[positions[:, None, None], heads[None, :, None], columns[:, None, :]] = call_weights.to(weights.dtype)
-
-    @staticmethod
-    def _dense(weights, rows, length, memory_length):
-        if weights is None:
-            return None
-        return weights[..., :memory_length].reshape(rows, length, weights.shape[1], memory_length).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -540,7 +744,7 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
         """Reentrant checkpointing differentiates only through a layer's tensor arguments; a DCAL reads the original
-        visual tokens from its VisualPlan argument, so it needs the non-reentrant kind (transformers' default)."""
+        visual tokens from its plan argument, so it needs the non-reentrant kind (transformers' default)."""
         if enable and getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant"):
             raise ValueError(
                 "CrossLMM's DCALs need non-reentrant gradient checkpointing: pass "
@@ -559,17 +763,6 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
             init.zeros_(module.t2v_gate)
             if module.mlp is not None:
                 init.zeros_(module.mlp_gate)
-
-
-@dataclass
-class _Item:
-    """One video or image of a prefill, on the host: where its pooled tokens sit in each row of its sample."""
-
-    sample: int
-    kind: str  # "video" or "image"
-    frame: int  # its first frame among the pass's frames (every video's, then every image's)
-    frames: int
-    positions: torch.Tensor  # (rows_per_sample, frames * pool_size**2) positions in each row of its sample
 
 
 class CrossLMMModel(CrossLMMPreTrainedModel):
@@ -622,8 +815,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         Returns `BaseModelOutputWithPooling`: `last_hidden_state` (images, N, D_v), `pooler_output` (images,
         pool_size**2, D), as `get_video_features`.
         """
-        if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must have shape (images, 3, H, W), got {tuple(pixel_values.shape)}.")
+        _check_images(pixel_values)
         return self._encode_visual(pixel_values, **kwargs)
 
     @capture_outputs(tie_last_hidden_states=False)
@@ -637,15 +829,15 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             for name in ("hidden_states", "attentions")
         )
         one_pass = recorded or (self.training and torch.is_grad_enabled())
-        original = self.get_original_visual_tokens(frames, frames.shape[0] if one_pass else None)
+        original = self._original_tokens(frames, frames.shape[0] if one_pass else None)
         # Pooled chunk by chunk, as the tower runs: the pooler's float32 copy (in a half-precision model) must not grow
         # with frames.
         pooled = torch.cat([self.pooler(chunk) for chunk in original.split(self.config.vision_batch_size)])
         # The tower may run in another dtype than the rest (e.g. kept in float32 while the LLM trains in bfloat16).
-        pooled = self.multi_modal_projector(pooled.to(_parameter(self.multi_modal_projector).dtype))
+        pooled = self.multi_modal_projector(pooled.to(_zero3_safe_parameter(self.multi_modal_projector).dtype))
         return BaseModelOutputWithPooling(last_hidden_state=original, pooler_output=pooled)
 
-    def get_original_visual_tokens(self, frames: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    def _original_tokens(self, frames: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """(F, 3, H, W) frames -> (F, N, D_v) original visual tokens, `batch_size` (default `vision_batch_size`)
         frames at a time so that activation memory does not grow with the video length."""
         size = self.config.image_size
@@ -714,17 +906,14 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
     def _split_features(encoded: BaseModelOutputWithPooling, clips: dict) -> dict[str, BaseModelOutputWithPooling]:
         """The features of every video's and image's frames, encoded together, as `get_video_features` and
         `get_image_features` return them."""
-        video_frames = sum(clips["video"])
+        video, image = slice(None, sum(clips["video"])), slice(sum(clips["video"]), None)
         features = {}
         if clips["video"]:
-            pooled = per_video(encoded.pooler_output[:video_frames], clips["video"])
-            features["video"] = BaseModelOutputWithPooling(
-                last_hidden_state=encoded.last_hidden_state[:video_frames], pooler_output=pooled
-            )
+            pooled = per_video(encoded.pooler_output[video], clips["video"])
+            features["video"] = BaseModelOutputWithPooling(encoded.last_hidden_state[video], pooled)
         if clips["image"]:
             features["image"] = BaseModelOutputWithPooling(
-                last_hidden_state=encoded.last_hidden_state[video_frames:],
-                pooler_output=encoded.pooler_output[video_frames:],
+                encoded.last_hidden_state[image], encoded.pooler_output[image]
             )
         return features
 
@@ -736,7 +925,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         embed = self.get_input_embeddings()
         masks = []
         for token_id in (self.config.image_token_id, self.config.video_token_id):
-            token = embed(torch.tensor(token_id, device=_parameter(embed).device)).to(inputs_embeds.device)
+            token = embed(torch.tensor(token_id, device=_zero3_safe_parameter(embed).device)).to(inputs_embeds.device)
             masks.append((inputs_embeds == token.to(inputs_embeds.dtype)).all(-1))
         return masks[0], masks[1]
 
@@ -771,69 +960,37 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         cache = self._prepare_cache(_one_cache(cache, past_key_values), use_cache, has_visual)
         prefill = cache is None or cache.get_seq_length() == 0
         self._check_text_inputs(input_ids, inputs_embeds, attention_mask, cache, prefill)
-        if inputs_embeds is None:
-            embed_tokens = self.get_input_embeddings()
-            inputs_embeds = embed_tokens(input_ids.to(_parameter(embed_tokens).device))
-        rows, length = inputs_embeds.shape[:2]
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
         output_attentions = bool(output_attentions) and self.config.text_config._attn_implementation == "eager"
 
+        embed_tokens = self.get_input_embeddings()
+        if inputs_embeds is None:
+            inputs_embeds = embed_tokens(input_ids.to(_zero3_safe_parameter(embed_tokens).device))
         features, plan = {}, None
         if has_visual:
-            clips = {"video": [], "image": []}  # the frame count of each video and image, in input order
-            frames = []
-            if pixel_values_videos is not None:
-                frames = self._split_videos(pixel_values_videos, video_num_frames)
-                _check_finite("pixel_values_videos", frames)
-                clips["video"] = [len(video) for video in frames]
-            if pixel_values is not None:
-                if pixel_values.ndim != 4:
-                    raise ValueError(
-                        f"pixel_values must have shape (images, 3, H, W), got {tuple(pixel_values.shape)}."
-                    )
-                _check_finite("pixel_values", pixel_values)
-                frames.append(pixel_values)
-                clips["image"] = [1] * len(pixel_values)
-            # Every frame through the tower in one go, outside this pass's output capturing (the tower's layers are
-            # not the decoder's hidden states).
-            encoded = self._encode_visual(
-                frames[0] if len(frames) == 1 else torch.cat(frames),
-                return_dict=True,
-                output_hidden_states=False,
-                output_attentions=False,
-            )
+            encoded, clips = self._encode_visual_inputs(pixel_values, pixel_values_videos, video_num_frames)
             features = self._split_features(encoded, clips)
             masks = dict(zip(("image", "video"), self.get_placeholder_mask(input_ids, inputs_embeds)))
-            items = self._layout({k: m.cpu() for k, m in masks.items()}, clips, rows_per_sample)
+            planner = VisualPlanner(self.config, _zero3_safe_parameter(embed_tokens).dtype, rows_per_sample)
+            items = planner.layout({kind: mask.cpu() for kind, mask in masks.items()}, clips)
             inputs_embeds = self._insert_pooled(inputs_embeds, items, encoded.pooler_output, rows_per_sample)
-            plan = self._prefill_plan(
-                items,
-                encoded.last_hidden_state,
-                masks,
-                attention_mask,
-                rows,
-                length,
-                rows_per_sample,
-                cache,
-                output_attentions,
+            plan = planner.prefill(
+                items, encoded.last_hidden_state, masks, attention_mask, cache, output_attentions, self.training
             )
         elif prefill:
-            placeholders = self.get_placeholder_mask(input_ids, inputs_embeds)
-            if (placeholders[0] | placeholders[1]).any():
+            image_placeholders, video_placeholders = self.get_placeholder_mask(input_ids, inputs_embeds)
+            if (image_placeholders | video_placeholders).any():
                 raise ValueError(
                     "The prompt has <video>/<image> placeholder tokens but no videos or images were given."
                 )
             if self.training and torch.is_grad_enabled():
                 inputs_embeds, plan = self._idle_plan(inputs_embeds)
         elif cache.has_visual_memory:
-            plan = self._decode_plan(cache, rows, length, inputs_embeds.dtype, output_attentions)
+            planner = VisualPlanner(self.config, inputs_embeds.dtype)
+            plan = planner.decode(cache, *inputs_embeds.shape[:2], output_attentions)
 
-        past_seen = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            if attention_mask is not None and attention_mask.ndim == 2:  # left padding: count real tokens only
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-            else:
-                position_ids = torch.arange(past_seen, past_seen + length, device=inputs_embeds.device)[None]
+            position_ids = self._position_ids(attention_mask, cache, inputs_embeds)
         hidden_states = self._run_decoder_with_dcals(
             inputs_embeds, attention_mask, position_ids, cache, use_cache, plan, **kwargs
         )
@@ -843,6 +1000,34 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             image_outputs=features.get("image"),
             video_outputs=features.get("video"),
         )
+
+    def _encode_visual_inputs(self, pixel_values, pixel_values_videos, video_num_frames):
+        """Every video's frames, then every image, through the tower in one go, outside this pass's output capturing
+        (the tower's layers are not the decoder's hidden states). Returns the features and each video's and image's
+        frame count, in input order."""
+        clips, frames = {"video": [], "image": []}, []
+        if pixel_values_videos is not None:
+            frames = self._split_videos(pixel_values_videos, video_num_frames)
+            _check_finite("pixel_values_videos", frames)
+            clips["video"] = [len(video) for video in frames]
+        if pixel_values is not None:
+            _check_images(pixel_values)
+            _check_finite("pixel_values", pixel_values)
+            frames.append(pixel_values)
+            clips["image"] = [1] * len(pixel_values)
+        frames = frames[0] if len(frames) == 1 else torch.cat(frames)
+        return self._encode_visual(
+            frames, return_dict=True, output_hidden_states=False, output_attentions=False
+        ), clips
+
+    @staticmethod
+    def _position_ids(attention_mask, cache, inputs_embeds):
+        """Positions of the new tokens; with a 2-D attention mask (left padding) only real tokens count."""
+        length = inputs_embeds.shape[1]
+        if attention_mask is not None and attention_mask.ndim == 2:
+            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        return torch.arange(past_seen, past_seen + length, device=inputs_embeds.device)[None]
 
     def _check_text_inputs(self, input_ids, inputs_embeds, attention_mask, cache, prefill):
         """Shapes that do not fit, and token ids outside the vocabulary, named here rather than as an index error
@@ -888,43 +1073,6 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
 
     # ---- where the visual tokens go (prefill, on the host) ---------------------------------------------------------
 
-    def _layout(self, masks: dict, clips: dict, rows_per_sample: int) -> list[_Item]:
-        """Assign the placeholder tokens of each modality, in reading order, to its videos / images (`clips[kind]`:
-        each one's frame count, in input order). Returns the items of every sample in reading order."""
-        per_frame = self.config.tokens_per_frame
-        rows = masks["video"].shape[0]
-        if rows_per_sample < 1 or rows % rows_per_sample:
-            raise ValueError(f"rows_per_sample={rows_per_sample} does not divide the batch's {rows} rows.")
-        repeats = f", in each of the {rows_per_sample} rows of a sample" if rows_per_sample > 1 else ""
-        items = []
-        for kind in ("video", "image"):
-            counts, mask = clips[kind], masks[kind]
-            found, needed = int(mask.sum()), sum(counts) * per_frame * rows_per_sample
-            if found != needed:
-                raise ValueError(
-                    f"The prompt has {found} {kind} placeholder tokens but the {len(counts)} {kind}(s) given need "
-                    f"{needed} ({[n * per_frame for n in counts]}: frames x pool_size**2 each{repeats}). Let the "
-                    f"processor expand the placeholders, and give one {kind} per placeholder."
-                )
-            next_clip, frame = 0, 0 if kind == "video" else sum(clips["video"])
-            for sample in range(rows // rows_per_sample):
-                block = mask[sample * rows_per_sample : (sample + 1) * rows_per_sample]
-                positions = [row.nonzero().flatten() for row in block]
-                if any(len(p) != len(positions[0]) for p in positions):
-                    raise ValueError(f"The rows of one sample (rows_per_sample) hold different {kind} placeholders.")
-                used = 0
-                while used < len(positions[0]):
-                    tokens = counts[next_clip] * per_frame
-                    if used + tokens > len(positions[0]):
-                        raise ValueError(f"The placeholder tokens of one {kind} are split across batch rows.")
-                    span = torch.stack([p[used : used + tokens] for p in positions])
-                    items.append(_Item(sample, kind, frame, counts[next_clip], span))
-                    used += tokens
-                    frame += counts[next_clip]
-                    next_clip += 1
-        items.sort(key=lambda item: (item.sample, int(item.positions[0, 0])))
-        return items
-
     def _insert_pooled(self, inputs_embeds, items, pooled, rows_per_sample):
         """The pooled, projected tokens (every frame's, (frames, pool_size**2, D)) in place of their placeholders, in
         every row of their sample."""
@@ -941,142 +1089,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         flat = inputs_embeds.reshape(rows * length, width).index_put((torch.cat(targets).to(device),), values)
         return flat.view(rows, length, width)
 
-    def _prefill_plan(
-        self, items, original, masks, attention_mask, rows, length, rows_per_sample, cache, output_attentions
-    ) -> VisualPlan:
-        """Every DCAL query of a prefill with its keys, worked out once on the host: the V2V call, the T2V call
-        (text positions with the memory prefix each may see) and each sample's memory (kept in the cache for the
-        decode steps). `original` holds the original tokens of every frame, videos' then images'."""
-        k, grid_tokens = rows_per_sample, self.config.patch_grid_size**2
-        samples = rows // k
-        memory_start, lengths = [], [0] * samples
-        for item in items:
-            memory_start.append(lengths[item.sample])
-            lengths[item.sample] += item.frames * grid_tokens
-        memory_length = max(lengths)
-        tokens = [original[item.frame : item.frame + item.frames] for item in items]
-        if samples == 1 and len(items) == 1:
-            memory = tokens[0].reshape(1, memory_length, -1)
-        else:
-            memory = tokens[0].new_zeros(samples, memory_length, tokens[0].shape[-1])
-            for item, start, item_tokens in zip(items, memory_start, tokens):
-                memory[item.sample, start : start + item.frames * grid_tokens] = item_tokens.flatten(0, 1)
-        dtype = _parameter(self.get_input_embeddings()).dtype
-        implementation = masked_implementation(self.config.text_config._attn_implementation)
-        v2v = None
-        if self.config.use_v2v:
-            v2v = self._v2v_call(items, original, memory_start, length, k, implementation, dtype)
-
-        # T2V: a text position sees the memory of the items that end before it, a prefix of its sample's memory.
-        text = ~(masks["video"] | masks["image"]).cpu()
-        if attention_mask is not None and attention_mask.ndim == 2:
-            text &= attention_mask[:, -length:].cpu().bool()
-        queries, visible = [[] for _ in range(samples)], [[] for _ in range(samples)]
-        for sample in range(samples):
-            sample_items = [i for i, item in enumerate(items) if item.sample == sample]
-            sizes = torch.tensor([0] + [items[i].frames * grid_tokens for i in sample_items]).cumsum(0)
-            for j in range(k):
-                row = sample * k + j
-                ends = torch.tensor([int(items[i].positions[j, -1]) for i in sample_items], dtype=torch.long)
-                positions = text[row].nonzero().flatten()
-                seen = sizes[torch.searchsorted(ends, positions)]
-                queries[sample].append(row * length + positions[seen > 0])
-                visible[sample].append(seen[seen > 0])
-        queries, visible = [torch.cat(q) for q in queries], [torch.cat(v) for v in visible]
-        t2v = None
-        if any(len(q) for q in queries) or cache is not None or self.training:
-            t2v_queries, t2v_visible, take = _pad_rows(queries, visible, memory_length)
-            mask = None
-            if bool((t2v_visible < memory_length).any()):
-                mask = self._key_mask(t2v_visible, memory_length, implementation, dtype)
-            t2v = CrossAttentionCall(t2v_queries, memory, torch.zeros(samples, dtype=torch.long), take, mask)
-
-        if cache is not None and self.config.use_t2v:
-            self._store_memory_layout(cache, lengths, memory_length, k, memory.device)
-        return VisualPlan(memory_lengths=lengths, v2v=v2v, t2v=t2v, output_attentions=output_attentions)
-
-    def _v2v_call(self, items, original, memory_start, length, rows_per_sample, implementation, dtype):
-        """V2V in one call: each pooled token attends to its own video's original tokens ("video" scope: a row per
-        video or image, padded to the longest) or to its own frame's ("frame" scope: a row per frame, which are
-        `original`'s frames as they are)."""
-        per_frame, grid_tokens = self.config.tokens_per_frame, self.config.patch_grid_size**2
-        k = rows_per_sample
-
-        def frame_queries(item):  # (frames, k * per_frame): each frame's pooled positions in each row
-            rows = item.sample * k + torch.arange(k)
-            positions = item.positions.view(k, item.frames, per_frame)
-            return (rows[:, None, None] * length + positions).transpose(0, 1).flatten(1)
-
-        if self.config.v2v_scope == "frame":
-            queries = torch.zeros(original.shape[0], k * per_frame, dtype=torch.long)
-            starts = torch.zeros(original.shape[0], dtype=torch.long)
-            for item, start in zip(items, memory_start):
-                queries[item.frame : item.frame + item.frames] = frame_queries(item)
-                starts[item.frame : item.frame + item.frames] = start + grid_tokens * torch.arange(item.frames)
-            return CrossAttentionCall(queries, original, starts)
-
-        item_queries = [frame_queries(item).flatten() for item in items]
-        spans = [original[item.frame : item.frame + item.frames].flatten(0, 1) for item in items]
-        starts = torch.tensor(memory_start)
-        if len({len(span) for span in spans}) == 1:  # equal lengths: no padding
-            tokens = spans[0][None] if len(spans) == 1 else torch.stack(spans)
-            return CrossAttentionCall(torch.stack(item_queries), tokens, starts)
-        longest = max(len(span) for span in spans)
-        tokens = spans[0].new_zeros(len(spans), longest, spans[0].shape[-1])
-        for i, span in enumerate(spans):
-            tokens[i, : len(span)] = span
-        sizes = [torch.full((len(q),), len(span)) for q, span in zip(item_queries, spans)]
-        queries, visible, take = _pad_rows(item_queries, sizes, longest)
-        return CrossAttentionCall(
-            queries, tokens, starts, take, self._key_mask(visible, longest, implementation, dtype)
-        )
-
-    def _key_mask(self, visible, keys, implementation, dtype):
-        """`key_mask` for the DCALs' calls, whose query heads are folded by key/value head."""
-        text = self.config.text_config
-        return key_mask(visible, keys, implementation, dtype, text.num_attention_heads // text.num_key_value_heads)
-
-    def _store_memory_layout(self, cache: CrossLMMCache, lengths, memory_length, rows_per_sample, device):
-        """What a decode step needs to plan without reading the device: the memory lengths on the host, the keys
-        each sample sees and which samples have none on the device (None when not needed)."""
-        cache.memory_lengths = list(lengths)
-        cache.rows_per_memory = rows_per_sample
-        cache.memory_visible = cache.memory_scale = cache.decode_mask = None
-        if min(lengths) < memory_length:
-            # A sample without memory sees one key (no backend takes a row that sees nothing), scaled by 0.
-            cache.memory_visible = torch.tensor([max(n, 1) for n in lengths], device=device)
-            if min(lengths) == 0:
-                cache.memory_scale = torch.tensor([float(n > 0) for n in lengths], device=device)[:, None, None]
-
-    def _decode_plan(self, cache: CrossLMMCache, rows, length, dtype, output_attentions) -> VisualPlan:
-        """A step after the prefill: every new position of every row reads its sample's whole memory. Planned from
-        what the cache holds on the host; nothing is read back from the device."""
-        samples, k = len(cache.memory_lengths), cache.rows_per_memory
-        if rows != samples * k:
-            raise ValueError(
-                f"The cache holds visual memory for {samples} sample(s) x {k} row(s) but this batch has {rows} rows."
-            )
-        mask = None
-        if cache.memory_visible is not None:
-            # The same mask at every step of one length (a flex_attention BlockMask is costly to make): kept.
-            implementation = masked_implementation(self.config.text_config._attn_implementation)
-            made_for = (implementation, k, length, dtype)
-            if cache.decode_mask is None or cache.decode_mask[0] != made_for:
-                visible = cache.memory_visible[:, None].expand(samples, k * length)
-                cache.decode_mask = (
-                    made_for,
-                    self._key_mask(visible, max(cache.memory_lengths), implementation, dtype),
-                )
-            mask = cache.decode_mask[1]
-        return VisualPlan(
-            memory_lengths=cache.memory_lengths,
-            decode=True,
-            t2v_mask=mask,
-            memory_scale=None if cache.memory_scale is None else cache.memory_scale.to(dtype),
-            output_attentions=output_attentions,
-        )
-
-    def _idle_plan(self, inputs_embeds) -> tuple[torch.Tensor, VisualPlan]:
+    def _idle_plan(self, inputs_embeds) -> tuple[torch.Tensor, PrefillPlan]:
         """Training on a micro-batch without videos or images: a blank frame goes the way a video goes, into the
         embeddings and to every DCAL branch (queried from the first position), with every update scaled by exactly 0.
         Data-parallel ranks with and without visual inputs then make the same calls in the same order, as FSDP and
@@ -1088,7 +1101,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         inputs_embeds = inputs_embeds + 0.0 * pooled.sum()
         first, start = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
         call = CrossAttentionCall(first, encoded.last_hidden_state, start)
-        plan = VisualPlan(memory_lengths=[call.tokens.shape[1]], v2v=call, t2v=call, scale=0.0)
+        plan = PrefillPlan(memory_lengths=[call.tokens.shape[1]], v2v=call, t2v=call, scale=0.0)
         return inputs_embeds, plan
 
     def _run_decoder_with_dcals(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, plan, **kwargs):
@@ -1217,12 +1230,9 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
         **kwargs,
     ) -> CrossLMMCausalLMOutputWithPast:
         r"""
-        pixel_values_videos: (videos, frames, 3, H, W), or a list of (frames_i, 3, H, W) for videos of different
-            lengths, or a padded 5-D tensor with `video_num_frames` (videos,) giving each video's real frame count.
-        pixel_values: (images, 3, H, W); each image is a one-frame video.
+        pixel_values_videos, video_num_frames, pixel_values, rows_per_sample: as in `CrossLMMModel.forward`.
         labels: (batch, seq) token ids for the shifted causal-LM loss; -100 is ignored and visual placeholder
             positions never count.
-        rows_per_sample: see `CrossLMMModel.forward`.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -1258,14 +1268,7 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
             )
 
         return CrossLMMCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            cross_attentions=outputs.cross_attentions,
-            image_outputs=outputs.image_outputs,
-            video_outputs=outputs.video_outputs,
+            loss=loss, logits=logits, **{key: value for key, value in outputs.items() if key != "last_hidden_state"}
         )
 
     def prepare_inputs_for_generation(

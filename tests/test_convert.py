@@ -116,7 +116,7 @@ def test_llava_onevision_transformers_format(tmp_path, layout):
         torch.testing.assert_close(model(input_ids=TEXT_IDS).logits, reference(input_ids=TEXT_IDS).logits)
         frames = torch.randn(2, 3, 28, 28)
         expected = reference.model.vision_tower(frames, output_hidden_states=True).hidden_states[-1]
-        torch.testing.assert_close(model.model.get_original_visual_tokens(frames), expected)
+        torch.testing.assert_close(model.model.get_image_features(frames).last_hidden_state, expected)
         features = torch.randn(3, 32)
         torch.testing.assert_close(
             model.model.multi_modal_projector(features), reference.model.multi_modal_projector(features)
@@ -225,7 +225,7 @@ def test_siglip_and_qwen2_parts(tmp_path, tower):
             frames = torch.randn(2, 3, 28, 28)
             full = SiglipVisionModel.from_pretrained(tmp_path / "vision").eval()
             expected = full(frames, output_hidden_states=True).hidden_states[-2]
-            torch.testing.assert_close(model.model.get_original_visual_tokens(frames), expected)
+            torch.testing.assert_close(model.model.get_image_features(frames).last_hidden_state, expected)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -127,7 +127,8 @@ def test_video_and_image_features_and_the_outputs_that_carry_them():
     assert isinstance(features, BaseModelOutputWithPooling)
     grid_tokens, per_frame = config.patch_grid_size**2, config.tokens_per_frame
     assert features.last_hidden_state.shape == (5, grid_tokens, config.vision_config.hidden_size)
-    torch.testing.assert_close(features.last_hidden_state, model.model.get_original_visual_tokens(torch.cat(videos)))
+    original = model.model.get_image_features(torch.cat(videos)).last_hidden_state  # each frame as an image
+    torch.testing.assert_close(features.last_hidden_state, original)
     # One entry per video, its tokens as they replace its placeholders (as transformers' VLMs give them): a tuple for
     # videos of different lengths, one (videos, frames x tokens, D) tensor for videos of one length.
     width = config.text_config.hidden_size
@@ -156,7 +157,9 @@ def test_video_and_image_features_and_the_outputs_that_carry_them():
     assert out.video_outputs.pooler_output.shape == (1, 3 * per_frame, config.text_config.hidden_size)
     assert out.image_outputs.pooler_output.shape == (1, per_frame, config.text_config.hidden_size)
     assert out.image_outputs.last_hidden_state.shape == (1, grid_tokens, config.vision_config.hidden_size)
-    assert out.video_hidden_states is out.video_outputs.pooler_output
+    # The pooled video tokens (once also under the alias `video_hidden_states`) are those get_video_features gives.
+    alone = model.get_video_features(video_inputs(config)["pixel_values_videos"]).pooler_output
+    torch.testing.assert_close(out.video_outputs.pooler_output, alone)
     # The vision tower's layers do not leak into the decoder's hidden states.
     assert len(model(**video_inputs(config), output_hidden_states=True).hidden_states) == (
         config.text_config.num_hidden_layers + 1
@@ -267,7 +270,7 @@ def test_a_decode_step_plans_from_the_cache_without_reading_the_device():
     with torch.no_grad():
         cache = getattr(model(input_ids=ids, pixel_values_videos=videos, use_cache=True, rows_per_sample=2), CACHE_ARG)
     assert isinstance(cache, CrossLMMCache)
-    assert cache.memory_lengths == [3 * 49, 49] and cache.rows_per_memory == 2
+    assert cache.memory_lengths == [3 * 49, 49] and cache.rows_per_sample == 2
 
     calls = []
     for idx, dcal in model.model.cross_attention_layers.items():

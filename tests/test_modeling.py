@@ -249,7 +249,7 @@ def test_average_pooling_and_images_alone():
     ids = prompt(config, [1], ("image",), [2], ("image",), [3])
     out = model(input_ids=ids, pixel_values=torch.stack([frames(1, seed=1)[0], frames(1, seed=2)[0]]))
     assert out.logits.shape == (1, ids.shape[1], config.text_config.vocab_size)
-    original = model.model.get_original_visual_tokens(frames(2))
+    original = model.model.get_image_features(frames(2)).last_hidden_state
     pooled = model.model.pooler(original)
     torch.testing.assert_close(pooled[:, 0], original.mean(1))
 
@@ -297,7 +297,7 @@ def test_siglip2_tower():
     )
     model = CrossLMMForConditionalGeneration(config).eval()
     clip = frames(2)
-    tokens = model.model.get_original_visual_tokens(clip)
+    tokens = model.model.get_image_features(clip).last_hidden_state
     tower = Siglip2VisionModel(config.vision_config).eval()
     tower.load_state_dict(model.model.vision_tower.state_dict())
     patches = clip.reshape(2, 3, 7, 4, 7, 4).permute(0, 2, 4, 3, 5, 1).reshape(2, 49, 48)
@@ -315,7 +315,7 @@ def test_vision_tower_runs_in_chunks():
     model = tiny_model()
     sizes = []
     model.model.vision_tower.embeddings.register_forward_hook(lambda m, args, out: sizes.append(out.shape[0]))
-    model.model.get_original_visual_tokens(frames(7))
+    model.model.get_image_features(frames(7))
     assert sizes == [3, 3, 1]
 
 
