@@ -48,7 +48,7 @@ def verify_folder(folder: str, reference: dict, dtype: str = "float32"):
             theirs = lm(input_ids=batch, attention_mask=mask).logits
             report[f"logits ({name})"] = _compare(ours, theirs, mask)
         theirs = _tower_features(tower, frames, config)
-        report["vision features"] = _compare(model.model.get_original_visual_tokens(frames), theirs)
+        report["vision features"] = _compare(model.model.get_image_features(frames).last_hidden_state, theirs)
         if projector is not None:
             features = torch.randn(5, config.vision_config.hidden_size, generator=generator).to(torch_dtype)
             report["projector"] = _compare(model.model.multi_modal_projector(features), projector(features))
