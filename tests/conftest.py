@@ -39,7 +39,7 @@ def tiny_files(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fresh_process(tiny_files, tmp_path_factory):
-    """One fresh process without this repository (tests/isolated.py) loads what the tests saved, as users do:
+    """One fresh process without this repository (tests/support/isolated.py) loads what the tests saved, as users do:
     - `model`: a tiny model saved with save_pretrained, through the Auto classes, with its logits on `inputs`
       (test_remote_code.py);
     - `processor`: the tiny checkpoint's processor through the Auto classes, on a chat about the tiny video

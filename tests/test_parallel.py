@@ -31,7 +31,7 @@ from tiny import sample_inputs, tiny_model
 
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKER = ROOT / "tests" / "distributed_worker.py"
+WORKER = ROOT / "tests" / "support" / "distributed_worker.py"
 
 
 def no_split_units(model):

@@ -1,6 +1,7 @@
-"""`crosslmm-train` on the tiny LLaVA-format dataset of tests/llava_data.py: both stages through the command, the loss
-falling, skipped samples counted, Hub-ready checkpoints, a killed run resuming to the same weights, checkpoints whole
-or absent, LoRA, bad configurations failing before the model loads, and FSDP2 on two CPU processes."""
+"""`crosslmm-train` on the tiny LLaVA-format dataset of tests/support/llava_data.py: both stages through the
+command, the loss falling, skipped samples counted, Hub-ready checkpoints, a killed run resuming to the same weights,
+checkpoints whole or absent, LoRA, bad configurations failing before the model loads, and FSDP2 on two CPU
+processes."""
 
 import json
 import os
@@ -433,7 +434,7 @@ def test_a_full_disk_is_one_line_naming_it_and_keeps_the_last_whole_checkpoint(t
 # ---- FSDP2 on two CPU processes ------------------------------------------------------------------------------------
 
 
-WORKER = ROOT / "tests" / "train_worker.py"
+WORKER = ROOT / "tests" / "support" / "train_worker.py"
 ACCELERATE_FSDP = [sys.executable, "-m", "accelerate.commands.launch"] + [
     *("--config_file", str(ROOT / "examples" / "accelerate_fsdp.yaml")),
     *("--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"),

@@ -1,9 +1,9 @@
 """Run by tests/test_parallel.py in two CPU processes (gloo): tensor parallelism, FSDP2 (accelerate), DeepSpeed ZeRO-3.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py tp FOLDER
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/support/distributed_worker.py tp FOLDER
     accelerate launch --config_file examples/accelerate_fsdp.yaml --num_processes 2 --mixed_precision no \
-        tests/distributed_worker.py fsdp FOLDER
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py zero3 FOLDER
+        tests/support/distributed_worker.py fsdp FOLDER
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/support/distributed_worker.py zero3 FOLDER
 
 FOLDER holds a saved tiny CrossLMM (`model/`) and the inputs (`inputs.pt`); rank 0 writes its results there.
 """
@@ -95,7 +95,7 @@ def zero3(folder: Path):
 
     from crosslmm.training import parameter_groups, setup_stage2
 
-    config = json.loads((Path(__file__).resolve().parent.parent / "examples" / "deepspeed_zero3.json").read_text())
+    config = json.loads((Path(__file__).resolve().parents[2] / "examples" / "deepspeed_zero3.json").read_text())
     config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
     config.update(train_batch_size=dist.get_world_size())
     config.update(gradient_clipping=0.0, bf16={"enabled": False}, zero_allow_untested_optimizer=True)

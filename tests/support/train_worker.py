@@ -1,7 +1,7 @@
 """Run `crosslmm-train` in one process of an `accelerate launch` with examples/accelerate_fsdp.yaml, on CPUs:
 
     accelerate launch --config_file examples/accelerate_fsdp.yaml --num_processes 2 --mixed_precision no \\
-        tests/train_worker.py CROSSLMM-TRAIN-ARGUMENTS... [--then CROSSLMM-TRAIN-ARGUMENTS...]
+        tests/support/train_worker.py CROSSLMM-TRAIN-ARGUMENTS... [--then CROSSLMM-TRAIN-ARGUMENTS...]
 
 Each `--then` starts another run in the same processes (one launch, several runs: the launch is the slow part).
 

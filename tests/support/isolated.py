@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 REPO_MODULES = sorted(
     {path.stem for path in ROOT.glob("*.py") if path.stem != "setup"}
     | {path.parent.name for path in ROOT.glob("*/__init__.py")}
