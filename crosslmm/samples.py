@@ -238,10 +238,19 @@ SAMPLE_GATE = 0.5  # opened gates, so that the DCALs take part as in a trained c
 SAMPLE_INITIALIZER_RANGE = 0.3
 
 
-def build_sample_checkpoint(folder, size: str = "sample", seed: int = 0, text: dict | None = None, **config_kwargs):
+def build_sample_checkpoint(
+    folder,
+    size: str = "sample",
+    seed: int = 0,
+    text: dict | None = None,
+    gate_init: float = SAMPLE_GATE,
+    **config_kwargs,
+):
     """Save a random-weight CrossLMM of the size `size` plus its processor (the tokenizer of `build_tokenizer`) into
     `folder`, as a Hub repository would hold it: config, safetensors weights, processor files and the model code.
-    Returns the folder. `text` and `config_kwargs` go to `crosslmm_config`; the vocabulary is the tokenizer's."""
+    Returns the folder. `text` and `config_kwargs` go to `crosslmm_config`; the vocabulary is the tokenizer's.
+    `gate_init`: every DCAL gate's value (0 is the paper's, and `crosslmm-convert`'s default, initialisation: the
+    DCALs then add nothing and their attention gets no gradient until a gate moves)."""
     from modeling_crosslmm import CrossLMMForConditionalGeneration
 
     tokenizer = build_tokenizer()
@@ -258,7 +267,7 @@ def build_sample_checkpoint(folder, size: str = "sample", seed: int = 0, text: d
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.rsplit(".", 1)[-1] in ("v2v_gate", "t2v_gate", "mlp_gate"):
-                param.fill_(SAMPLE_GATE)
+                param.fill_(gate_init)
     generation = model.generation_config
     generation.eos_token_id = tokenizer.convert_tokens_to_ids([IM_END, ENDOFTEXT])
     generation.pad_token_id = tokenizer.pad_token_id

@@ -3,9 +3,13 @@
     crosslmm-train --model CHECKPOINT --data mixture.yaml --video-folder videos --image-folder images \\
         --stage 2 --output_dir runs/stage2 [any TrainingArguments flag, e.g. --max_steps 100 --report_to wandb]
 
-`--stage 1|2` picks the paper's stage (appendix A.1, table 3): what trains, the learning rates, the frames per video,
-the global batch size and the usual LLaVA schedule (one epoch, cosine, 3 % warmup); every preset is only a default,
-which the corresponding flag overrides. Every `TrainingArguments` field is a flag under its own name. Several GPUs:
+`--stage 1|2` picks the paper's stage (appendix A.1, table 3): which DCAL branches run, what trains, the learning
+rates, the frames per video, the global batch size and the usual LLaVA schedule (one epoch, cosine, 3 % warmup); every
+preset is only a default, which the corresponding flag overrides: `--use_t2v` / `--use_v2v`, `--train_vision_tower` /
+`--train_projector` / `--train_dcals` / `--train_llm` / `--train_gates`, `--vision_tower_lr` / `--projector_lr` /
+`--dcal_lr` / `--llm_lr` (e.g. the T2V ablations of table 2c: `--stage 1 --use_t2v true`, `--stage 2 --use_t2v
+false`). What a run used is in its config (use_t2v, use_v2v) and its run record (trainer_state.json). Every
+`TrainingArguments` field is a flag under its own name. Several GPUs:
 `torchrun --nproc_per_node 8 -m crosslmm.train ...` (add `--deepspeed examples/deepspeed_zero3.json`) or
 `accelerate launch --config_file examples/accelerate_fsdp.yaml -m crosslmm.train ...`.
 
@@ -49,12 +53,13 @@ from crosslmm.data import (
     read_sources,
 )
 from crosslmm.training import (
+    GATES,
     LORA_TARGET_MODULES,
     STAGE1_LEARNING_RATE,
     STAGE2_LEARNING_RATES,
     CrossLMMTrainer,
-    setup_stage1,
-    setup_stage2,
+    set_branches,
+    setup_training,
 )
 from crosslmm.versions import warn_if_untested
 
@@ -68,13 +73,18 @@ SKIPPED_FILE = "skipped_samples.json"
 STAGE_PRESETS = {
     1: {
         "learning_rate": STAGE1_LEARNING_RATE,  # projector and V2V; table 3 (its text says 1e-4)
+        "use_t2v": False,  # pretraining captions are too noisy for T2V (section 3.3, table 2c)
+        "train_vision_tower": False,
+        "train_llm": False,
         "num_frames": 32,  # "9 x 32" tokens
         "global_batch_size": 512,
         "per_device_train_batch_size": 8,
     },
     2: {
         "learning_rate": STAGE2_LEARNING_RATES["llm"],  # connector (projector, DCALs) and LLM
-        "vision_tower_lr": STAGE2_LEARNING_RATES["vision_tower"],
+        "use_t2v": True,
+        "train_vision_tower": True,
+        "train_llm": True,
         "num_frames": 64,  # "9 x (64~512)" tokens: the short end; --fps 1 --max_frames 512 for the long end
         "global_batch_size": 128,
         "per_device_train_batch_size": 1,
@@ -121,9 +131,35 @@ class CrossLMMTrainArguments:
     max_length: int | None = field(
         default=None, metadata={"help": "skip samples longer than this many tokens (visual tokens included)"}
     )
-    vision_tower_lr: float | None = field(
-        default=None, metadata={"help": "stage 2: the vision tower's learning rate (default 2e-6)"}
+    use_t2v: bool = field(
+        default=True,
+        metadata={
+            "help": "run and train the DCALs' T2V branches (stage 1: false, stage 2: true, as the paper's stages; "
+            "a run that turns on T2V in a checkpoint saved without it says so)"
+        },
     )
+    use_v2v: bool | None = field(
+        default=None, metadata={"help": "run and train the DCALs' V2V branches (default: the checkpoint's use_v2v)"}
+    )
+    train_vision_tower: bool = field(default=True, metadata={"help": "train the vision tower (stage 1: false)"})
+    train_projector: bool = field(default=True, metadata={"help": "train the projector"})
+    train_dcals: bool = field(
+        default=True,
+        metadata={
+            "help": "train the DCALs: in stage 1 their attention branches that run (V2V; T2V with --use_t2v true), "
+            "in stage 2 all of them"
+        },
+    )
+    train_llm: bool = field(default=True, metadata={"help": "train the LLM (stage 1: false)"})
+    train_gates: bool = field(
+        default=True, metadata={"help": "train the DCAL gates (false: frozen at the checkpoint's values)"}
+    )
+    vision_tower_lr: float | None = field(
+        default=None, metadata={"help": "the vision tower's learning rate (default 2e-6)"}
+    )
+    projector_lr: float | None = field(default=None, metadata={"help": "the projector's (default --learning_rate)"})
+    dcal_lr: float | None = field(default=None, metadata={"help": "the DCALs' (default --learning_rate)"})
+    llm_lr: float | None = field(default=None, metadata={"help": "the LLM's (default --learning_rate)"})
     global_batch_size: int | None = field(
         default=None,
         metadata={
@@ -135,6 +171,16 @@ class CrossLMMTrainArguments:
     lora_r: int = field(default=128, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+
+
+# Each component's --train_* and learning rate flag.
+TRAIN_FLAGS = {
+    "vision_tower": "train_vision_tower",
+    "projector": "train_projector",
+    "dcals": "train_dcals",
+    "llm": "train_llm",
+}
+LR_FLAGS = {"vision_tower": "vision_tower_lr", "projector": "projector_lr", "dcals": "dcal_lr", "llm": "llm_lr"}
 
 
 class UsageError(Exception):
@@ -186,8 +232,25 @@ def parse_args(argv: list[str]) -> tuple[CrossLMMTrainArguments, TrainingArgumen
 
     if args.stage == 1 and args.lora:
         raise UsageError("--lora is for stage 2 (stage 1 trains the projector and the V2V branches in full)")
-    if args.stage == 1 and args.vision_tower_lr is not None:
-        raise UsageError("--vision_tower_lr is for stage 2 (stage 1 freezes the vision tower)")
+    if args.lora:
+        for flag in TRAIN_FLAGS.values():
+            if _given(argv, flag):
+                raise UsageError(
+                    f"--{flag} does not go with --lora (LoRA adapters on the LLM and DCALs, the projector "
+                    "and the DCAL gates in full, the vision tower frozen)"
+                )
+    if args.stage == 1 and args.vision_tower_lr is not None and not args.train_vision_tower:
+        raise UsageError(
+            "--vision_tower_lr is for stage 2 (stage 1 freezes the vision tower; --train_vision_tower true trains it)"
+        )
+    for component, flag in TRAIN_FLAGS.items():
+        rate = getattr(args, LR_FLAGS[component])
+        if rate is not None and not getattr(args, flag) and not args.lora:
+            raise UsageError(f"--{LR_FLAGS[component]} is given but --{flag} is false")
+        if rate is not None and not rate > 0:
+            raise UsageError(f"--{LR_FLAGS[component]} must be positive, got {rate}")
+    if not args.lora and not any(getattr(args, flag) for flag in TRAIN_FLAGS.values()):
+        raise UsageError("nothing trains: every --train_* flag is false")
     if training_args.remove_unused_columns:
         raise UsageError("--remove_unused_columns must be False: the collator reads the samples' messages and frames")
     if training_args.train_sampling_strategy == "batch_rebalance":
@@ -523,6 +586,33 @@ def prepare(args: CrossLMMTrainArguments, training_args: TrainingArguments):
     return model, config, processor, data
 
 
+def dcal_branches(args: CrossLMMTrainArguments, argv: list[str], config) -> dict:
+    """The DCAL branches this run runs and trains: --use_t2v (its stage's preset unless given), --use_v2v (the
+    checkpoint's unless given). Says so when the stage's preset turns on T2V in a checkpoint saved without it."""
+    use_v2v = config.use_v2v if args.use_v2v is None else args.use_v2v
+    if config.dcal_layer_indices and not (args.use_t2v or use_v2v):
+        raise UsageError("--use_t2v and --use_v2v are both false: the DCALs of --model would have nothing to do")
+    if args.stage == 1 and not use_v2v and not args.use_t2v:
+        raise UsageError("stage 1 trains the V2V branches, but --use_v2v is false (or --model has use_v2v false)")
+    if args.use_t2v and not config.use_t2v and not _given(argv, "use_t2v"):
+        logger.warning(
+            "--model has use_t2v false; stage %d turns T2V on (its T2V branches train): give --use_t2v false to keep "
+            "it off.",
+            args.stage,
+        )
+    return {"use_t2v": args.use_t2v, "use_v2v": use_v2v}
+
+
+def component_rates(args: CrossLMMTrainArguments, training_args: TrainingArguments) -> dict[str, float]:
+    """The learning rate of each component that trains: its own flag, else --learning_rate (the vision tower: 2e-6)."""
+    defaults = {"vision_tower": STAGE2_LEARNING_RATES["vision_tower"]}
+    return {
+        component: getattr(args, LR_FLAGS[component]) or defaults.get(component, training_args.learning_rate)
+        for component, flag in TRAIN_FLAGS.items()
+        if getattr(args, flag)
+    }
+
+
 def model_identity(model: str) -> str:
     """--model as a run records it: a folder's absolute path (the same folder from any working directory), a Hub id."""
     path = Path(os.path.expanduser(model))
@@ -596,6 +686,7 @@ def train(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: 
         min_frames=args.min_frames,
         max_length=max_length,
     )
+    branches = dcal_branches(args, argv, config)
     lengths = dataset.lengths()
     fingerprint = hashlib.sha256(lengths.tobytes() + data.kinds.tobytes()).hexdigest()[:16]
     run_info = {
@@ -603,6 +694,11 @@ def train(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: 
         "model": model_identity(args.model),
         "stage": args.stage,
         "lora": args.lora,
+        **branches,
+        "trains": {
+            **{component: getattr(args, flag) for component, flag in TRAIN_FLAGS.items()},
+            "gates": args.train_gates,
+        },
         "samples": len(data),
         "data_fingerprint": fingerprint,
         "global_micro_batch": training_args.per_device_train_batch_size * max(1, training_args.world_size),
@@ -631,17 +727,16 @@ def train(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: 
     PartialState().wait_for_everyone()  # no process looks for checkpoints while unfinished ones are removed
 
     model = CrossLMMForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32)
-    if args.stage == 1:
-        learning_rates = setup_stage1(model, learning_rate=training_args.learning_rate)
-    else:
-        learning_rates = setup_stage2(
-            model,
-            vision_tower_lr=args.vision_tower_lr,
-            connector_lr=training_args.learning_rate,
-            llm_lr=training_args.learning_rate,
-        )
+    set_branches(model, use_t2v=branches["use_t2v"], use_v2v=branches["use_v2v"])
+    learning_rates = setup_training(
+        model,
+        component_rates(args, training_args),
+        dcal_branches_only=args.stage == 1,
+        train_gates=args.train_gates,
+    )
     if args.lora:
         model, learning_rates = _apply_lora(model, args, learning_rates)
+    run_info["learning_rates"] = learning_rates
     trainable = sum(param.numel() for param in model.parameters() if param.requires_grad)
     logger.info(
         "Stage %d: %s trainable parameters; learning rates %s.",
@@ -730,7 +825,6 @@ def disk_full_message(output_dir: Path, error: Exception) -> str:
 # LoRA
 # --------------------------------------------------------------------------------------------------------------------
 
-GATES = ("v2v_gate", "t2v_gate", "mlp_gate")
 LORA_FOLDER = "lora"  # inside each checkpoint: the PEFT adapter, and every trained tensor for resuming
 LORA_TRAINED = "trained.safetensors"
 
@@ -749,9 +843,9 @@ def _apply_lora(model, args: CrossLMMTrainArguments, learning_rates: dict):
     )
     model = get_peft_model(model, config)
     for name, param in model.named_parameters():
-        if name.rsplit(".", 1)[-1] in GATES:
+        if name.rsplit(".", 1)[-1] in GATES and args.train_gates:
             param.requires_grad = True
-    return model, {"connector": learning_rates["connector"], "llm": learning_rates["llm"]}
+    return model, {component: learning_rates[component] for component in ("projector", "dcals", "llm")}
 
 
 def save_lora(folder: Path, peft_model, state_dict: dict, base_checkpoint: str):

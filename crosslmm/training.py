@@ -10,9 +10,12 @@ The paper (appendix A.1 and table 3) trains in two stages:
 * Stage 2, instruction tuning: everything learns, the vision tower at 2e-6 and the connector (projector and DCALs)
   and the LLM at 1e-5.
 
-Parameters are assigned to the components by module names (`vision_tower`, `multi_modal_projector`,
-`cross_attention_layers`, `language_model`, `lm_head`), so the grouping holds for models wrapped by PEFT, FSDP or
-`torch.compile`, whose parameter names only gain prefixes.
+`setup_training` does either, or anything between (what `crosslmm-train`'s flags ask for): which components train, at
+which rates, with the DCAL gates trained or frozen.
+
+Parameters are assigned to the components (`vision_tower`, `projector`, `dcals`, `llm`) by module names
+(`vision_tower`, `multi_modal_projector`, `cross_attention_layers`, `language_model`, `lm_head`), so the grouping holds
+for models wrapped by PEFT, FSDP or `torch.compile`, whose parameter names only gain prefixes.
 
 The collator renders chat samples with the processor's chat template, lets the processor expand each `<video>` /
 `<image>` placeholder and prepare the frames, and keeps labels only on the assistant turns (ChatML, as the Qwen2
@@ -85,17 +88,21 @@ class CrossLMMDataCollator:
         return batch
 
 
-# Components of CrossLMM and the module names that belong to each.
+# Components of CrossLMM and the module names that belong to each; each has its own learning rate.
 COMPONENT_MODULES = {
     "vision_tower": ("vision_tower",),
-    "connector": ("multi_modal_projector", "cross_attention_layers"),
+    "projector": ("multi_modal_projector",),
+    "dcals": ("cross_attention_layers",),
     "llm": ("language_model", "lm_head"),
 }
 V2V_MODULES = ("v2v_norm", "v2v_attn", "v2v_gate")
+T2V_MODULES = ("t2v_norm", "t2v_attn", "t2v_gate")
+MLP_MODULES = ("mlp_norm", "mlp", "mlp_gate")
+GATES = ("v2v_gate", "t2v_gate", "mlp_gate")  # tanh(gate) scales each DCAL branch; tanh(0) = 0 shuts it
 
 # Table 3 of the paper. Its text gives 1e-4 for pretraining; table 3 gives 1e-3, the usual rate for a LLaVA projector.
 STAGE1_LEARNING_RATE = 1e-3
-STAGE2_LEARNING_RATES = {"vision_tower": 2e-6, "connector": 1e-5, "llm": 1e-5}
+STAGE2_LEARNING_RATES = {"vision_tower": 2e-6, "projector": 1e-5, "dcals": 1e-5, "llm": 1e-5}
 
 # PEFT `target_modules` for LoRA on the LLM and the DCALs: every projection of the decoder layers' attention and MLP
 # and of the DCALs' V2V/T2V attention and feed-forward block, matched by module name (PEFT full-matches a string).
@@ -106,7 +113,7 @@ LORA_TARGET_MODULES = (
 
 
 def component_of(parameter_name: str) -> str:
-    """The component ("vision_tower", "connector" or "llm") a parameter belongs to, from its module names."""
+    """The component ("vision_tower", "projector", "dcals" or "llm") a parameter belongs to, from its module names."""
     parts = parameter_name.split(".")
     for component, modules in COMPONENT_MODULES.items():
         if any(module in parts for module in modules):
@@ -138,13 +145,27 @@ def parameter_groups(model: torch.nn.Module, learning_rates: dict[str, float], w
     return list(groups.values())
 
 
+def _dcal_module(parts: list[str]) -> tuple[int, str] | None:
+    """(layer index, module name) of a DCAL parameter's name split at dots, None for any other parameter."""
+    if "cross_attention_layers" not in parts:
+        return None
+    at = parts.index("cross_attention_layers")
+    return int(parts[at + 1]), parts[at + 2]
+
+
 def _runs_in_crosslmm(parameter_name: str, config) -> bool:
     """False for the parts CrossLMM never runs, which get no gradient (and would stall DDP): of the vision tower, the
-    post-layernorm, the head and the encoder layers after `vision_feature_layer`; the V2V branch of a DCAL after the
-    last decoder layer (`config.v2v_layer_indices`)."""
+    post-layernorm, the head and the encoder layers after `vision_feature_layer`; a DCAL's V2V branch after the last
+    decoder layer or with `use_v2v` off (`config.v2v_layer_indices`), its T2V branch with `use_t2v` off, and its
+    feed-forward block where neither branch runs."""
     parts = parameter_name.split(".")
-    if "cross_attention_layers" in parts and any(module in parts for module in V2V_MODULES):
-        return int(parts[parts.index("cross_attention_layers") + 1]) in config.v2v_layer_indices
+    dcal = _dcal_module(parts)
+    if dcal is not None:
+        layer, module = dcal
+        v2v, t2v = layer in config.v2v_layer_indices, bool(config.use_t2v)
+        return {V2V_MODULES: v2v, T2V_MODULES: t2v, MLP_MODULES: v2v or t2v}[
+            next(group for group in (V2V_MODULES, T2V_MODULES, MLP_MODULES) if module in group)
+        ]
     if "vision_tower" not in parts:
         return True
     below = parts[parts.index("vision_tower") + 1 :]
@@ -155,12 +176,46 @@ def _runs_in_crosslmm(parameter_name: str, config) -> bool:
     return False
 
 
-def _set_t2v(model: torch.nn.Module, enabled: bool):
-    """Switch the T2V branch of every DCAL, and the config that saved checkpoints carry."""
-    model.config.use_t2v = enabled
+def set_branches(model: torch.nn.Module, use_t2v: bool, use_v2v: bool):
+    """Switch the T2V and V2V branches of every DCAL, and the config that saved checkpoints carry. Raises ValueError
+    when both are off in a model with DCALs (they would have nothing to do)."""
+    config = model.config
+    if config.dcal_layer_indices and not (use_t2v or use_v2v):
+        raise ValueError("use_t2v and use_v2v are both off: the DCALs would have nothing to do")
+    config.use_t2v, config.use_v2v = bool(use_t2v), bool(use_v2v)
     for module in model.modules():
         if type(module).__name__ == "CrossLMMDualCrossAttentionLayer":
-            module.use_t2v = enabled
+            module.use_t2v = config.use_t2v
+            module.use_v2v = module.layer_idx in config.v2v_layer_indices
+
+
+def _set_t2v(model: torch.nn.Module, enabled: bool):
+    set_branches(model, enabled, model.config.use_v2v)
+
+
+def setup_training(
+    model: torch.nn.Module,
+    learning_rates: dict[str, float],
+    dcal_branches_only: bool = False,
+    train_gates: bool = True,
+) -> dict[str, float]:
+    """Train the components that `learning_rates` names (at those rates), of them only what CrossLMM runs, and freeze
+    the rest. `dcal_branches_only`: of the DCALs, only their attention branches in use (stage 1), not their
+    feed-forward blocks. `train_gates=False` keeps every DCAL gate at its checkpoint value. Returns the learning rates
+    of the components that train, for `parameter_groups` / `CrossLMMTrainer`."""
+    unknown = set(learning_rates) - set(COMPONENT_MODULES)
+    if unknown:
+        raise ValueError(f"Unknown components {sorted(unknown)}; the components are {', '.join(COMPONENT_MODULES)}.")
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        trains = component_of(name) in learning_rates and _runs_in_crosslmm(name, model.config)
+        dcal = _dcal_module(parts)
+        if dcal is not None and dcal_branches_only and dcal[1] not in V2V_MODULES + T2V_MODULES:
+            trains = False
+        if parts[-1] in GATES and not train_gates:
+            trains = False
+        param.requires_grad = trains
+    return dict(learning_rates)
 
 
 def setup_stage1(model: torch.nn.Module, learning_rate: float = STAGE1_LEARNING_RATE) -> dict[str, float]:
@@ -169,28 +224,20 @@ def setup_stage1(model: torch.nn.Module, learning_rate: float = STAGE1_LEARNING_
     if not model.config.use_v2v:
         raise ValueError("Stage 1 trains the V2V branches, but this model has use_v2v=False.")
     _set_t2v(model, False)
-    for name, param in model.named_parameters():
-        parts = name.split(".")
-        param.requires_grad = "multi_modal_projector" in parts or (
-            "cross_attention_layers" in parts
-            and any(module in parts for module in V2V_MODULES)
-            and _runs_in_crosslmm(name, model.config)
-        )
-    return {"connector": learning_rate}
+    return setup_training(model, {"projector": learning_rate, "dcals": learning_rate}, dcal_branches_only=True)
 
 
 def setup_stage2(
     model: torch.nn.Module,
     vision_tower_lr: float = STAGE2_LEARNING_RATES["vision_tower"],
-    connector_lr: float = STAGE2_LEARNING_RATES["connector"],
+    connector_lr: float = STAGE2_LEARNING_RATES["projector"],
     llm_lr: float = STAGE2_LEARNING_RATES["llm"],
 ) -> dict[str, float]:
-    """Stage 2 (instruction tuning): T2V on and every parameter CrossLMM runs trains. Returns the learning rates per
-    component for `parameter_groups` / `CrossLMMTrainer`."""
+    """Stage 2 (instruction tuning): T2V on and every parameter CrossLMM runs trains; `connector_lr` is the projector's
+    and the DCALs'. Returns the learning rates per component for `parameter_groups` / `CrossLMMTrainer`."""
     _set_t2v(model, True)
-    for name, param in model.named_parameters():
-        param.requires_grad = _runs_in_crosslmm(name, model.config)
-    return {"vision_tower": vision_tower_lr, "connector": connector_lr, "llm": llm_lr}
+    rates = {"vision_tower": vision_tower_lr, "projector": connector_lr, "dcals": connector_lr, "llm": llm_lr}
+    return setup_training(model, rates)
 
 
 class CrossLMMTrainer(Trainer):

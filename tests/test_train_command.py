@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from crosslmm.train import main
+from crosslmm.train import TRAIN_FLAGS, main
 from llava_data import answer_main, dataset_fixture, tiny_checkpoint_fixture  # noqa: F401  (pytest fixtures)
 
 
@@ -125,6 +125,93 @@ def test_stage1_trains_only_the_projector_and_v2v_and_turns_t2v_off(tiny_checkpo
     ), sorted(changed)
     assert any(".v2v_attn." in name for name in changed)
     assert not json.loads((tmp_path / "config.json").read_text())["use_t2v"]
+
+
+# ---- flags over the stage presets -----------------------------------------------------------------------------------
+
+
+def without_t2v(checkpoint, folder) -> Path:
+    """A copy of `checkpoint` whose config says use_t2v false (as a stage-1 run saves it)."""
+    shutil.copytree(checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "use_t2v": False}))
+    return folder
+
+
+def run_record(output_dir) -> dict:
+    state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
+    return state["stateful_callbacks"]["RunRecord"]["attributes"]["run"]
+
+
+def changed(before, after) -> set:
+    return {name for name in before if not torch.equal(before[name], after[name])}
+
+
+def test_stage2_keeps_t2v_off_with_use_t2v_false_and_the_flags_choose_what_trains_at_which_rate(
+    tiny_checkpoint, dataset, tmp_path
+):
+    """Table 2c's "T2V in neither stage": stage 2 on a use_t2v=false checkpoint with --use_t2v false; the gates and
+    the vision tower frozen by flags; a learning rate per component, each as the logs and the run record say."""
+    start = without_t2v(tiny_checkpoint, tmp_path / "start")
+    rates = ["--projector_lr", "1e-3", "--dcal_lr", "2e-3", "--llm_lr", "3e-3"]
+    argv = command(start, dataset, tmp_path / "run", "--use_t2v", "false", "--train_gates", "false", *rates, steps=3)
+    argv += ["--train_vision_tower", "false"]
+    del argv[argv.index("--vision_tower_lr") : argv.index("--vision_tower_lr") + 2]
+    assert main(argv) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["use_t2v"] is False and config["use_v2v"] is True
+    moved = changed(weights(start), weights(tmp_path / "run"))
+    assert not any(".t2v_" in name or name.endswith("_gate") or ".vision_tower." in name for name in moved), moved
+    assert any(".v2v_attn." in name for name in moved) and any(".language_model." in name for name in moved)
+    assert any("multi_modal_projector" in name for name in moved) and any(".mlp." in name for name in moved)
+    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
+    logged = next(entry for entry in state["log_history"] if "learning_rate_llm" in entry)
+    assert (logged["learning_rate_projector"], logged["learning_rate_dcals"], logged["learning_rate_llm"]) == (
+        1e-3,
+        2e-3,
+        3e-3,
+    )
+    assert "learning_rate_vision_tower" not in logged
+    record = run_record(tmp_path / "run")
+    assert (record["use_t2v"], record["use_v2v"]) == (False, True)
+    assert record["trains"] == {"vision_tower": False, "projector": True, "dcals": True, "llm": True, "gates": False}
+    assert record["learning_rates"] == {"projector": 1e-3, "dcals": 2e-3, "llm": 3e-3}
+
+
+def test_stage2_turns_t2v_on_in_a_checkpoint_without_it_by_default_and_says_so(tiny_checkpoint, dataset, tmp_path):
+    start = without_t2v(tiny_checkpoint, tmp_path / "start")
+    argv = command(start, dataset, tmp_path / "run", steps=2)
+    process = console_script(argv)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert "--model has use_t2v false; stage 2 turns T2V on" in err and "--use_t2v false" in err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["use_t2v"] is True
+    assert any(".t2v_attn." in name for name in changed(weights(start), weights(tmp_path / "run")))
+    assert run_record(tmp_path / "run")["use_t2v"] is True
+
+
+def test_use_v2v_false_neither_runs_nor_trains_v2v(tiny_checkpoint, dataset, tmp_path):
+    assert main(command(tiny_checkpoint, dataset, tmp_path, "--use_v2v", "false", steps=2)) == 0
+    assert json.loads((tmp_path / "config.json").read_text())["use_v2v"] is False
+    moved = changed(weights(tiny_checkpoint), weights(tmp_path))
+    assert not any(".v2v_" in name for name in moved) and any(".t2v_attn." in name for name in moved)
+    assert run_record(tmp_path)["use_v2v"] is False
+
+
+def test_stage1_with_use_t2v_trains_the_t2v_branches_too(tiny_checkpoint, dataset, tmp_path):
+    """Table 2c's "T2V in pretraining": stage 1 with --use_t2v true trains the projector and both attention branches
+    of the DCALs, not their feed-forward blocks, and saves use_t2v true."""
+    argv = command(tiny_checkpoint, dataset, tmp_path, "--stage", "1", "--use_t2v", "true", steps=2)
+    del argv[argv.index("--vision_tower_lr") : argv.index("--vision_tower_lr") + 2]
+    assert main(argv) == 0
+    moved = changed(weights(tiny_checkpoint), weights(tmp_path))
+    assert any(".t2v_attn." in name for name in moved) and any(".v2v_attn." in name for name in moved)
+    assert all(
+        name.startswith("model.multi_modal_projector.") or any(part in name for part in (".v2v_", ".t2v_"))
+        for name in moved
+    ), sorted(moved)
+    assert json.loads((tmp_path / "config.json").read_text())["use_t2v"] is True
+    assert run_record(tmp_path)["trains"]["llm"] is False
 
 
 # ---- a run that is killed ------------------------------------------------------------------------------------------
@@ -299,6 +386,12 @@ def test_lora_merge_needs_only_the_trained_tensors(tiny_checkpoint, tmp_path):
 # ---- bad configurations --------------------------------------------------------------------------------------------
 
 
+def train_nothing(argv):
+    del argv[argv.index("--vision_tower_lr") : argv.index("--vision_tower_lr") + 2]
+    for flag in TRAIN_FLAGS.values():
+        argv += [f"--{flag}", "false"]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -314,6 +407,11 @@ def test_lora_merge_needs_only_the_trained_tensors(tiny_checkpoint, tmp_path):
         (lambda a, d, t: a.extend(["--lora", "--stage", "1"]), "--lora is for stage 2"),
         (lambda a, d, t: a.extend(["--no_such_flag", "1"]), "no_such_flag"),
         (lambda a, d, t: a.extend(["--num_frames", "0"]), "--num_frames must be at least 1"),
+        (lambda a, d, t: a.extend(["--train_dcals", "false", "--dcal_lr", "1"]), "--dcal_lr is given but --train_dc"),
+        (lambda a, d, t: a.extend(["--llm_lr", "0"]), "--llm_lr must be positive"),
+        (lambda a, d, t: train_nothing(a), "nothing trains"),
+        (lambda a, d, t: a.extend(["--use_t2v", "false", "--use_v2v", "false"]), "are both false"),
+        (lambda a, d, t: a.extend(["--lora", "--train_llm", "false"]), "--train_llm does not go with --lora"),
     ],
 )
 def test_a_bad_configuration_is_one_line_and_exit_2_before_the_model_loads(

@@ -20,8 +20,10 @@ from crosslmm.training import (
     CrossLMMDataCollator,
     CrossLMMTrainer,
     parameter_groups,
+    set_branches,
     setup_stage1,
     setup_stage2,
+    setup_training,
 )
 from tiny import IMAGE_SIZE, frames, prompt, set_gates, tiny_config, tiny_model
 
@@ -226,7 +228,7 @@ def test_stage1_trains_only_the_projector_and_v2v_with_t2v_off():
             dcal.t2v_gate.fill_(2.0)
         assert torch.equal(model(**batch).logits, before)
     groups = parameter_groups(model, learning_rates)
-    assert {group["name"] for group in groups} == {"connector"}
+    assert {group["name"] for group in groups} == {"projector", "dcals"}
     assert sum(len(group["params"]) for group in groups) == len(expected)
 
 
@@ -272,13 +274,47 @@ def test_stage2_trains_everything_crosslmm_runs_with_the_papers_learning_rates()
         group = by_name[id(param)]
         assert group["lr"] == next(lr for prefix, lr in expected_lr.items() if name.startswith(prefix)), name
         assert group["weight_decay"] == (0.1 if param.ndim >= 2 else 0.0), name
-    assert STAGE2_LEARNING_RATES == {"vision_tower": 2e-6, "connector": 1e-5, "llm": 1e-5}
+    assert STAGE2_LEARNING_RATES == {"vision_tower": 2e-6, "projector": 1e-5, "dcals": 1e-5, "llm": 1e-5}
+
+
+def test_setup_training_trains_the_components_named_and_only_what_runs_with_t2v_off_and_gates_frozen():
+    model = tiny_model(gates=0.5)
+    set_branches(model, use_t2v=False, use_v2v=True)
+    rates = setup_training(model, {"projector": 1e-3, "dcals": 2e-3}, train_gates=False)
+    names = trainable(model)
+    assert rates == {"projector": 1e-3, "dcals": 2e-3}
+    assert names and all(
+        name.startswith(("model.multi_modal_projector.", "model.cross_attention_layers.")) for name in names
+    )
+    assert not any(".t2v_" in name or name.endswith("_gate") for name in names), sorted(names)
+    last = model.config.dcal_layer_indices[-1]  # no V2V after the last decoder layer, and T2V off: nothing runs there
+    assert not any(name.startswith(f"model.cross_attention_layers.{last}.") for name in names)
+    assert any(".mlp." in name for name in names) and any(".v2v_attn." in name for name in names)
+    batch = video_batch(model.config)
+    model(**batch).loss.backward()
+    assert all(param.grad is not None for name, param in model.named_parameters() if name in names)
+    with pytest.raises(ValueError, match="Unknown components"):
+        setup_training(model, {"connector": 1e-3})
+
+
+def test_set_branches_switches_v2v_off_in_every_dcal_and_refuses_both_off():
+    model = tiny_model(gates=0.5)
+    batch = video_batch(model.config)
+    del batch["labels"]
+    set_branches(model, use_t2v=True, use_v2v=False)
+    assert not model.config.use_v2v and not any(dcal.use_v2v for dcal in model.model.cross_attention_layers.values())
+    with torch.no_grad():
+        before = model(**batch).logits
+        set_gates(model, 2.0, names=("v2v_gate",))
+        assert torch.equal(model(**batch).logits, before)  # V2V really is off
+    with pytest.raises(ValueError, match="both off"):
+        set_branches(model, use_t2v=False, use_v2v=False)
 
 
 def test_parameter_groups_refuse_a_trainable_component_without_learning_rate():
     model = tiny_model()
     with pytest.raises(ValueError, match="vision_tower"):
-        parameter_groups(model, {"connector": 1e-5, "llm": 1e-5})
+        parameter_groups(model, {"projector": 1e-5, "dcals": 1e-5, "llm": 1e-5})
 
 
 # ---- LoRA ----------------------------------------------------------------------------------------------------------
@@ -297,8 +333,8 @@ def test_lora_parameter_groups_by_module_name():
         for param in group["params"]:
             name = names[id(param)]
             assert "lora_" in name
-            assert group["name"] == ("connector" if ".cross_attention_layers." in name else "llm")
-    assert {group["name"] for group in groups} == {"connector", "llm"}
+            assert group["name"] == ("dcals" if ".cross_attention_layers." in name else "llm")
+    assert {group["name"] for group in groups} == {"dcals", "llm"}
     assert sum(len(g["params"]) for g in groups) == len(trainable(peft_model))
 
 

@@ -12,8 +12,8 @@ Sources (local folders or Hub ids; Hub files come through huggingface_hub and it
 1. LLaVA-OneVision (the same SigLIP + 2-layer MLP projector + Qwen2 stack), in the transformers format
    (`LlavaOnevisionForConditionalGeneration`) or in the original LLaVA-NeXT format (`LlavaQwenForCausalLM`:
    `model.vision_tower.vision_tower.vision_model.*`, `model.mm_projector.0/2`, `model.layers.*`, `lm_head`).
-   The vision tower, projector and LLM are carried over; the DCALs are new, with gates at 0, norms at 1, random
-   cross-attention projections and (by default) a copy of the preceding decoder layer's MLP.
+   The vision tower, projector and LLM are carried over; the DCALs are new, with gates at 0 (`--gate-init`), norms at
+   1, random cross-attention projections and (by default) a copy of the preceding decoder layer's MLP.
 2. A SigLIP/SigLIP2 vision checkpoint plus a Qwen2.5 LLM checkpoint (`--vision`, `--text`). The tower is cut as
    LLaVA-OneVision cuts it (its last encoder layer and the attention-pooling head dropped, so that the original visual
    tokens are the penultimate layer's output); the projector is random.
@@ -218,7 +218,7 @@ def convert(args) -> Path:
     tokenizer = load_tokenizer(resolve(args.tokenizer, "--tokenizer") if args.tokenizer else source.tokenizer_folder)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else source_dtype(source)
     config = build_config(source, tokenizer, args, dtype)
-    plan = plan_conversion(source, config, args.dcal_init)
+    plan = plan_conversion(source, config, args.dcal_init, args.gate_init)
     shapes = expected_tensors(config)
     num_parameters = sum(torch.Size(shape).numel() for shape in shapes.values())
     verify = args.verify if args.verify is not None else num_parameters < VERIFY_MAX_PARAMETERS
@@ -293,6 +293,14 @@ def parse_args(argv=None):
         choices=("copy", "random"),
         default="copy",
         help="New DCALs' MLP: a copy of the preceding decoder layer's MLP (default) or random.",
+    )
+    parser.add_argument(
+        "--gate-init",
+        type=float,
+        default=0.0,
+        help="New DCALs' gates (tanh(gate) scales each branch). Default 0, the paper's: the converted model answers "
+        "as the source, but the DCALs' attention learns only once a gate has moved; e.g. 0.5 trains it from the "
+        "first step (and changes the model's answers before training).",
     )
     parser.add_argument(
         "--dtype",

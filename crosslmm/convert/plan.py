@@ -31,12 +31,13 @@ MAX_LISTED = 20  # keys named per kind of problem; a wrong config would otherwis
 @dataclass
 class Recipe:
     """How to make one CrossLMM tensor: copied from a source key (rows appended when the vocabulary grows), or
-    initialised (`zeros`, `ones`, `normal` with `std`)."""
+    initialised (`zeros`, `ones`, `fill` with `value`, `normal` with `std`)."""
 
     source: WeightSource | None = None
     key: str | None = None
     init: str | None = None
     std: float = 0.0
+    value: float = 0.0
     extra_rows: int = 0
 
     def make(self, target_key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -50,6 +51,8 @@ class Recipe:
             return torch.zeros(shape)
         if self.init == "ones":
             return torch.ones(shape)
+        if self.init == "fill":
+            return torch.full(shape, self.value)
         # Seeded per key, so that a tensor's values do not depend on the shard layout.
         generator = torch.Generator().manual_seed(seed + zlib.crc32(target_key.encode()))
         return torch.randn(shape, generator=generator) * self.std
@@ -118,7 +121,7 @@ def expected_tensors(config: CrossLMMConfig) -> dict[str, tuple[int, ...]]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def plan_conversion(source: ConversionSource, config: CrossLMMConfig, dcal_init: str) -> Plan:
+def plan_conversion(source: ConversionSource, config: CrossLMMConfig, dcal_init: str, gate_init: float = 0.0) -> Plan:
     plan = Plan()
     expected = expected_tensors(config)
     for weights, key_map in source.weights:
@@ -140,7 +143,7 @@ def plan_conversion(source: ConversionSource, config: CrossLMMConfig, dcal_init:
     std = config.text_config.initializer_range
     for target in expected:
         if target not in plan.recipes:
-            recipe = _new_tensor(target, config, source, plan, dcal_init, std)
+            recipe = _new_tensor(target, config, source, plan, dcal_init, std, gate_init)
             if recipe is not None:
                 plan.recipes[target] = recipe
 
@@ -187,14 +190,16 @@ def _drop_reason(key: str, source: ConversionSource, config: CrossLMMConfig) -> 
 
 
 def _new_tensor(
-    target: str, config, source: ConversionSource, plan: Plan, dcal_init: str, std: float
+    target: str, config, source: ConversionSource, plan: Plan, dcal_init: str, std: float, gate_init: float = 0.0
 ) -> Recipe | None:
-    """Recipes for the tensors no source has: the DCALs (and, from parts, the projector)."""
+    """Recipes for the tensors no source has: the DCALs (and, from parts, the projector). The gates start at
+    `gate_init`: the paper's 0 leaves the converted model the source's, but its DCAL attention gets no gradient until
+    a gate has moved (d out / d attention = tanh(gate) = 0); an opened gate trains it from the first step."""
     match = re.match(r"model\.cross_attention_layers\.(\d+)\.(.+)$", target)
     if match and source.kind != "crosslmm_llava_next":
         layer, name = match.groups()
         if name.endswith("_gate"):
-            return Recipe(init="zeros")  # tanh(0) = 0: the DCAL adds nothing until trained
+            return Recipe(init="fill", value=gate_init)  # at 0 (tanh(0) = 0) the DCAL adds nothing until trained
         if name.endswith("norm.weight"):
             return Recipe(init="ones")
         if name.startswith("mlp.") and dcal_init == "copy":
