@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crosslmm import IMAGE_SUFFIXES
 from crosslmm.training import CrossLMMDataCollator
 from video_processing_crosslmm import VideoLoadError, read_video
 
@@ -53,7 +54,6 @@ PLACEHOLDER = re.compile(r"<image>|<video>")  # LLaVA data marks videos with <im
 STRATEGY = re.compile(r"^(all|first|end|random)(?::(\d+)(%?))?$")
 DATA_SUFFIXES = (".json", ".jsonl")
 MIXTURE_SUFFIXES = (".yaml", ".yml")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 KINDS = (None, "video", "image")  # index stored per sample
 TURN_OVERHEAD_TOKENS = 5  # "<|im_start|>role\n" ... "<|im_end|>\n"
 CHARS_PER_TOKEN = 4  # a text-length estimate good enough to group samples by length

@@ -43,6 +43,7 @@ from transformers import HfArgumentParser, ProgressCallback, TrainerCallback, Tr
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from crosslmm import log_to_stderr
 from crosslmm.data import (
     DataError,
     LengthGroupedSampler,
@@ -52,6 +53,7 @@ from crosslmm.data import (
     load_training_data,
     read_sources,
 )
+from crosslmm.errors import UsageError, one_line
 from crosslmm.training import (
     GATES,
     LORA_TARGET_MODULES,
@@ -183,10 +185,6 @@ TRAIN_FLAGS = {
 LR_FLAGS = {"vision_tower": "vision_tower_lr", "projector": "projector_lr", "dcals": "dcal_lr", "llm": "llm_lr"}
 
 
-class UsageError(Exception):
-    """A bad command line or configuration: one line on stderr, exit status 2."""
-
-
 class _Parser(HfArgumentParser):
     def error(self, message):
         raise UsageError(f"{message} (see crosslmm-train --help)")
@@ -226,7 +224,7 @@ def parse_args(argv: list[str]) -> tuple[CrossLMMTrainArguments, TrainingArgumen
     try:
         args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as error:  # TrainingArguments' own checks, unknown flags
-        raise UsageError(str(error).strip().splitlines()[0]) from None
+        raise UsageError(one_line(error)) from None
     if not _given(argv, "output_dir"):
         raise UsageError("--output_dir is required: the folder for checkpoints, logs and the final model")
 
@@ -512,14 +510,8 @@ def _check_model(model: str) -> str:
 
 
 def _setup_logging(training_args: TrainingArguments):
-    package = logging.getLogger("crosslmm")
-    if not any(getattr(handler, "_crosslmm_train", False) for handler in package.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[crosslmm-train] %(levelname)s %(message)s"))
-        handler._crosslmm_train = True
-        package.addHandler(handler)
-        package.propagate = False
-    package.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    log_to_stderr("[crosslmm-train] %(levelname)s %(message)s", level)
 
 
 def _is_main_process() -> bool:
@@ -568,7 +560,7 @@ def prepare(args: CrossLMMTrainArguments, training_args: TrainingArguments):
         config = CrossLMMConfig.from_pretrained(model)
         processor = load_processor(model, config)
     except (OSError, ValueError) as error:
-        raise UsageError(f"cannot load --model {args.model}: {str(error).strip().splitlines()[0]}") from None
+        raise UsageError(f"cannot load --model {args.model}: {one_line(error)}") from None
     if config.model_type != "crosslmm":
         raise UsageError(f"--model {args.model} is a {config.model_type!r} checkpoint, not a CrossLMM one")
     if processor.pool_size != config.pool_size:
