@@ -548,9 +548,10 @@ def check_output_dir(output_dir: Path):
         raise UsageError(f"--output_dir {output_dir} cannot be written: {error.strerror or error}") from None
 
 
-def prepare(args: CrossLMMTrainArguments, training_args: TrainingArguments):
+def prepare(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: list[str]):
     """Everything that can be checked before the model loads: the output folder, the checkpoint folder, the processor,
-    the data. Returns (model path, config, processor, training data); UsageError on any problem."""
+    the DCAL branches the flags ask for, then the data. Returns (model path, config, processor, branches, training
+    data); UsageError on any problem."""
     from configuration_crosslmm import CrossLMMConfig
 
     if training_args.should_save:
@@ -567,6 +568,7 @@ def prepare(args: CrossLMMTrainArguments, training_args: TrainingArguments):
         raise UsageError(
             f"--model {args.model}: processor pool_size {processor.pool_size} != config {config.pool_size}"
         )
+    branches = dcal_branches(args, argv, config)  # a contradiction in the flags, before the data's warnings
     seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     try:
         sources = read_sources(args.data, args.video_folder, args.image_folder)
@@ -575,7 +577,7 @@ def prepare(args: CrossLMMTrainArguments, training_args: TrainingArguments):
             logger.warning(warning)
     except DataError as error:
         raise UsageError(str(error)) from None
-    return model, config, processor, data
+    return model, config, processor, branches, data
 
 
 def dcal_branches(args: CrossLMMTrainArguments, argv: list[str], config) -> dict:
@@ -646,7 +648,7 @@ def train(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: 
 
     _setup_logging(training_args)
     output_dir = Path(training_args.output_dir)
-    model_path, config, processor, data = prepare(args, training_args)
+    model_path, config, processor, branches, data = prepare(args, training_args, argv)
     max_length = args.max_length or config.text_config.max_position_embeddings
 
     if training_args.should_save:
@@ -678,7 +680,6 @@ def train(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: 
         min_frames=args.min_frames,
         max_length=max_length,
     )
-    branches = dcal_branches(args, argv, config)
     lengths = dataset.lengths()
     fingerprint = hashlib.sha256(lengths.tobytes() + data.kinds.tobytes()).hexdigest()[:16]
     run_info = {
