@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from crosslmm import log_to_stderr, samples
-from crosslmm.errors import UsageError, one_line
+from crosslmm.errors import UsageError, check_checkpoint, one_line
 
 
 logger = logging.getLogger("crosslmm.answer")
@@ -584,20 +584,6 @@ def _check_video(path: str) -> str:
     return path
 
 
-def _check_model(model: str) -> str:
-    """A checkpoint folder (with config.json), or else a Hub id (`org/name`) left to `from_pretrained`."""
-    path = os.path.expanduser(model)
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise UsageError(f"{model} has no config.json: not a checkpoint folder")
-        return path
-    if os.path.exists(path):
-        raise UsageError(f"--model {model} is a file; give a checkpoint folder or a Hub id")
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise UsageError(f"model folder not found: {model}")
-    return model
-
-
 def _is_text(text: str) -> bool:
     """False for what Python decoded from bytes that are not UTF-8 (stdin and argv keep them as lone surrogates, which
     the tokenizer rejects with a TypeError)."""
@@ -694,7 +680,7 @@ def answer(args: argparse.Namespace):
     """Check the inputs, build the samples if needed, load the pipeline, answer and report; with --interactive,
     answer follow-up questions from stdin until it ends."""
     video = _check_video(args.video) if args.video is not None else None
-    model = _check_model(args.model) if args.model is not None else None
+    model = check_checkpoint(args.model) if args.model is not None else None
     device = _resolve_device(args.device)
     if model is None:
         if not (cache_folder() / "sample-checkpoint").exists():

@@ -1,10 +1,12 @@
-"""The package's one bad-input error and the one line every command reports an exception as.
+"""The package's one bad-input error, the one line every command reports an exception as, and the check every command
+makes of a checkpoint argument.
 
 Each command prints a `UsageError` after its own prefix (`crosslmm-answer: error: ...`, `crosslmm-serve: error: ...`)
 and exits with its usage status, never with a traceback; `one_line` turns any other library's exception into a line
 that fits there (or into a client's error message).
 """
 
+import os
 import re
 
 
@@ -20,3 +22,18 @@ def one_line(error: BaseException) -> str:
     if isinstance(error, KeyError) or not line:
         return f"{type(error).__name__}: {line}" if line else type(error).__name__
     return line
+
+
+def check_checkpoint(model: str) -> str:
+    """`--model` as a checkpoint folder (with config.json), returned with `~` expanded, or else as a Hub id
+    (`org/name`) left to `from_pretrained`; a path that names no folder is a UsageError."""
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UsageError(f"--model {model} has no config.json: not a checkpoint folder")
+        return path
+    if os.path.exists(path):
+        raise UsageError(f"--model {model} is a file; give a checkpoint folder or a Hub id")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise UsageError(f"--model folder not found: {model}")
+    return model

@@ -53,7 +53,7 @@ from crosslmm.data import (
     load_training_data,
     read_sources,
 )
-from crosslmm.errors import UsageError, one_line
+from crosslmm.errors import UsageError, check_checkpoint, one_line
 from crosslmm.training import (
     GATES,
     LORA_TARGET_MODULES,
@@ -496,19 +496,6 @@ class CommandTrainer(CrossLMMTrainer):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _check_model(model: str) -> str:
-    path = Path(os.path.expanduser(model))
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UsageError(f"--model {model} has no config.json: not a checkpoint folder")
-        return str(path)
-    if path.exists():
-        raise UsageError(f"--model {model} is a file; give a checkpoint folder or a Hub id")
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise UsageError(f"--model folder not found: {model}")
-    return model
-
-
 def _setup_logging(training_args: TrainingArguments):
     level = logging.INFO if training_args.should_log else logging.WARNING
     log_to_stderr("[crosslmm-train] %(levelname)s %(message)s", level)
@@ -556,7 +543,7 @@ def prepare(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv
 
     if training_args.should_save:
         check_output_dir(Path(training_args.output_dir))
-    model = _check_model(args.model)
+    model = check_checkpoint(args.model)
     try:
         config = CrossLMMConfig.from_pretrained(model)
         processor = load_processor(model, config)
