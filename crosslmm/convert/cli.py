@@ -83,6 +83,21 @@ def _on_signal(signum, frame):
         raise Interrupted(signum)
 
 
+def _raise_if_signalled():
+    """Raise the signal that came earlier, if one did. Its `Interrupted` can have been lost on the way: raised inside a
+    finalizer (a progress bar's `__del__`), which Python reports and ignores, so the run went on; it must not go on to
+    put its folder in place."""
+    if _signals_received:
+        raise Interrupted(_signals_received[0])
+
+
+def _ignore_lost_interruptions(unraisable):
+    """`sys.unraisablehook` while converting: an `Interrupted` raised inside a finalizer is not reported (the run
+    raises it again, `_raise_if_signalled`), anything else as Python would."""
+    if not isinstance(unraisable.exc_value, Interrupted):
+        sys.__unraisablehook__(unraisable)
+
+
 @contextlib.contextmanager
 def _signals_held():
     """A signal that arrives inside the block takes effect at its end, so that the few steps that must not be cut
@@ -239,6 +254,7 @@ def convert(args) -> Path:
         else:
             logger.info(f"Not verified ({num_parameters / 1e9:.1f}B parameters, or --no-verify; --verify forces it).")
         set_permissions(temporary)
+        _raise_if_signalled()
         with _signals_held():
             _move_into_place(temporary, output, args.overwrite)
     except OSError as error:  # a full disk, a folder made read-only meanwhile, ...
@@ -332,6 +348,7 @@ def main(argv=None):
     }
     _signals_received.clear()
     stderr, sys.stderr = sys.stderr, _LineTrackingStream(sys.stderr)
+    unraisablehook, sys.unraisablehook = sys.unraisablehook, _ignore_lost_interruptions
     try:
         convert(args)
     except BaseException as error:
@@ -346,7 +363,7 @@ def main(argv=None):
             sys.exit(1)
         raise
     finally:
-        sys.stderr = stderr
+        sys.stderr, sys.unraisablehook = stderr, unraisablehook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
