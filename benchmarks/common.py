@@ -40,7 +40,13 @@ def parts(size, llm_layers=None):
 
 
 def crosslmm_config(
-    size, pool_size=3, v2v_scope="video", attn_implementation="sdpa", vision_batch_size=64, llm_layers=None
+    size,
+    pool_size=3,
+    v2v_scope="video",
+    attn_implementation="sdpa",
+    vision_batch_size=64,
+    llm_layers=None,
+    cross_attention_mlp=True,
 ):
     """CrossLMM of a size, a DCAL after every 4th decoder layer, as the paper's models."""
     vision, text = parts(size, llm_layers)
@@ -50,6 +56,7 @@ def crosslmm_config(
         pool_size=pool_size,
         v2v_scope=v2v_scope,
         cross_attention_interval=4,
+        cross_attention_mlp=cross_attention_mlp,
         vision_batch_size=vision_batch_size,
         image_token_id=IMAGE_TOKEN_ID,
         video_token_id=VIDEO_TOKEN_ID,
@@ -249,6 +256,11 @@ def add_model_arguments(parser):
     parser.add_argument(
         "--llm-layers", type=int, default=None, help="decoder layers of both LLMs (default: the size's), widths kept"
     )
+    parser.add_argument(
+        "--no-dcal-mlp",
+        action="store_true",
+        help="CrossLMM without the DCALs' gated MLP (cross_attention_mlp=False): what that block costs, isolated",
+    )
 
 
 def models_from_arguments(args):
@@ -258,7 +270,13 @@ def models_from_arguments(args):
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     crosslmm = crosslmm_config(
-        args.size, args.pool_size, args.v2v_scope, args.attn, args.vision_batch_size, args.llm_layers
+        args.size,
+        args.pool_size,
+        args.v2v_scope,
+        args.attn,
+        args.vision_batch_size,
+        args.llm_layers,
+        cross_attention_mlp=not args.no_dcal_mlp,
     )
     configs = {"LLaVA-OV": llava_config(args.size, args.attn, args.llm_layers), "CrossLMM": crosslmm}
     return device, dtype, {name: build(configs[name], device, dtype) for name in args.models}

@@ -10,6 +10,7 @@ steps above it; weights listed apart. A model that runs out of memory is reporte
 
     python benchmarks/decode.py --size small --frames 8 16 32 64                    # CPU, float32
     python benchmarks/decode.py --size small --llm-layers 24 --profile              # 6 DCALs; where a step goes
+    python benchmarks/decode.py --size small --frames 8 16 --no-dcal-mlp            # what the DCALs' MLP costs
     python benchmarks/decode.py --size 2b --frames 32 64 128 256 1024              # GPU, bfloat16
 """
 
@@ -192,7 +193,7 @@ def main():
     print(
         f"Decode ({args.new_tokens} tokens), {args.size}, {layers} LLM layers, {device.type}, "
         f"{str(dtype).removeprefix('torch.')}, attention {args.attn}, CrossLMM pool {args.pool_size} scope "
-        f"{args.v2v_scope}, one video + 64 text tokens, {args.repeats} repeats taking turns\n"
+        f"{args.v2v_scope}{', DCALs without their MLP' if args.no_dcal_mlp else ''}, one video + 64 text tokens, {args.repeats} repeats taking turns\n"
     )
     columns = [
         "frames",
