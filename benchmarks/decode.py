@@ -193,7 +193,8 @@ def main():
     print(
         f"Decode ({args.new_tokens} tokens), {args.size}, {layers} LLM layers, {device.type}, "
         f"{str(dtype).removeprefix('torch.')}, attention {args.attn}, CrossLMM pool {args.pool_size} scope "
-        f"{args.v2v_scope}{', DCALs without their MLP' if args.no_dcal_mlp else ''}, one video + 64 text tokens, {args.repeats} repeats taking turns\n"
+        f"{args.v2v_scope}{', DCALs without their MLP' if args.no_dcal_mlp else ''}, one video + 64 text tokens, "
+        f"{args.repeats} repeats taking turns\n"
     )
     columns = [
         "frames",
