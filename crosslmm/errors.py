@@ -24,16 +24,18 @@ def one_line(error: BaseException) -> str:
     return line
 
 
-def check_checkpoint(model: str) -> str:
-    """`--model` as a checkpoint folder (with config.json), returned with `~` expanded, or else as a Hub id
-    (`org/name`) left to `from_pretrained`; a path that names no folder is a UsageError."""
+def check_checkpoint(model: str, option: str = "--model") -> str:
+    """A checkpoint argument as a folder (with config.json), returned with `~` expanded, or else as a Hub id
+    (`org/name` or `name`) left to `from_pretrained`; a path that names no folder is a UsageError that names the
+    argument as the user gave it (`--model X`, or lmms-eval's `pretrained=X`)."""
+    given = f"{option}{model}" if option.endswith("=") else f"{option} {model}"
     path = os.path.expanduser(model)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise UsageError(f"--model {model} has no config.json: not a checkpoint folder")
+            raise UsageError(f"{given} has no config.json: not a checkpoint folder")
         return path
     if os.path.exists(path):
-        raise UsageError(f"--model {model} is a file; give a checkpoint folder or a Hub id")
+        raise UsageError(f"{given} is a file; give a checkpoint folder or a Hub id")
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise UsageError(f"--model folder not found: {model}")
+        raise UsageError(f"{given}: no such checkpoint folder")
     return model

@@ -39,7 +39,7 @@ from lmms_eval.protocol import ChatMessages
 from tqdm import tqdm
 
 from crosslmm import IMAGE_SUFFIXES
-from crosslmm.errors import UsageError
+from crosslmm.errors import UsageError, check_checkpoint
 from crosslmm.lmms_eval_manifest import MODEL_ID
 
 
@@ -135,16 +135,12 @@ def _positive(name: str, value, kind: type):
 
 
 def _checkpoint(pretrained) -> str:
-    """`pretrained` as a folder or Hub id; a path that does not exist is named as such (the Hub would answer that it
-    is not a repository id)."""
-    path = os.path.expanduser(str(pretrained))
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        raise UsageError(f"crosslmm: pretrained={pretrained} is a file; give a checkpoint folder or a Hub id")
-    if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise UsageError(f"crosslmm: pretrained={pretrained}: no such checkpoint folder")
-    return path
+    """`pretrained` checked as every command checks `--model` (a missing folder would otherwise be reported by the
+    Hub client as an invalid repository id)."""
+    try:
+        return check_checkpoint(str(pretrained), "pretrained=")
+    except UsageError as error:
+        raise UsageError(f"crosslmm: {error}") from None
 
 
 def _window(windows: list, where: str) -> tuple:

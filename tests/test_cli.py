@@ -83,7 +83,7 @@ def write(path, data: bytes):
         (lambda d, v, t: ["--num-frames", "4", "--fps", "1"], "not allowed with argument"),
         (lambda d, v, t: ["--max-new-tokens", "0"], "--max-new-tokens: must be > 0"),
         (lambda d, v, t: ["--prompt", "  "], "--prompt is empty"),
-        (lambda d, v, t: ["--model", str(t / "nowhere")], "model folder not found"),
+        (lambda d, v, t: ["--model", str(t / "nowhere")], "nowhere: no such checkpoint folder"),
         (lambda d, v, t: ["--model", str(t)], "has no config.json"),
         (lambda d, v, t: ["--model", str(bert_checkpoint(t))], "'bert' checkpoint, which has no video-text-to-text"),
         (lambda d, v, t: ["--device", "toaster"], "--device 'toaster' is not a torch device"),
