@@ -1,5 +1,5 @@
-"""examples/ablation end to end at the smallest size: data, the probe, two arms through crosslmm-train, held-out
-scores by generate, the table and the plot (the full run, ~15 minutes, is not a test)."""
+"""examples/ablation end to end at the smallest size: data, the absence check, two arms through crosslmm-train,
+held-out scores by generate, the tables and the plot (the full run, ~9 minutes, is not a test)."""
 
 import json
 import os
@@ -18,7 +18,7 @@ def test_the_ablation_example_runs_end_to_end_and_writes_its_table_and_plot(tmp_
     argv = [
         *(sys.executable, str(ROOT / "examples" / "ablation" / "ablation.py"), "--output", str(tmp_path)),
         *("--arms", "dcal", "no-dcal", "--seeds", "0", "--steps", "4", "--eval-every", "2", "--batch-size", "4"),
-        *("--train-clips", "8", "--test-clips", "4", "--probe-clips", "40"),
+        *("--train-clips", "8", "--test-clips", "4", "--check-clips", "2"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
@@ -26,6 +26,14 @@ def test_the_ablation_example_runs_end_to_end_and_writes_its_table_and_plot(tmp_
     table = (tmp_path / "results.md").read_text()
     assert "| dcal | 1 | on | on | 0.5 |" in table and "| no-dcal | 1 | - | - | - |" in table, table
     assert "pooled, 1 per frame" in table and "original, 64 per frame" in table, table
+    # The absence argument, measured: the arrangements of a clip's colours give the same pooled tokens (to float
+    # rounding) and the same logits without DCALs, and different original tokens.
+    absence = json.loads((tmp_path / "absence.json").read_text())
+    for pooled in ("pooled, 1 per frame", "pooled, 9 per frame"):
+        assert absence[pooled]["within_clip_float64"] < 1e-12 < 1e-3 < absence[pooled]["between_clips"], absence
+        assert absence[pooled]["within_clip_float32"] < 1e-6, absence
+    assert absence["original, 64 per frame"]["within_clip_float32"] > 0.1, absence
+    assert absence["first-token logits, no DCALs"]["within_clip_float32"] < 1e-5, absence
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((tmp_path / "results.json").read_text())
     for name in ("dcal-seed0", "no-dcal-seed0"):

@@ -2,20 +2,21 @@
 what the pooled tokens lose? Every arm trains through the real `crosslmm-train` command and is scored on held-out
 clips by `generate`.
 
-    python examples/ablation/ablation.py --output runs/ablation                 # every arm, 2 seeds (~15 min, 2 cores)
+    python examples/ablation/ablation.py --output runs/ablation                 # every arm, 2 seeds (~9 min, 2 cores)
     python examples/ablation/ablation.py --output runs/quick --steps 40 --arms dcal no-dcal --seeds 0
 
 The task: clips of 4 frames, 32 x 32 px, whose background colour changes every frame (light or dark for the whole
-clip); in one frame a 5 x 5 px square of one of 4 colours. "What colour is the small square?" needs the fine detail;
-"Is the video bright or dark?" (the control) does not. With pool_size 1 the LLM sees one pooled token per frame, the
-average of the frozen vision tower's 64 patch tokens, from which the square's colour cannot be read (`probe`: about
-chance on the pooled tokens, far above it on the original ones): an arm without DCALs can only guess, an arm with them
-has to learn to fetch the colour from the original tokens.
+clip); in one frame two squares side by side, one patch each, in one of 4 pairs of colours that all have the same
+mean (red and cyan, green and magenta, blue and yellow, black and white). "What colours are the two squares?" needs
+the fine detail; "Is the video bright or dark?" (the control) does not. The model's original tokens are the vision
+tower's embeddings (a linear patch embedding plus a position embedding) and a pooled token is their mean over a
+window that holds both squares, so the 4 pairs give the same pooled tokens (`absence_check` measures it): an arm
+without DCALs cannot do better than chance, an arm with them has to learn to fetch the colours from the original
+tokens.
 
 Writes into --output: `data/` (the generated clips, LLaVA-format train.json and test.json), one run folder per arm and
-seed (`crosslmm-train`'s output, with `accuracy.json`), `probe.json`, `results.md` (the table), `results.json` and
-`accuracy.png` (held-out accuracy and training loss against steps, per arm).
-"""
+seed (`crosslmm-train`'s output, with `accuracy.json`), `absence.json`, `results.md` (the tables), `results.json` and
+`accuracy.png` (held-out accuracy and training loss against steps, per arm)."""
 
 import argparse
 import json
@@ -30,9 +31,20 @@ import numpy as np
 import torch
 
 
-FRAMES, SIZE, SQUARE = 4, 32, 4  # the square fills one 4 x 4 px patch of the tower
-COLOURS = {"red": (230, 30, 30), "green": (30, 200, 50), "blue": (30, 60, 230), "purple": (150, 30, 170)}
-COLOUR_QUESTION = "What colour is the small square?"
+FRAMES, SIZE, PATCH = 4, 32, 4  # 32 px frames on the tower's 8 x 8 grid of 4 px patches
+# Two squares, one patch each, at patch row 3, columns 3 and 4: inside the one pooling window of pool size 1 and inside
+# window (1, 1), rows and columns [2, 6), of pool size 3 (adaptive_avg_pool2d of 8 into 3: [0, 3), [2, 6), [5, 8)), and
+# in no other window.
+PAIR_AT = 3
+# The pairs of colours: every pair sums to (255, 255, 255), so every pair has the same mean, mid-grey.
+PAIRS = {
+    "red": ((255, 0, 0), (0, 255, 255)),  # and cyan
+    "green": ((0, 255, 0), (255, 0, 255)),  # and magenta
+    "blue": ((0, 0, 255), (255, 255, 0)),  # and yellow
+    "black": ((0, 0, 0), (255, 255, 255)),  # and white
+}
+ANSWERS = {"red": "red and cyan", "green": "green and magenta", "blue": "blue and yellow", "black": "black and white"}
+COLOUR_QUESTION = "What colours are the two squares?"
 CONTROL_QUESTION = "Is the video bright or dark?"
 
 # The arms: how the starting checkpoint is built (`crosslmm.samples.build_sample_checkpoint`) and the flags of
@@ -42,31 +54,36 @@ ARMS = {
     "t2v-only": ({"pool_size": 1, "gate_init": 0.5}, ["--use_v2v", "false"]),
     "v2v-only": ({"pool_size": 1, "gate_init": 0.5}, ["--use_t2v", "false"]),
     "dcal-gates-0": ({"pool_size": 1, "gate_init": 0.0}, []),
+    "dcal-pool3": ({"pool_size": 3, "gate_init": 0.5}, []),
     "no-dcal": ({"pool_size": 1, "cross_attention_layers": []}, []),
     "no-dcal-pool3": ({"pool_size": 3, "cross_attention_layers": []}, []),
-    "dcal-pool3": ({"pool_size": 3, "gate_init": 0.5}, []),
 }
-DEFAULT_ARMS = [arm for arm in ARMS if arm != "dcal-pool3"]  # all 7 take longer than 15 minutes on 2 cores
-# The tests' tiny model, on 32 px frames (an 8 x 8 patch grid); DCALs after decoder layers 1 and 3; average pooling,
-# so that a pooled token is the mean of its patch tokens.
-GEOMETRY = {"vision": {"image_size": SIZE}, "text": {"initializer_range": 0.02}, "pooling_mode": "average"}
+# The tests' tiny model, on 32 px frames (an 8 x 8 patch grid); DCALs after decoder layers 1 and 3. The original
+# tokens are the tower's embeddings (hidden state 0: a linear patch embedding plus a position embedding) and pooling is
+# a plain average of them: what makes the pair of colours absent from the pooled tokens (see the README).
+GEOMETRY = {
+    "vision": {"image_size": SIZE},
+    "text": {"initializer_range": 0.02},
+    "vision_feature_layer": 0,
+    "pooling_mode": "average",
+}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="folder for the data, the runs and the results")
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=DEFAULT_ARMS)
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="constant after a 5 %% warmup")
     parser.add_argument(
         "--dcal-lr", type=float, default=1e-2, help="the DCALs' learning rate (crosslmm-train --dcal_lr)"
     )
-    parser.add_argument("--eval-every", type=int, default=100, help="score held-out clips every this many steps")
+    parser.add_argument("--eval-every", type=int, default=50, help="score held-out clips every this many steps")
     parser.add_argument("--train-clips", type=int, default=3000, help="clips to train on (each asked both questions)")
     parser.add_argument("--test-clips", type=int, default=160, help="held-out clips (each asked both questions)")
-    parser.add_argument("--probe-clips", type=int, default=1200, help="clips for the probe (3/4 train, 1/4 test)")
+    parser.add_argument("--check-clips", type=int, default=8, help="clips of the absence check (8 variants each)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     parser.add_argument("--evaluate", metavar="RUN", help=argparse.SUPPRESS)  # internal: score one run's checkpoints
     return parser.parse_args(argv)
@@ -77,17 +94,34 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def make_clip(rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-    """(FRAMES, SIZE, SIZE, 3) uint8 frames and their answers. Every frame has its own background colour (noisy, light
-    or dark for the whole clip); one frame holds a SQUARE x SQUARE square of one of COLOURS, anywhere."""
+def make_background(rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """(FRAMES, SIZE, SIZE, 3) uint8 frames, each of its own noisy background colour, light or dark for the whole clip,
+    and that brightness ("bright" or "dark")."""
     bright = bool(rng.integers(2))
     low, high = (130, 250) if bright else (5, 125)
     backgrounds = rng.integers(low, high, size=(FRAMES, 1, 1, 3))
     frames = np.clip(backgrounds + rng.integers(-8, 9, size=(FRAMES, SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
-    colour = list(COLOURS)[rng.integers(len(COLOURS))]
-    frame, y, x = rng.integers(FRAMES), *(SQUARE * rng.integers(SIZE // SQUARE, size=2))
-    frames[frame, y : y + SQUARE, x : x + SQUARE] = COLOURS[colour]
-    return frames, {"colour": colour, "brightness": "bright" if bright else "dark"}
+    return frames, "bright" if bright else "dark"
+
+
+def paint_pair(frames: np.ndarray, frame: int, pair: str, swap: bool) -> np.ndarray:
+    """A copy of `frames` with the squares of PAIRS[pair] side by side in frame `frame` (the second colour on the left
+    if `swap`)."""
+    frames, colours = frames.copy(), PAIRS[pair][::-1] if swap else PAIRS[pair]
+    y = PATCH * PAIR_AT
+    for index, colour in enumerate(colours):
+        x = PATCH * (PAIR_AT + index)
+        frames[frame, y : y + PATCH, x : x + PATCH] = colour
+    return frames
+
+
+def make_clip(rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """Frames and their answers: a background (`make_background`) and, in one of the frames, a random pair of colours
+    in a random order (`paint_pair`)."""
+    frames, brightness = make_background(rng)
+    pair = list(PAIRS)[rng.integers(len(PAIRS))]
+    frames = paint_pair(frames, int(rng.integers(FRAMES)), pair, bool(rng.integers(2)))
+    return frames, {"colour": pair, "brightness": brightness}
 
 
 def make_data(folder: Path, train_clips: int, test_clips: int, seed: int = 1234):
@@ -107,7 +141,7 @@ def make_data(folder: Path, train_clips: int, test_clips: int, seed: int = 1234)
             for t, frame in enumerate(frames):
                 Image.fromarray(frame).save(folder / clip / f"{t}.png")
             for kind, question, answer in (
-                ("colour", COLOUR_QUESTION, answers["colour"]),
+                ("colour", COLOUR_QUESTION, ANSWERS[answers["colour"]]),
                 ("control", CONTROL_QUESTION, answers["brightness"]),
             ):
                 turns = [{"from": "human", "value": f"<video>\n{question}"}, {"from": "gpt", "value": answer}]
@@ -127,15 +161,7 @@ def build_checkpoint(folder: Path, arm: str, seed: int) -> Path:
 
     if not (folder / "config.json").is_file():
         options = {"gate_init": 0.0, **ARMS[arm][0]}
-        build_sample_checkpoint(
-            folder,
-            "tiny",
-            seed=seed,
-            text=GEOMETRY["text"],
-            vision=GEOMETRY["vision"],
-            pooling_mode=GEOMETRY["pooling_mode"],
-            **options,
-        )
+        build_sample_checkpoint(folder, "tiny", seed=seed, **GEOMETRY, **options)
     return folder
 
 
@@ -154,7 +180,8 @@ def one_thread_env() -> dict:
 
 def train_command(checkpoint: Path, data: Path, run: Path, arm: str, seed: int, args) -> list[str]:
     """crosslmm-train's stage 2 (`python -m crosslmm.train`, the console script's code) with the arm's flags; the
-    vision tower stays frozen, so that what a pooled token holds is what the probe measured."""
+    vision tower stays frozen (its embeddings are linear whatever their weights, so that changes nothing in the
+    argument; it saves time)."""
     return [
         *(sys.executable, "-m", "crosslmm.train", "--stage", "2"),
         *("--model", str(checkpoint), "--data", str(data / "train.json"), "--video-folder", str(data)),
@@ -203,6 +230,17 @@ def run_arm(output: Path, arm: str, seed: int, args) -> dict:
     return result
 
 
+def load(folder: Path, dtype=torch.float32):
+    """A checkpoint and its processor, for clips whose every frame is used."""
+    from crosslmm.train import load_processor
+    from modeling_crosslmm import CrossLMMForConditionalGeneration
+
+    model = CrossLMMForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+    processor = load_processor(str(folder), model.config)
+    processor.video_processor.do_sample_frames = False
+    return model, processor
+
+
 def answers(model, processor, frames: list[np.ndarray], question: str, batch_size: int = 50) -> list[str]:
     """Greedy answers of `model` to `question` about each clip, a few tokens each."""
 
@@ -221,14 +259,10 @@ def answers(model, processor, frames: list[np.ndarray], question: str, batch_siz
 def evaluate(run: Path, data: Path, start: Path) -> dict:
     """Held-out accuracy of the starting checkpoint `start` (step 0) and every checkpoint of `run` on both questions:
     an answer counts when its first word is the right one. Writes run/accuracy.json."""
-
-    from crosslmm.train import load_processor
-    from modeling_crosslmm import CrossLMMForConditionalGeneration
-
     torch.set_num_threads(1)
     records = json.loads((data / "test.json").read_text())
     clips = sorted({record["video"] for record in records})
-    truth = {(r["video"], r["kind"]): r["conversations"][1]["value"] for r in records}
+    truth = {(r["video"], r["kind"]): r["conversations"][1]["value"].split()[0] for r in records}
     frames = [load_clip(data, clip) for clip in clips]
     state = json.loads((run / "trainer_state.json").read_text())
     checkpoints = sorted(run.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
@@ -237,9 +271,7 @@ def evaluate(run: Path, data: Path, start: Path) -> dict:
         steps[run] = state["global_step"]
     result = {"steps": [], "colour": [], "control": []}
     for folder, step in steps.items():
-        model = CrossLMMForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-        processor = load_processor(str(folder), model.config)
-        processor.video_processor.do_sample_frames = False
+        model, processor = load(folder)
         result["steps"].append(step)
         for kind, question in (("colour", COLOUR_QUESTION), ("control", CONTROL_QUESTION)):
             replies = answers(model, processor, frames, question)
@@ -258,79 +290,70 @@ def evaluate(run: Path, data: Path, start: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The probe: is the square's colour in the pooled tokens?
+# The absence check: the pair of colours is not in the pooled tokens
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class AttentionProbe(torch.nn.Module):
-    """A score of each colour for every token (linear, or an MLP with `hidden`), soft-maxed over the tokens
-    (logsumexp): what one attending query can read from the tokens, wherever the square is."""
-
-    def __init__(self, width: int, hidden: int = 0):
-        super().__init__()
-        layers = [torch.nn.Linear(width, hidden), torch.nn.GELU()] if hidden else []
-        self.scores = torch.nn.Sequential(*layers, torch.nn.Linear(hidden or width, len(COLOURS)))
-
-    def forward(self, tokens):  # (clips, tokens, width) -> (clips, colours)
-        return self.scores(tokens).logsumexp(1)
+def variants(rng: np.random.Generator) -> list[np.ndarray]:
+    """One clip (a background, a frame for the squares) with each of the pairs, in either order: 8 variants."""
+    frames, _ = make_background(rng)
+    frame = int(rng.integers(FRAMES))
+    return [paint_pair(frames, frame, pair, swap) for pair in PAIRS for swap in (False, True)]
 
 
-def fit_probe(train_x, train_y, test_x, test_y, hidden: int = 0, steps: int = 300) -> float:
-    """Held-out accuracy of an `AttentionProbe` of the colour on (clips, tokens, width) features, standardised on the
-    training set."""
-    torch.manual_seed(0)
-    mean, std = train_x.mean((0, 1)), train_x.std((0, 1)) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    probe = AttentionProbe(train_x.shape[-1], hidden)
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-2, weight_decay=1e-2)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(probe(train_x), train_y).backward()
-        optimizer.step()
+def spread(values: torch.Tensor) -> tuple[float, float]:
+    """For (clips, variants, ...) values: the largest difference (max abs) between two variants of one clip, and the
+    smallest between two different clips (their first variants)."""
+    within = (values - values[:, :1]).abs().amax().item()
+    between = (values[1:, 0] - values[:-1, 0]).abs().flatten(1).amax(1).min().item()
+    return within, between
+
+
+def visual_tokens(folder: Path, videos: list[np.ndarray], dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The starting model's pooled, projected tokens (what replaces the <video> placeholder) and original tokens (what
+    the DCALs attend to) of each video: (videos, frames * pool_size**2, D) and (videos, frames * patches, D_v)."""
+    model, processor = load(folder, dtype)
+    pixels = processor.video_processor(videos=videos, return_tensors="pt")["pixel_values_videos"]
     with torch.no_grad():
-        return (probe(test_x).argmax(-1) == test_y).float().mean().item()
+        features = model.model.get_video_features(pixels.to(dtype), return_dict=True)
+    original = features.last_hidden_state
+    return features.pooler_output, original.reshape(len(videos), -1, original.shape[-1])
 
 
-def probe(output: Path, train_clips: int = 1500, test_clips: int = 500) -> dict:
-    """Probes of the square's colour on the features the LLM gets from the vision tower (frozen in every arm) of the
-    starting model at pool sizes 1 and 3: the pooled, projected tokens (what replaces the <video> placeholder; the
-    projector trains, but acts on each pooled token alone, so it cannot add what pooling removed) and the original
-    tokens (what the DCALs attend to). Fresh clips of the task; chance is 25 %."""
-    from crosslmm.train import load_processor
-    from modeling_crosslmm import CrossLMMForConditionalGeneration
+def first_token_logits(folder: Path, videos: list[np.ndarray]) -> torch.Tensor:
+    """The logits of the first answer token to the colour question, per video: (videos, vocabulary)."""
+    model, processor = load(folder)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": COLOUR_QUESTION}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[prompt] * len(videos), videos=videos, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**inputs).logits[:, -1]
 
+
+def absence_check(output: Path, clips: int = 8) -> dict:
+    """The figures behind the README's argument, on `clips` clips, each with the 4 pairs in either order: how much
+    the pooled tokens (pool sizes 1 and 3; float32, and float64 to show the rest is rounding), the original tokens
+    and the first-token logits of a model without DCALs differ between the variants of one clip (`within_clip`),
+    against how much they differ between two clips (`between_clips`)."""
     torch.set_num_threads(1)
     rng = np.random.default_rng(99)
-    clips = [make_clip(rng) for _ in range(train_clips + test_clips)]
-    labels = torch.tensor([list(COLOURS).index(answers["colour"]) for _, answers in clips])
+    videos = [video for _ in range(clips) for video in variants(rng)]
     results = {}
     for pool_size, arm in ((1, "dcal"), (3, "dcal-pool3")):
-        folder = build_checkpoint(output / "checkpoints" / f"probe-pool{pool_size}", arm, 0)
-        model = CrossLMMForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-        processor = load_processor(str(folder), model.config).video_processor
-        pooled, original = [], []
-        for start in range(0, len(clips), 100):
-            videos = [frames for frames, _ in clips[start : start + 100]]
-            pixels = processor(videos=videos, do_sample_frames=False, return_tensors="pt")["pixel_values_videos"]
-            with torch.no_grad():
-                features = model.model.get_video_features(pixels, return_dict=True)
-            pooled.append(features.pooler_output)  # (clips, frames * pool_size**2, D)
-            tokens = features.last_hidden_state
-            original.append(tokens.reshape(len(videos), -1, tokens.shape[-1]))  # (clips, frames * patches, D_v)
-        pooled, original = torch.cat(pooled), torch.cat(original)
-        train, test = slice(0, train_clips), slice(train_clips, None)
-        results[f"pool{pool_size}"] = {
-            "pooled_tokens_per_frame": pool_size**2,
-            "pooled_linear": fit_probe(pooled[train], labels[train], pooled[test], labels[test]),
-            "pooled_mlp": fit_probe(pooled[train], labels[train], pooled[test], labels[test], hidden=128),
-        }
-        if pool_size == 1:  # the same seed gives both models the same vision tower: its original tokens once
-            results["original"] = {
-                "original_tokens_per_frame": original.shape[1] // FRAMES,
-                "original_linear": fit_probe(original[train], labels[train], original[test], labels[test]),
-                "original_mlp": fit_probe(original[train], labels[train], original[test], labels[test], hidden=128),
-            }
-    (output / "probe.json").write_text(json.dumps(results, indent=1))
+        folder = build_checkpoint(output / "checkpoints" / f"check-{arm}", arm, 0)
+        for dtype in (torch.float32, torch.float64):
+            pooled, original = visual_tokens(folder, videos, dtype)
+            within, between = spread(pooled.reshape(clips, -1, *pooled.shape[1:]))
+            row = results.setdefault(f"pooled, {pool_size**2} per frame", {"between_clips": between})
+            row[f"within_clip_{dtype}".replace("torch.", "")] = within
+            if pool_size == 1 and dtype == torch.float32:  # the same at pool size 3: the same seed, the same tower
+                within, between = spread(original.reshape(clips, -1, *original.shape[1:]))
+                name = f"original, {original.shape[1] // FRAMES} per frame"
+                results[name] = {"between_clips": between, "within_clip_float32": within}
+    logits = first_token_logits(build_checkpoint(output / "checkpoints" / "check-no-dcal", "no-dcal", 0), videos)
+    within, between = spread(logits.reshape(clips, -1, logits.shape[-1]))
+    results["first-token logits, no DCALs"] = {"between_clips": between, "within_clip_float32": within}
+    (output / "absence.json").write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -339,7 +362,7 @@ def probe(output: Path, train_clips: int = 1500, test_clips: int = 500) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def write_results(output: Path, results: dict, probes: dict, args, seconds: float):
+def write_results(output: Path, results: dict, absence: dict, args, seconds: float):
     """results.md (a table: final held-out accuracy per arm and seed), results.json and accuracy.png."""
     import matplotlib
 
@@ -368,25 +391,22 @@ def write_results(output: Path, results: dict, probes: dict, args, seconds: floa
         )
     lines += [
         "",
-        "Probe of the square's colour from the starting model's tokens (held-out accuracy of a score per token, "
-        "soft-maxed over the tokens; chance 25 %):",
+        "Absence check: largest difference (max abs) between the 8 variants of one clip (4 pairs, 2 orders), against "
+        f"the smallest between two clips ({args.check_clips} clips; `absence.json`):",
         "",
-        "| tokens | linear | MLP |",
-        "|---|---|---|",
+        "| values | within a clip, float32 | within a clip, float64 | between clips |",
+        "|---|---|---|---|",
     ]
-    for name, result in probes.items():
-        kind = "original" if name == "original" else "pooled"
-        lines.append(
-            f"| {kind}, {result[f'{kind}_tokens_per_frame']} per frame | "
-            f"{result[f'{kind}_linear']:.0%} | {result[f'{kind}_mlp']:.0%} |"
-        )
+    for name, row in absence.items():
+        cells = [f"{row[key]:.1e}" if key in row else "-" for key in ("within_clip_float32", "within_clip_float64")]
+        lines.append(f"| {name} | {' | '.join(cells)} | {row['between_clips']:.1e} |")
     (output / "results.md").write_text("\n".join(lines) + "\n")
     (output / "results.json").write_text(
         json.dumps(
             {
                 "args": vars(args),
                 "seconds": round(seconds),
-                "probe": probes,
+                "absence": absence,
                 "runs": {f"{arm}-seed{seed}": run for (arm, seed), run in results.items()},
             },
             indent=1,
@@ -422,7 +442,7 @@ def write_results(output: Path, results: dict, probes: dict, args, seconds: floa
         xlabel="training step",
         ylabel="held-out accuracy (%)",
         ylim=(0, 102),
-        title='"What colour is the small square?" (seeds: solid, dashed)',
+        title=f'"{COLOUR_QUESTION}" (seeds: solid, dashed)',
     )
     loss.set(xlabel="training step", ylabel="training loss (both questions)", yscale="log", title="training loss")
     accuracy.legend(fontsize=8)
@@ -445,15 +465,15 @@ def main(argv=None):
     started = time.time()
     make_data(output / "data", args.train_clips, args.test_clips)
     print(f"Data: {args.train_clips} training and {args.test_clips} held-out clips in {output / 'data'}", flush=True)
-    probes = probe(output, args.probe_clips * 3 // 4, args.probe_clips - args.probe_clips * 3 // 4)
-    print(f"Probe: {json.dumps(probes)}", flush=True)
+    absence = absence_check(output, args.check_clips)
+    print(f"Absence check: {json.dumps(absence)}", flush=True)
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
     for arm, seed in jobs:  # here, before the threads: imports in several threads at once can fail
         build_checkpoint(output / "checkpoints" / f"{arm}-seed{seed}", arm, seed)
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {job: pool.submit(run_arm, output, *job, args) for job in jobs}
         results = {job: future.result() for job, future in futures.items()}
-    write_results(output, results, probes, args, time.time() - started)
+    write_results(output, results, absence, args, time.time() - started)
     print((output / "results.md").read_text())
     print(f"Wrote {output / 'results.md'} and {output / 'accuracy.png'} in {(time.time() - started) / 60:.1f} min.")
     return 0
