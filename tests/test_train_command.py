@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from crosslmm.train import TRAIN_FLAGS, main
+from crosslmm.train.command import TRAIN_FLAGS, main
 from llava_data import answer_main, dataset_fixture, tiny_checkpoint_fixture  # noqa: F401  (pytest fixtures)
 
 
@@ -365,8 +365,7 @@ def test_lora_merge_needs_only_the_trained_tensors(tiny_checkpoint, tmp_path):
     merge_and_unload of the starting checkpoint with them loaded, the same weights as merging the model in training."""
     from peft import LoraConfig, get_peft_model
 
-    from crosslmm.train import save_lora
-    from crosslmm.training import LORA_TARGET_MODULES
+    from crosslmm.train.trainer import LORA_TARGET_MODULES, save_lora
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGET_MODULES, init_lora_weights=False)
     model = get_peft_model(

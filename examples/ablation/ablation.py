@@ -222,7 +222,7 @@ def evaluate(run: Path, data: Path, start: Path) -> dict:
     """Held-out accuracy of the starting checkpoint `start` (step 0) and every checkpoint of `run` on both questions:
     an answer counts when its first word is the right one. Writes run/accuracy.json."""
 
-    from crosslmm.train import load_processor
+    from crosslmm.train.command import load_processor
     from modeling_crosslmm import CrossLMMForConditionalGeneration
 
     torch.set_num_threads(1)
@@ -296,7 +296,7 @@ def probe(output: Path, train_clips: int = 1500, test_clips: int = 500) -> dict:
     starting model at pool sizes 1 and 3: the pooled, projected tokens (what replaces the <video> placeholder; the
     projector trains, but acts on each pooled token alone, so it cannot add what pooling removed) and the original
     tokens (what the DCALs attend to). Fresh clips of the task; chance is 25 %."""
-    from crosslmm.train import load_processor
+    from crosslmm.train.command import load_processor
     from modeling_crosslmm import CrossLMMForConditionalGeneration
 
     torch.set_num_threads(1)
