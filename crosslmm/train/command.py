@@ -333,9 +333,11 @@ def model_identity(model: str) -> str:
     return str(path.resolve()) if path.is_dir() else model
 
 
-def check_resumable(resume: Path, run_info: dict):
-    """Refuse a checkpoint of another run (another --model, --stage or --lora), warn about changed data or batches."""
-    previous = RunRecord.of_checkpoint(resume).get("run", {})
+def resume_record(resume: Path, record: RunRecord):
+    """Refuse a checkpoint of another run (another --model, --stage or --lora), warn about changed data or batches, and
+    go on counting from the checkpoint's skipped samples."""
+    stored = RunRecord.of_checkpoint(resume)
+    previous, run_info = stored.get("run", {}), record.run
     for key in ("model", "stage", "lora"):
         if key in previous and previous[key] != run_info[key]:
             raise UsageError(
@@ -353,6 +355,8 @@ def check_resumable(resume: Path, run_info: dict):
             f"this run has {run_info['global_micro_batch']} (another number of processes or "
             "--per_device_train_batch_size): samples are grouped into batches differently from here on."
         )
+    if stored.get("skipped"):
+        record.skipped.load(stored["skipped"])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -506,8 +510,15 @@ def build_dataset(args: CrossLMMTrainArguments, run: Run) -> VideoChatDataset:
     return dataset
 
 
-def describe_run(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: list[str], run: Run, lengths):
-    """The run's settings as its checkpoints record them (see `check_resumable`)."""
+def describe_run(
+    args: CrossLMMTrainArguments,
+    training_args: TrainingArguments,
+    argv: list[str],
+    run: Run,
+    dataset: VideoChatDataset,
+) -> dict:
+    """The run's settings as its checkpoints record them (see `resume_record`)."""
+    lengths = dataset.lengths()
     return {
         "command": ["crosslmm-train", *argv],
         "model": model_identity(args.model),
@@ -540,6 +551,33 @@ def load_model(args: CrossLMMTrainArguments, run: Run):
     rates = ", ".join(f"{name} {rate:g}" for name, rate in learning_rates.items())
     logger.info(f"Stage {args.stage}: {trainable:,} trainable parameters; learning rates {rates}.")
     return model, learning_rates
+
+
+def build_trainer(
+    model,
+    learning_rates: dict,
+    training_args: TrainingArguments,
+    run: Run,
+    dataset: VideoChatDataset,
+    record: RunRecord,
+) -> CrossLMMTrainer:
+    """`CrossLMMTrainer` with the collator (its copy of the processor gets frames already sampled by the dataset and
+    pads on the right), the run record, the samples' lengths for the sampler, the checkpoint a LoRA run merges onto."""
+    collate_processor = copy.deepcopy(run.processor)
+    collate_processor.video_processor.do_sample_frames = False
+    collate_processor.tokenizer.padding_side = "right"
+    return CrossLMMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=CrossLMMDataCollator(collate_processor),
+        processing_class=run.processor,
+        callbacks=[record],
+        learning_rates=learning_rates,
+        lengths=dataset.lengths(),
+        skipped=record.skipped,
+        base_checkpoint=run.model_path,
+    )
 
 
 def run_training(trainer: CrossLMMTrainer, resume: Path | None):
@@ -585,34 +623,14 @@ def train(args: CrossLMMTrainArguments, training_args: TrainingArguments, argv: 
     run = prepare(args, training_args, argv)
     resume = checkpoint_to_resume(training_args)
     dataset = build_dataset(args, run)
-    lengths = dataset.lengths()
-    record = RunRecord(describe_run(args, training_args, argv, run, lengths), SkippedSamples())
+    record = RunRecord(describe_run(args, training_args, argv, run, dataset), SkippedSamples())
     if resume is not None:
-        check_resumable(resume, record.run)
-        state = RunRecord.of_checkpoint(resume).get("skipped")
-        if state:
-            record.skipped.load(state)
+        resume_record(resume, record)
         logger.info("Resuming from %s.", resume)
     PartialState().wait_for_everyone()  # no process looks for checkpoints while unfinished ones are removed
-
     model, learning_rates = load_model(args, run)
     record.run["learning_rates"] = learning_rates
-    # The collator's processor gets frames already sampled (by the dataset) and pads on the right.
-    collate_processor = copy.deepcopy(run.processor)
-    collate_processor.video_processor.do_sample_frames = False
-    collate_processor.tokenizer.padding_side = "right"
-    trainer = CrossLMMTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=dataset,
-        data_collator=CrossLMMDataCollator(collate_processor),
-        processing_class=run.processor,
-        callbacks=[record],
-        learning_rates=learning_rates,
-        lengths=lengths,
-        skipped=record.skipped,
-        base_checkpoint=run.model_path,
-    )
+    trainer = build_trainer(model, learning_rates, training_args, run, dataset, record)
     result = run_training(trainer, resume)
     if result is None:
         return None

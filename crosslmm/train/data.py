@@ -314,18 +314,13 @@ def load_training_data(sources: list[Source], seed: int = 0) -> TrainingData:
             try:
                 sample = parse_sample(record)
                 packed = json.dumps({"r": record, "s": source_index, "i": index}, ensure_ascii=False).encode()
-            except RecursionError:
-                error = "is nested too deeply to read"
-            except ValueError as problem:
-                error = problem
-            else:
-                error = None
-            if error is not None:
+            except (ValueError, RecursionError) as error:
                 problems += 1
                 if first_problem is None:
                     sample_id = record.get("id") if isinstance(record, dict) else None
                     label = f"sample {index}" + (f" (id {sample_id!r})" if sample_id is not None else "")
-                    first_problem = f"{source.path}: {label} {error}"
+                    why = "is nested too deeply to read" if isinstance(error, RecursionError) else error
+                    first_problem = f"{source.path}: {label} {why}"
                 continue
             encoded.append(packed)
             kinds.append(KINDS.index(sample.kind))
@@ -486,13 +481,11 @@ class VideoChatDataset(torch.utils.data.Dataset):
         if not path.exists():
             raise BadSample("missing", f"video file not found: {path}")
         try:
-            frames = _frames_folder(path, self._uniform_indices) if path.is_dir() else None
-            if frames is None:
-                # Resized as decoded: a 4K video is never held, nor sent from a worker, at full size.
+            if path.is_dir():
+                frames = _frames_folder(path, self._uniform_indices)
+            else:  # resized as decoded: a 4K video is never held, nor sent from a worker, at full size
                 resize = self.processor.video_processor.frame_resizer()
                 frames, _ = read_video(str(path), self._sample_indices, frame_transform=resize)
-        except BadSample:
-            raise
         except VIDEO_ERRORS as error:
             raise BadSample("corrupt", f"{path}: {str(error).strip().splitlines()[0]}") from None
         if len(frames) < self.min_frames:
@@ -552,8 +545,7 @@ class VideoChatDataset(torch.utils.data.Dataset):
 
     def describe(self, index: int) -> dict:
         entry = self.data.records[index]
-        record = entry["r"]
-        return {"id": record.get("id"), "file": str(self.data.sources[entry["s"]].path), "index": entry["i"]}
+        return {"id": entry["r"].get("id"), "file": str(self.data.sources[entry["s"]].path), "index": entry["i"]}
 
     def replacement(self, index: int, attempt: int) -> int:
         """The sample tried in place of `index` at the `attempt`-th try: drawn from the whole dataset, seeded by
@@ -610,16 +602,7 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     a resumed run whose first batches are skipped).
     """
 
-    def __init__(
-        self,
-        dataset,
-        lengths,
-        batch_size: int,
-        seed: int = 0,
-        group_by_length: bool = True,
-        shuffle: bool = True,
-        megabatch_size: int | None = None,
-    ):
+    def __init__(self, dataset, lengths, batch_size, seed=0, group_by_length=True, shuffle=True, megabatch_size=None):
         self.dataset = dataset
         self.lengths = np.asarray(lengths).tolist()
         self.batch_size = max(1, int(batch_size))
