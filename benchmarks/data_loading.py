@@ -2,11 +2,11 @@
 
 Encodes a set of 30-second 640x360 30 fps H.264 clips with PyAV (x264 `veryfast`, its default keyframe interval; in a
 temporary folder, or once into `--folder`), writes a LLaVA-Video JSON file with one question per clip, and times the
-real input path of `crosslmm-train`: `crosslmm.data.VideoChatDataset` (PyAV seek-and-decode of the sampled frames,
-each resized to 384 px as it is decoded) plus the collator (chat template, placeholder expansion, normalisation) in a
-torch DataLoader, for each number of workers and frames per video. The first batch (worker start-up) is left out of
-the rate. Also the time one thread spends per sample on each of the two, which tells how many workers a GPU step
-needs. Prints tables, and writes the numbers as JSON with `--json`.
+real input path of `crosslmm-train`: `crosslmm.train.data.VideoChatDataset` (PyAV seek-and-decode of the sampled
+frames, each resized to 384 px as it is decoded) plus the collator (chat template, placeholder expansion,
+normalisation) in a torch DataLoader, for each number of workers and frames per video. The first batch (worker
+start-up) is left out of the rate. Also the time one thread spends per sample on each of the two, which tells how
+many workers a GPU step needs. Prints tables, and writes the numbers as JSON with `--json`.
 
     python benchmarks/data_loading.py [--workers 0 1 2 4] [--frames 32 64] [--samples 48] [--repeats 1]
 
@@ -25,8 +25,9 @@ import av
 import numpy as np
 import torch
 
-from crosslmm.data import TrainingCollator, VideoChatDataset, load_training_data, read_sources
 from crosslmm.samples import build_tokenizer
+from crosslmm.train.data import VideoChatDataset, load_training_data, read_sources
+from crosslmm.train.trainer import CrossLMMDataCollator
 from processing_crosslmm import CrossLMMImageProcessor, CrossLMMProcessor
 from video_processing_crosslmm import CrossLMMVideoProcessor
 
@@ -154,11 +155,11 @@ def run(args, folder: Path):
     costs = {}
     for frames in args.frames:
         dataset = VideoChatDataset(data, processor, num_frames=frames)
-        costs[frames] = cost_per_sample(dataset, TrainingCollator(collate_processor))
+        costs[frames] = cost_per_sample(dataset, CrossLMMDataCollator(collate_processor))
         print(f"{frames} frames, one thread, per sample: {costs[frames]}", flush=True)
         for workers in args.workers:
             runs = [
-                rate(dataset, TrainingCollator(collate_processor), workers, args.batch_size)
+                rate(dataset, CrossLMMDataCollator(collate_processor), workers, args.batch_size)
                 for _ in range(args.repeats)
             ]
             timing = max(runs, key=lambda run: run["samples_per_s"])

@@ -3,7 +3,7 @@
 A checkpoint carries the model's own files (the repository root's `*_crosslmm.py`: configuration, modeling,
 processing, video processing, pipeline), which this package imports by their plain names. The package holds what works
 with checkpoints: `samples` (the sample and tiny model builders), `answer` (`crosslmm-answer`), `convert`
-(`crosslmm-convert`), `training` and `train` (fine-tuning on transformers' Trainer, `crosslmm-train`), `serve`
+(`crosslmm-convert`), `train` (fine-tuning on transformers' Trainer: data, trainer, `crosslmm-train`), `serve`
 (`crosslmm-serve`, an OpenAI-compatible server on FastAPI) and `evaluation` (the `crosslmm` model of lmms-eval).
 `errors` holds the one bad-input error every command reports in one line; `versions` the releases CI tested.
 

@@ -332,7 +332,7 @@ def moving_square(colour: str, direction: str, num_frames: int = 4, size: int = 
 
 
 def video_qa_samples() -> list[dict]:
-    """Chat samples in the format `crosslmm.training.CrossLMMDataCollator` takes: a square of each colour moving
+    """Chat samples in the format `crosslmm.train.CrossLMMDataCollator` takes: a square of each colour moving
     each way, each video with a question about its colour and one about its direction (12 samples)."""
     samples = []
     for colour in COLOURS:

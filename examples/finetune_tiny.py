@@ -15,12 +15,13 @@ format.
 
 import argparse
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
 
 from crosslmm.samples import build_sample_checkpoint, video_qa_samples
-from crosslmm.training import CrossLMMDataCollator, CrossLMMTrainer, setup_stage2
+from crosslmm.train import STAGES, CrossLMMDataCollator, CrossLMMTrainer, setup_training
 
 
 def parse_args(argv=None):
@@ -69,10 +70,12 @@ def fine_tune(args, output_dir: Path) -> list[float]:
         model.gradient_checkpointing_enable()
 
     # Stage 2 of the paper: everything CrossLMM runs trains, one learning rate per component. A real checkpoint gets
-    # the paper's rates (setup_stage2's defaults, 2e-6 / 1e-5 / 1e-5); a tiny random model needs larger ones to move
-    # within a few steps.
-    tiny_rates = {"vision_tower_lr": 2e-4, "connector_lr": 1e-3, "llm_lr": 1e-3}
-    learning_rates = setup_stage2(model, **({} if args.model else tiny_rates))
+    # the paper's rates (STAGES[2]: 2e-6 for the vision tower, 1e-5 for the rest); a tiny random model needs larger
+    # ones to move within a few steps.
+    stage = STAGES[2]
+    if not args.model:
+        stage = replace(stage, learning_rates={"vision_tower": 2e-4, "projector": 1e-3, "dcals": 1e-3, "llm": 1e-3})
+    learning_rates = setup_training(model, stage)
     trainer = CrossLMMTrainer(
         model=model,
         args=training_args,

@@ -1,5 +1,5 @@
-"""crosslmm.data: LLaVA-NeXT / LLaVA-Video annotation files and mixtures, their validation, lazy frame decoding with
-bad samples skipped, and the length-grouped sampler."""
+"""crosslmm.train.data: LLaVA-NeXT / LLaVA-Video annotation files and mixtures, their validation, lazy frame decoding
+with bad samples skipped, and the length-grouped sampler."""
 
 import json
 
@@ -8,11 +8,10 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from crosslmm.data import (
+from crosslmm.train.data import (
     DataError,
     LengthGroupedSampler,
     PackedRecords,
-    TrainingCollator,
     VideoChatDataset,
     check_media,
     load_training_data,
@@ -20,6 +19,7 @@ from crosslmm.data import (
     read_sources,
     select,
 )
+from crosslmm.train.trainer import CrossLMMDataCollator
 from llava_data import SIZE, dataset_fixture, tiny_checkpoint_fixture  # noqa: F401  (pytest fixtures)
 
 
@@ -193,11 +193,11 @@ def processor(tiny_checkpoint):
 
 
 def test_frames_are_decoded_when_a_sample_is_read(dataset, processor, monkeypatch):
-    import crosslmm.data
+    import crosslmm.train.data
 
     calls = []
-    read_video = crosslmm.data.read_video
-    monkeypatch.setattr(crosslmm.data, "read_video", lambda *a, **k: calls.append(a[0]) or read_video(*a, **k))
+    read_video = crosslmm.train.data.read_video
+    monkeypatch.setattr(crosslmm.train.data, "read_video", lambda *a, **k: calls.append(a[0]) or read_video(*a, **k))
     data = VideoChatDataset(load(dataset), processor, num_frames=4)
     assert calls == []  # nothing decoded up front
     item = data[1]  # red-left, "Which way does the square move?"
@@ -228,7 +228,7 @@ def test_missing_corrupt_and_short_videos_are_replaced_and_reported(dataset, pro
     last_video = missing - 1
     item = data.load(last_video)
     length = data.token_count(item)
-    assert length == TrainingCollator(processor)([item])["input_ids"].shape[1]  # exact, placeholders expanded
+    assert length == CrossLMMDataCollator(processor)([item])["input_ids"].shape[1]  # exact, placeholders expanded
     limited = VideoChatDataset(load(dataset), processor, num_frames=4, max_length=length - 1)
     item = limited[last_video]  # too long: replaced by a shorter sample
     assert item["skipped"][0]["reason"] == "too long" and f"{length} tokens" in item["skipped"][0]["detail"]
@@ -267,7 +267,7 @@ def test_a_video_given_as_a_folder_of_frames(dataset, processor, tmp_path):
 
 def test_worker_processes_give_the_same_batches(dataset, processor):
     data = VideoChatDataset(load(dataset), processor, num_frames=4, min_frames=2)
-    collator = TrainingCollator(processor)
+    collator = CrossLMMDataCollator(processor)
     batches = []
     for workers in (0, 2):
         loader = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=collator, num_workers=workers)
@@ -340,7 +340,7 @@ def test_length_grouping_cuts_padding_and_puts_the_longest_batch_first():
 def test_a_sample_past_max_length_is_skipped_without_tokenizing_it_whole(dataset, processor, tmp_path):
     """A text of 2 million characters against a limit of 1,000 tokens: refused as too long, the tokenizer having seen
     only a beginning of it; a sample that fits is counted exactly."""
-    from crosslmm.data import BadSample, count_tokens
+    from crosslmm.train.data import BadSample, count_tokens
 
     seen = []
 

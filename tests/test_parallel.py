@@ -18,6 +18,7 @@
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from accelerate import infer_auto_device_map
 from accelerate.utils import compute_module_sizes
 from transformers import AutoModelForImageTextToText
 
-from crosslmm.training import parameter_groups, setup_stage2
+from crosslmm.train.trainer import STAGES, parameter_groups, setup_training
 from tiny import sample_inputs, tiny_model
 
 
@@ -148,7 +149,9 @@ def sharded_training_setup(folder):
     torch.save(batches, folder / "inputs.pt")
 
     reference = tiny_model(gates=0.4).train()
-    learning_rates = setup_stage2(reference, vision_tower_lr=0.1, connector_lr=0.5, llm_lr=0.5)
+    learning_rates = setup_training(
+        reference, replace(STAGES[2], learning_rates={"vision_tower": 0.1, "projector": 0.5, "dcals": 0.5, "llm": 0.5})
+    )
     # SGD, not Adam: Adam turns the rounding noise of gradients that are zero in exact arithmetic (the key biases
     # of softmax attention) into full-size steps, which would differ between the sharded and the single run.
     optimizer = torch.optim.SGD(parameter_groups(reference, learning_rates))

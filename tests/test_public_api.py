@@ -70,10 +70,10 @@ ALLOWED: dict[str, str] = {
     "video_processing_crosslmm.py: BaseVideoProcessor._decode_and_sample_videos (overridden)": (
         "no public hook for a video reader of one's own (transformers' default reader needs torchcodec)"
     ),
-    "crosslmm/train.py: Trainer._get_train_sampler (overridden)": (
+    "crosslmm/train/trainer.py: Trainer._get_train_sampler (overridden)": (
         "the global-batch length grouping needs its own sampler; get_train_dataloader would rebuild Trainer's loader"
     ),
-    "crosslmm/train.py: Trainer._load_from_checkpoint (overridden)": (
+    "crosslmm/train/trainer.py: Trainer._load_from_checkpoint (overridden)": (
         "LoRA runs only: resume loads lora/trained.safetensors (adapter and gates); other runs are Trainer's own"
     ),
 }

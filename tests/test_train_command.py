@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from crosslmm.train import TRAIN_FLAGS, main
+from crosslmm.train.command import TRAIN_FLAGS, main, parse_args
+from crosslmm.train.trainer import STAGES
 from llava_data import answer_main, dataset_fixture, tiny_checkpoint_fixture  # noqa: F401  (pytest fixtures)
 
 
@@ -128,6 +129,24 @@ def test_stage1_trains_only_the_projector_and_v2v_and_turns_t2v_off(tiny_checkpo
 
 
 # ---- flags over the stage presets -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_each_stage_of_stages_is_the_default_of_the_flags(stage, tmp_path):
+    """The command's defaults come from the one table of the paper's stages (STAGES), nowhere else."""
+    argv = ["--model", "m", "--data", "d.json", "--output_dir", str(tmp_path), "--stage", str(stage)]
+    args, training_args = parse_args(argv)
+    preset = STAGES[stage]
+    assert {component for component, flag in TRAIN_FLAGS.items() if getattr(args, flag)} == set(preset.learning_rates)
+    assert (args.use_t2v, args.num_frames, args.global_batch_size) == (
+        preset.use_t2v,
+        preset.num_frames,
+        preset.global_batch_size,
+    )
+    assert training_args.per_device_train_batch_size == preset.per_device_train_batch_size
+    assert training_args.learning_rate == preset.learning_rates["projector"]
+    assert training_args.gradient_accumulation_steps * preset.per_device_train_batch_size == preset.global_batch_size
+    assert args.train_gates and args.use_v2v is None  # the gates train; V2V as the checkpoint has it
 
 
 def without_t2v(checkpoint, folder) -> Path:
@@ -365,8 +384,7 @@ def test_lora_merge_needs_only_the_trained_tensors(tiny_checkpoint, tmp_path):
     merge_and_unload of the starting checkpoint with them loaded, the same weights as merging the model in training."""
     from peft import LoraConfig, get_peft_model
 
-    from crosslmm.train import save_lora
-    from crosslmm.training import LORA_TARGET_MODULES
+    from crosslmm.train.trainer import LORA_TARGET_MODULES, save_lora
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGET_MODULES, init_lora_weights=False)
     model = get_peft_model(

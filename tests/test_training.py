@@ -1,5 +1,7 @@
 """Fine-tuning: the collator's labels, Trainer, gradient checkpointing, the paper's two stages, LoRA, bad inputs."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -13,16 +15,15 @@ from crosslmm.samples import (
     processor_for_config,
     video_qa_samples,
 )
-from crosslmm.training import (
+from crosslmm.train.trainer import (
     ASSISTANT_HEADER,
     LORA_TARGET_MODULES,
-    STAGE2_LEARNING_RATES,
+    STAGES,
     CrossLMMDataCollator,
     CrossLMMTrainer,
+    Stage,
     parameter_groups,
     set_branches,
-    setup_stage1,
-    setup_stage2,
     setup_training,
 )
 from tiny import IMAGE_SIZE, frames, prompt, set_gates, tiny_config, tiny_model
@@ -149,7 +150,10 @@ def test_trainer_with_the_collator_and_gradient_checkpointing_lowers_the_loss(tm
         args=arguments,
         train_dataset=video_qa_samples(),
         data_collator=CrossLMMDataCollator(processor),
-        learning_rates=setup_stage2(model, vision_tower_lr=2e-4, connector_lr=1e-3, llm_lr=1e-3),
+        learning_rates=setup_training(
+            model,
+            replace(STAGES[2], learning_rates={"vision_tower": 2e-4, "projector": 1e-3, "dcals": 1e-3, "llm": 1e-3}),
+        ),
     )
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -206,7 +210,7 @@ def trainable(model):
 
 def test_stage1_trains_only_the_projector_and_v2v_with_t2v_off():
     model = tiny_model(gates=0.5)
-    learning_rates = setup_stage1(model)
+    learning_rates = setup_training(model, STAGES[1])
     names = trainable(model)
     expected = {name for name, _ in model.named_parameters() if name.startswith("model.multi_modal_projector.")}
     for idx in model.config.v2v_layer_indices:  # not the DCAL after the last decoder layer, whose V2V never runs
@@ -234,8 +238,8 @@ def test_stage1_trains_only_the_projector_and_v2v_with_t2v_off():
 
 def test_stage2_trains_everything_crosslmm_runs_with_the_papers_learning_rates():
     model = tiny_model()
-    setup_stage1(model)
-    learning_rates = setup_stage2(model)
+    setup_training(model, STAGES[1])
+    learning_rates = setup_training(model, STAGES[2])
     assert model.config.use_t2v and all(dcal.use_t2v for dcal in model.model.cross_attention_layers.values())
     frozen = {name for name, _ in model.named_parameters()} - trainable(model)
     # CrossLMM reads hidden_states[-1] of the tower, before its post-layernorm, and runs no V2V after the last decoder
@@ -274,13 +278,12 @@ def test_stage2_trains_everything_crosslmm_runs_with_the_papers_learning_rates()
         group = by_name[id(param)]
         assert group["lr"] == next(lr for prefix, lr in expected_lr.items() if name.startswith(prefix)), name
         assert group["weight_decay"] == (0.1 if param.ndim >= 2 else 0.0), name
-    assert STAGE2_LEARNING_RATES == {"vision_tower": 2e-6, "projector": 1e-5, "dcals": 1e-5, "llm": 1e-5}
+    assert STAGES[2].learning_rates == {"vision_tower": 2e-6, "projector": 1e-5, "dcals": 1e-5, "llm": 1e-5}
 
 
 def test_setup_training_trains_the_components_named_and_only_what_runs_with_t2v_off_and_gates_frozen():
     model = tiny_model(gates=0.5)
-    set_branches(model, use_t2v=False, use_v2v=True)
-    rates = setup_training(model, {"projector": 1e-3, "dcals": 2e-3}, train_gates=False)
+    rates = setup_training(model, Stage({"projector": 1e-3, "dcals": 2e-3}, use_t2v=False, train_gates=False))
     names = trainable(model)
     assert rates == {"projector": 1e-3, "dcals": 2e-3}
     assert names and all(
@@ -294,7 +297,7 @@ def test_setup_training_trains_the_components_named_and_only_what_runs_with_t2v_
     model(**batch).loss.backward()
     assert all(param.grad is not None for name, param in model.named_parameters() if name in names)
     with pytest.raises(ValueError, match="Unknown components"):
-        setup_training(model, {"connector": 1e-3})
+        Stage({"connector": 1e-3})
 
 
 def test_set_branches_switches_v2v_off_in_every_dcal_and_refuses_both_off():
@@ -327,7 +330,7 @@ def lora_model(model):
 
 def test_lora_parameter_groups_by_module_name():
     peft_model = lora_model(tiny_model())
-    groups = parameter_groups(peft_model, STAGE2_LEARNING_RATES)
+    groups = parameter_groups(peft_model, STAGES[2].learning_rates)
     names = {id(p): n for n, p in peft_model.named_parameters()}
     for group in groups:
         for param in group["params"]:

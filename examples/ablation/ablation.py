@@ -232,7 +232,7 @@ def run_arm(output: Path, arm: str, seed: int, args) -> dict:
 
 def load(folder: Path, dtype=torch.float32):
     """A checkpoint and its processor, for clips whose every frame is used."""
-    from crosslmm.train import load_processor
+    from crosslmm.train.command import load_processor
     from modeling_crosslmm import CrossLMMForConditionalGeneration
 
     model = CrossLMMForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()

@@ -10,6 +10,7 @@ FOLDER holds a saved tiny CrossLMM (`model/`) and the inputs (`inputs.pt`); rank
 
 import faulthandler
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -56,7 +57,7 @@ def fsdp(folder: Path):
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
     from torch.distributed.fsdp import FSDPModule
 
-    from crosslmm.training import parameter_groups, setup_stage2
+    from crosslmm.train.trainer import STAGES, parameter_groups, setup_training
 
     plugin = FullyShardedDataParallelPlugin()
     accelerator = SimpleNamespace(
@@ -67,7 +68,9 @@ def fsdp(folder: Path):
         torch_device_mesh=None,
     )
     model = AutoModelForImageTextToText.from_pretrained(folder / "model", trust_remote_code=True).train()
-    learning_rates = setup_stage2(model, vision_tower_lr=0.1, connector_lr=0.5, llm_lr=0.5)
+    learning_rates = setup_training(
+        model, replace(STAGES[2], learning_rates={"vision_tower": 0.1, "projector": 0.5, "dcals": 0.5, "llm": 0.5})
+    )
     model = fsdp2_prepare_model(accelerator, model)
     units = sorted(name for name, module in model.named_modules() if isinstance(module, FSDPModule))
     optimizer = torch.optim.SGD(parameter_groups(model, learning_rates))
@@ -93,7 +96,7 @@ def zero3(folder: Path):
 
     import deepspeed
 
-    from crosslmm.training import parameter_groups, setup_stage2
+    from crosslmm.train.trainer import STAGES, parameter_groups, setup_training
 
     config = json.loads((Path(__file__).resolve().parents[2] / "examples" / "deepspeed_zero3.json").read_text())
     config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
@@ -103,7 +106,9 @@ def zero3(folder: Path):
         reduce_bucket_size=4096, stage3_prefetch_bucket_size=4096, stage3_param_persistence_threshold=0
     )
     model = AutoModelForImageTextToText.from_pretrained(folder / "model", trust_remote_code=True).train()
-    learning_rates = setup_stage2(model, vision_tower_lr=0.1, connector_lr=0.5, llm_lr=0.5)
+    learning_rates = setup_training(
+        model, replace(STAGES[2], learning_rates={"vision_tower": 0.1, "projector": 0.5, "dcals": 0.5, "llm": 0.5})
+    )
     optimizer = torch.optim.SGD(parameter_groups(model, learning_rates))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     partitioned = engine.module.lm_head.weight.numel() == 0  # ZeRO-3 keeps only this process's shard

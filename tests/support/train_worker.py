@@ -33,7 +33,7 @@ def fsdp_on_cpu():
 if __name__ == "__main__":
     faulthandler.enable()  # a rank that aborts in C++ prints its Python stack
     fsdp_on_cpu()
-    from crosslmm.train import main
+    from crosslmm.train.command import main
 
     runs, current = [], []
     for arg in sys.argv[1:]:

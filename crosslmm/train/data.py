@@ -1,4 +1,5 @@
-"""Training data in the formats LLaVA-NeXT and LLaVA-Video ship, for `crosslmm-train`.
+"""Training data in the formats LLaVA-NeXT and LLaVA-Video ship: reading and validating annotations, the dataset
+that decodes frames lazily, and the length-grouped sampler.
 
 A sample is a JSON object
 
@@ -17,9 +18,9 @@ The annotations are validated as a whole when they are loaded (a bad configurati
 loads) and kept packed in one byte buffer, not as millions of Python objects, so that DataLoader workers share them
 instead of copying them page by page. Frames are decoded lazily, in `__getitem__` (which the DataLoader runs in its
 workers), with the project's PyAV reader and frame sampler; a sample whose video or image is missing, corrupt or too
-short is replaced by the next good one and reported, not fatal. `LengthGroupedSampler` orders samples so that each
-batch holds samples of similar length (visual tokens plus text tokens), and gives the same order for the same seed
-and epoch, so that a resumed run sees exactly the data an uninterrupted one would.
+short is replaced by another usable one and reported, not fatal. `LengthGroupedSampler` orders samples so that each
+global batch holds samples of similar length (visual tokens plus text tokens), and gives the same order for the same
+seed and epoch, so that a resumed run sees exactly the data an uninterrupted one would.
 """
 
 import json
@@ -32,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from crosslmm import IMAGE_SUFFIXES
-from crosslmm.training import CrossLMMDataCollator
 from video_processing_crosslmm import VideoLoadError, read_video
 
 
@@ -172,36 +173,25 @@ def _read_mixture(path: Path, folders: dict) -> list[Source]:
 
 
 def _read_annotations(path: Path) -> list:
-    """The records of a .json list or a .jsonl file; DataError (one line) for text that is not UTF-8, not JSON, or
-    nested deeper than Python's parser can follow."""
+    """The records of a .json list or a .jsonl file (one per line); DataError (one line, with the line number) for
+    text that is not UTF-8, not JSON, or nested deeper than Python's parser can follow."""
+    number = None  # the line of a .jsonl file being read
     try:
-        if path.suffix.lower() == ".jsonl":
-            return _read_jsonl(path)
         with open(path, encoding="utf-8") as file:
-            records = json.load(file)
+            if path.suffix.lower() != ".jsonl":
+                records = json.load(file)
+            else:
+                records = []
+                for number, line in enumerate(file, 1):
+                    records += [json.loads(line)] if line.strip() else []
     except json.JSONDecodeError as error:
-        raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+        raise DataError(f"{path}:{number or error.lineno}: not valid JSON ({error.msg})") from None
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error.reason})") from None
     except RecursionError:
-        raise DataError(f"{path}: nested too deeply to read") from None
+        raise DataError(f"{path}{f':{number}' if number else ''}: nested too deeply to read") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of samples, got a JSON {type(records).__name__}")
-    return records
-
-
-def _read_jsonl(path: Path) -> list:
-    records = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            except RecursionError:
-                raise DataError(f"{path}:{number}: nested too deeply to read") from None
     return records
 
 
@@ -324,18 +314,13 @@ def load_training_data(sources: list[Source], seed: int = 0) -> TrainingData:
             try:
                 sample = parse_sample(record)
                 packed = json.dumps({"r": record, "s": source_index, "i": index}, ensure_ascii=False).encode()
-            except RecursionError:
-                error = "is nested too deeply to read"
-            except ValueError as problem:
-                error = problem
-            else:
-                error = None
-            if error is not None:
+            except (ValueError, RecursionError) as error:
                 problems += 1
                 if first_problem is None:
                     sample_id = record.get("id") if isinstance(record, dict) else None
                     label = f"sample {index}" + (f" (id {sample_id!r})" if sample_id is not None else "")
-                    first_problem = f"{source.path}: {label} {error}"
+                    why = "is nested too deeply to read" if isinstance(error, RecursionError) else error
+                    first_problem = f"{source.path}: {label} {why}"
                 continue
             encoded.append(packed)
             kinds.append(KINDS.index(sample.kind))
@@ -496,13 +481,11 @@ class VideoChatDataset(torch.utils.data.Dataset):
         if not path.exists():
             raise BadSample("missing", f"video file not found: {path}")
         try:
-            frames = _frames_folder(path, self._uniform_indices) if path.is_dir() else None
-            if frames is None:
-                # Resized as decoded: a 4K video is never held, nor sent from a worker, at full size.
+            if path.is_dir():
+                frames = _frames_folder(path, self._uniform_indices)
+            else:  # resized as decoded: a 4K video is never held, nor sent from a worker, at full size
                 resize = self.processor.video_processor.frame_resizer()
                 frames, _ = read_video(str(path), self._sample_indices, frame_transform=resize)
-        except BadSample:
-            raise
         except VIDEO_ERRORS as error:
             raise BadSample("corrupt", f"{path}: {str(error).strip().splitlines()[0]}") from None
         if len(frames) < self.min_frames:
@@ -562,8 +545,7 @@ class VideoChatDataset(torch.utils.data.Dataset):
 
     def describe(self, index: int) -> dict:
         entry = self.data.records[index]
-        record = entry["r"]
-        return {"id": record.get("id"), "file": str(self.data.sources[entry["s"]].path), "index": entry["i"]}
+        return {"id": entry["r"].get("id"), "file": str(self.data.sources[entry["s"]].path), "index": entry["i"]}
 
     def replacement(self, index: int, attempt: int) -> int:
         """The sample tried in place of `index` at the `attempt`-th try: drawn from the whole dataset, seeded by
@@ -596,16 +578,9 @@ class VideoChatDataset(torch.utils.data.Dataset):
     def _warn(self, entry: dict):
         self._warned += 1
         if self._warned <= 100:
-            logger.warning(
-                "Skipping sample %s of %s (id %r), %s: %s",
-                entry["index"],
-                entry["file"],
-                entry["id"],
-                entry["reason"],
-                entry["detail"],
-            )
-            if self._warned == 100:
-                logger.warning("Further skipped samples of this process are counted, not logged one by one.")
+            logger.warning("Skipping sample %(index)s of %(file)s (id %(id)r), %(reason)s: %(detail)s", entry)
+        if self._warned == 100:
+            logger.warning("Further skipped samples of this process are counted, not logged one by one.")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -616,29 +591,20 @@ class VideoChatDataset(torch.utils.data.Dataset):
 class LengthGroupedSampler(torch.utils.data.Sampler):
     """Sample order for one epoch, the same for a given seed and epoch on every process and in every run.
 
-    With `group_by_length`, a seeded permutation is cut into megabatches of `megabatch_size` global batches, each
-    megabatch is sorted by length (visual tokens plus text tokens) and cut into global batches of `batch_size` (the
-    batch of all processes together for one micro-step), and the order of those batches is shuffled, so that a batch
-    holds samples of similar length and padding stays small. The batch with the longest sample comes first, so that a
-    run that does not fit in memory fails in its first step, not days later. Without it: the seeded permutation
-    (`shuffle`) or dataset order.
+    With `group_by_length`: transformers' `get_length_grouped_indices` on global batches of `batch_size` (the batch of
+    all processes together for one micro-step): a seeded permutation cut into megabatches of `megabatch_size` batches
+    (transformers' default when None), each sorted by length (visual tokens plus text tokens), so that a batch holds
+    samples of similar length and padding stays small; the longest sample comes first, so that a run that does not fit
+    in memory fails in its first step, not days later, and only the very last batch may be short. Without it: the
+    seeded permutation (`shuffle`) or dataset order.
 
     The epoch comes from `dataset.epoch` (accelerate's DataLoader sets it through `set_epoch` at each epoch, also for
     a resumed run whose first batches are skipped).
     """
 
-    def __init__(
-        self,
-        dataset,
-        lengths,
-        batch_size: int,
-        seed: int = 0,
-        group_by_length: bool = True,
-        shuffle: bool = True,
-        megabatch_size: int = 50,
-    ):
+    def __init__(self, dataset, lengths, batch_size, seed=0, group_by_length=True, shuffle=True, megabatch_size=None):
         self.dataset = dataset
-        self.lengths = np.asarray(lengths)
+        self.lengths = np.asarray(lengths).tolist()
         self.batch_size = max(1, int(batch_size))
         self.seed = int(seed)
         self.group_by_length, self.shuffle = group_by_length, shuffle
@@ -650,42 +616,14 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int):
         self.dataset.epoch = epoch
 
-    def order(self, epoch: int) -> np.ndarray:
+    def order(self, epoch: int) -> list[int]:
         count = len(self.lengths)
         if not (self.shuffle or self.group_by_length):
-            return np.arange(count)
-        rng = np.random.default_rng([self.seed, epoch])
-        permutation = rng.permutation(count)
+            return list(range(count))
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
         if not self.group_by_length:
-            return permutation
-        span = self.batch_size * self.megabatch_size
-        batches = []
-        for start in range(0, count, span):
-            part = permutation[start : start + span]
-            part = part[np.argsort(-self.lengths[part], kind="stable")]
-            batches += [part[i : i + self.batch_size] for i in range(0, len(part), self.batch_size)]
-        last = batches.pop() if len(batches[-1]) < self.batch_size else None  # only the very last may be short
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-        if batches:
-            longest = max(range(len(batches)), key=lambda i: self.lengths[batches[i]].max())
-            batches[0], batches[longest] = batches[longest], batches[0]
-        if last is not None:
-            batches.append(last)
-        return np.concatenate(batches)
+            return torch.randperm(count, generator=generator).tolist()
+        return get_length_grouped_indices(self.lengths, self.batch_size, self.megabatch_size, generator)
 
     def __iter__(self):
-        return iter(self.order(getattr(self.dataset, "epoch", 0)).tolist())
-
-
-@dataclass
-class TrainingCollator:
-    """`CrossLMMDataCollator` for `VideoChatDataset` samples, carrying the samples the dataset skipped to the training
-    process as the batch's "skipped_samples" list (the trainer takes it out before the forward)."""
-
-    processor: object
-
-    def __call__(self, samples: list[dict]) -> dict:
-        skipped = [entry for sample in samples for entry in sample.get("skipped", ())]
-        batch = dict(CrossLMMDataCollator(self.processor)(samples))
-        batch["skipped_samples"] = skipped
-        return batch
+        return iter(self.order(getattr(self.dataset, "epoch", 0)))
