@@ -612,9 +612,7 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
     def __init__(self, config: CrossLMMConfig, layer_idx: int):
         super().__init__()
         text = config.text_config
-        self.layer_idx = layer_idx
-        self.use_v2v = layer_idx in config.v2v_layer_indices  # not after the last decoder layer: no text reads it
-        self.use_t2v = config.use_t2v
+        self.config, self.layer_idx = config, layer_idx
         self.v2v_norm = Qwen2RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
         self.v2v_attn = CrossLMMCrossAttention(config)
         self.v2v_gate = nn.Parameter(torch.zeros(1))
@@ -627,6 +625,16 @@ class CrossLMMDualCrossAttentionLayer(GradientCheckpointingLayer):
             self.mlp_gate = nn.Parameter(torch.zeros(1))
         else:
             self.mlp = None
+
+    # The branches are read from the model's config at every pass, the one place a training stage or an ablation
+    # switches them (and what a saved checkpoint carries).
+    @property
+    def use_v2v(self) -> bool:
+        return self.layer_idx in self.config.v2v_layer_indices  # not after the last decoder layer: no text reads it
+
+    @property
+    def use_t2v(self) -> bool:
+        return self.config.use_t2v
 
     def forward(
         self, hidden_states: torch.Tensor, plan: PrefillPlan | DecodePlan, cache: CrossLMMCache | None = None

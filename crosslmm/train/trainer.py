@@ -229,16 +229,12 @@ def _runs_in_crosslmm(parameter_name: str, config) -> bool:
 
 
 def set_branches(model: torch.nn.Module, use_t2v: bool, use_v2v: bool):
-    """Switch the T2V and V2V branches of every DCAL, and the config that saved checkpoints carry. Raises ValueError
-    when both are off in a model with DCALs (they would have nothing to do)."""
+    """Switch the T2V and V2V branches of every DCAL: they read the model's config, which saved checkpoints carry.
+    Raises ValueError when both are off in a model with DCALs (they would have nothing to do)."""
     config = model.config
     if config.dcal_layer_indices and not (use_t2v or use_v2v):
         raise ValueError("use_t2v and use_v2v are both off: the DCALs would have nothing to do")
     config.use_t2v, config.use_v2v = bool(use_t2v), bool(use_v2v)
-    for module in model.modules():
-        if type(module).__name__ == "CrossLMMDualCrossAttentionLayer":
-            module.use_t2v = config.use_t2v
-            module.use_v2v = module.layer_idx in config.v2v_layer_indices
 
 
 def setup_training(model: torch.nn.Module, stage: Stage) -> dict[str, float]:
