@@ -1,0 +1,205 @@
+"""CrossLMM on vLLM (crosslmm.vllm): greedy tokens equal to transformers' `generate`, logprobs close, on the sample
+checkpoint (float32, CPU), through one shared engine that splits prompts into chunks (chunked prefill), runs fewer
+sequences at once than it is sent (finished requests' KV blocks reused) and has KV room for few of them (preemption).
+
+vLLM lives in an environment of its own (.ci/run builds it: .ci/vllm); elsewhere this module is skipped.
+"""
+
+import json
+import os
+
+import pytest
+
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed here (.ci/run tests it in .ci/vllm)")
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: its model is inspectable
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import crosslmm.samples as samples  # noqa: E402
+from crosslmm.vllm.processing import frames_to_pixels, read_frames  # noqa: E402
+
+
+NEW_TOKENS = 10
+ENGINE = {  # small on purpose: chunks of 32 tokens, 2 sequences at once, KV room for about 2 requests
+    "max_model_len": 512,
+    "max_num_batched_tokens": 32,
+    "max_num_seqs": 2,
+    "dtype": "float32",
+    "seed": 0,
+    "gpu_memory_utilization": 0.05,
+    "limit_mm_per_prompt": {"video": 2, "image": 1},
+}
+LOGPROB_TOLERANCE = 1e-3
+
+
+def chat(*parts: str) -> str:
+    """A ChatML prompt as CrossLMM's chat template writes it: `parts` are text or "<video>"/"<image>"."""
+    content = "".join(part + "\n" if part in ("<video>", "<image>") else part for part in parts)
+    return (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The sample checkpoint (its tokenizer in place of the processor, whose video processor needs torchvision,
+    which vLLM's CPU environment lacks) and the sample clip's frames, 4 and 6 of them."""
+    root = tmp_path_factory.mktemp("vllm")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(samples, "processor_for_config", lambda config, tokenizer: tokenizer)
+        checkpoint = samples.build_sample_checkpoint(root / "sample")
+    clip = samples.build_sample_video(root / "clip.mp4")
+    image = np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    return {
+        "checkpoint": checkpoint,
+        "four": read_frames(clip, num_frames=4),
+        "six": read_frames(clip, num_frames=6),
+        "image": image,
+    }
+
+
+@pytest.fixture(scope="module")
+def engine(files):
+    from vllm import LLM
+
+    # KV room for 3 blocks of 16 tokens a sequence would not do: the CPU backend's block size is 128 here, so
+    # 4 blocks: a little more than two of these requests at full length.
+    llm = LLM(model=str(files["checkpoint"]), kv_cache_memory_bytes=6 * _block_bytes(files["checkpoint"]), **ENGINE)
+    yield llm
+    del llm
+
+
+def _block_bytes(checkpoint) -> int:
+    """Bytes of one 128-token KV block of the checkpoint's decoder in float32."""
+    text = json.loads((checkpoint / "config.json").read_text())["text_config"]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    return 128 * text["num_hidden_layers"] * 2 * text["num_key_value_heads"] * head_dim * 4
+
+
+@pytest.fixture(scope="module")
+def reference(files):
+    """transformers' CrossLMM on the same checkpoint, and its greedy answer to a prompt with videos/images."""
+    from transformers import AutoTokenizer
+
+    from modeling_crosslmm import CrossLMMForConditionalGeneration
+
+    model = CrossLMMForConditionalGeneration.from_pretrained(files["checkpoint"], dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(files["checkpoint"])
+    config = model.config
+    stop = set(model.generation_config.eos_token_id)
+
+    def answer(prompt: str, videos=(), image=None):
+        """(prompt token ids, answer token ids, each answer token's logprob) by transformers."""
+        expanded = prompt
+        for video in videos:
+            expanded = expanded.replace("<video>", "<VIDEO>" * (len(video) * config.tokens_per_frame), 1)
+        expanded = expanded.replace("<VIDEO>", "<video>")
+        expanded = expanded.replace("<image>", "<image>" * config.tokens_per_frame)
+        input_ids = torch.tensor([tokenizer(expanded)["input_ids"]])
+        inputs = {"input_ids": input_ids}
+        if videos:
+            inputs["pixel_values_videos"] = [frames_to_pixels(video, config.image_size) for video in videos]
+        if image is not None:
+            inputs["pixel_values"] = frames_to_pixels(image, config.image_size)
+        with torch.no_grad():
+            out = model.generate(
+                **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
+        tokens = out.sequences[0, input_ids.shape[1] :].tolist()
+        logprobs = []
+        for token, logits in zip(tokens, out.logits):
+            logits = logits[0].clone()
+            logits[[config.image_token_id, config.video_token_id]] = float("-inf")  # generate's suppress_tokens
+            logprobs.append(float(logits.log_softmax(-1)[token]))
+        # generate stops after an end token; vLLM does not return it
+        if tokens and tokens[-1] in stop:
+            tokens, logprobs = tokens[:-1], logprobs[:-1]
+        return input_ids[0].tolist(), tokens, logprobs
+
+    return answer
+
+
+def generate(engine, requests):
+    """vLLM's greedy answers to `requests` (prompt, videos, image), all sent at once."""
+    from vllm import SamplingParams
+
+    inputs = []
+    for prompt, videos, image in requests:
+        data = {}
+        if videos:
+            data["video"] = list(videos) if len(videos) > 1 else videos[0]
+        if image is not None:
+            data["image"] = image
+        inputs.append({"prompt": prompt, "multi_modal_data": data} if data else {"prompt": prompt})
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=0)
+    outputs = engine.generate(inputs, params, use_tqdm=False)
+    answers = []
+    for output in outputs:
+        completion = output.outputs[0]
+        logprobs = [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)]
+        answers.append((list(output.prompt_token_ids), list(completion.token_ids), logprobs))
+    return answers
+
+
+def assert_same(vllm_answer, transformers_answer, what):
+    prompt, tokens, logprobs = vllm_answer
+    expected_prompt, expected_tokens, expected_logprobs = transformers_answer
+    assert prompt == expected_prompt, f"{what}: the prompts differ"
+    assert tokens == expected_tokens, f"{what}: vLLM answered {tokens}, transformers {expected_tokens}"
+    difference = max(abs(a - b) for a, b in zip(logprobs, expected_logprobs))
+    assert difference < LOGPROB_TOLERANCE, f"{what}: logprobs differ by {difference}"
+
+
+def model_of(engine):
+    """The model the in-process engine runs (vLLM's internals: only to look at the per-request memory)."""
+    return engine.llm_engine.model_executor.driver_worker.worker.model_runner.model
+
+
+def test_one_video(engine, reference, files):
+    request = (chat("<video>", "What happens in this video?"), [files["four"]], None)
+    (answer,) = generate(engine, [request])
+    assert_same(answer, reference(*request), "one video")
+
+
+def test_the_dcals_take_part(engine, files):
+    """The same question about two different videos gets two different answers: the memory is the request's own."""
+    first, second = generate(
+        engine,
+        [
+            (chat("<video>", "What happens in this video?"), [files["four"]], None),
+            (chat("<video>", "What happens in this video?"), [files["four"][::-1].copy()], None),
+        ],
+    )
+    assert first[1] != second[1]
+
+
+def test_mixed_batch_with_chunked_prefill(engine, reference, files):
+    """Two videos with text between, an image then a video, a text-only request and a plain video question, sent
+    together: more requests than max_num_seqs, every video prompt split across 32-token chunks."""
+    requests = [
+        (chat("<video>", "Compare this video", "<video>", "with this one."), [files["four"], files["six"]], None),
+        (chat("<image>", "Look at the image, then at", "<video>", "the video."), [files["six"]], files["image"]),
+        (chat("Describe a dog running in a garden."), [], None),
+        (chat("What is in", "<video>", "?"), [files["six"]], None),
+    ]
+    names = ("two videos", "image and video", "text only", "one video")
+    for answer, request, what in zip(generate(engine, requests), requests, names):
+        assert_same(answer, reference(*request), what)
+
+
+def test_memory_is_freed_as_requests_end(engine, files):
+    """Many requests in a row: the per-request memories of finished requests are dropped as their KV blocks are
+    reused, and the encoded items as vLLM's encoder cache drops them, so memory stays flat."""
+    model = model_of(engine)
+    request = (chat("<video>", "Why?"), [files["four"]], None)
+    counts = []
+    for _ in range(3):
+        generate(engine, [request] * 6)
+        counts.append((len(model.requests), len(model.items.items)))
+    num_blocks = engine.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    assert all(requests <= num_blocks for requests, _ in counts), counts
+    assert counts[-1] == counts[0] or counts[-1][0] <= counts[0][0], counts
