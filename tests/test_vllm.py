@@ -203,3 +203,16 @@ def test_memory_is_freed_as_requests_end(engine, files):
     num_blocks = engine.llm_engine.vllm_config.cache_config.num_gpu_blocks
     assert all(requests <= num_blocks for requests, _ in counts), counts
     assert counts[-1] == counts[0] or counts[-1][0] <= counts[0][0], counts
+
+
+def test_transformers_backend_refuses(files):
+    """Without the plugin vLLM resolves CrossLMM to its Transformers backend, which feeds the model merged embeddings
+    without pixels (the DCALs would never run). The backend makes the model as its base.py does: "vllm" attention
+    on the text config, then `AutoModel.from_config` with the checkpoint's own code; CrossLMM refuses there."""
+    import vllm.model_executor.models.transformers  # noqa: F401  (registers the "vllm" attention with transformers)
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(files["checkpoint"], trust_remote_code=True)
+    config.get_text_config()._attn_implementation = "vllm"
+    with torch.device("meta"), pytest.raises(ValueError, match=r"pip install 'crosslmm\[vllm\]'"):
+        AutoModel.from_config(config=config, dtype=torch.float32, trust_remote_code=True)
