@@ -5,8 +5,13 @@ sequences at once than it is sent (finished requests' KV blocks reused) and has 
 vLLM lives in an environment of its own (.ci/run builds it: .ci/vllm); elsewhere this module is skipped.
 """
 
+import base64
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -20,6 +25,7 @@ import torch  # noqa: E402
 
 import crosslmm.samples as samples  # noqa: E402
 from crosslmm.vllm.processing import frames_to_pixels, read_frames  # noqa: E402
+from processing_crosslmm import CHAT_TEMPLATE  # noqa: E402
 
 
 NEW_TOKENS = 10
@@ -52,6 +58,7 @@ def files(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(samples, "processor_for_config", lambda config, tokenizer: tokenizer)
         checkpoint = samples.build_sample_checkpoint(root / "sample")
+    (checkpoint / "chat_template.jinja").write_text(CHAT_TEMPLATE)  # what the processor would have saved
     clip = samples.build_sample_video(root / "clip.mp4")
     image = np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)
     return {
@@ -216,3 +223,60 @@ def test_transformers_backend_refuses(files):
     config.get_text_config()._attn_implementation = "vllm"
     with torch.device("meta"), pytest.raises(ValueError, match=r"pip install 'crosslmm\[vllm\]'"):
         AutoModel.from_config(config=config, dtype=torch.float32, trust_remote_code=True)
+
+
+def test_openai_server(files):
+    """`python -m vllm.entrypoints.openai.api_server` with the plugin answers video_url and image_url chat requests
+    through the openai client, each video sampled to 4 frames (36 placeholder tokens in the prompt)."""
+    import openai
+    from transformers import AutoTokenizer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(files["checkpoint"])]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "1024"]
+    command += ["--gpu-memory-utilization", "0.05", "--kv-cache-memory-bytes", str(32 << 20)]
+    command += ["--media-io-kwargs", '{"video": {"num_frames": 4}}', "--served-model-name", "crosslmm"]
+    environment = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    log = files["checkpoint"].parent / "server.log"
+    with open(log, "w") as output:
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert server.poll() is None, f"the server stopped:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "the server did not start in 240 s"
+                time.sleep(0.5)
+        clip = base64.b64encode((files["checkpoint"].parent / "clip.mp4").read_bytes()).decode()
+        video = {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{clip}"}}
+        image = {"type": "image_url", "image_url": {"url": _png_data_url(files["image"])}}
+        tokenizer = AutoTokenizer.from_pretrained(files["checkpoint"])
+        for media, placeholder, count in ((video, "<video>", 36), (image, "<image>", 9)):
+            messages = [{"role": "user", "content": [media, {"type": "text", "text": "What happens here?"}]}]
+            first, second = (
+                client.chat.completions.create(model="crosslmm", messages=messages, max_tokens=6, temperature=0)
+                for _ in range(2)
+            )
+            prompt = chat(placeholder, "What happens here?").replace(placeholder, placeholder * count)
+            assert first.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
+            assert first.usage.completion_tokens > 0
+            assert first.choices[0].message.content == second.choices[0].message.content
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def _png_data_url(pixels: np.ndarray) -> str:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
