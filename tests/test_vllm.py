@@ -73,9 +73,17 @@ def files(tmp_path_factory):
 def engine(files):
     from vllm import LLM
 
-    # KV room for 3 blocks of 16 tokens a sequence would not do: the CPU backend's block size is 128 here, so
-    # 4 blocks: a little more than two of these requests at full length.
-    llm = LLM(model=str(files["checkpoint"]), kv_cache_memory_bytes=6 * _block_bytes(files["checkpoint"]), **ENGINE)
+    # KV room for 5 blocks of 128 tokens (the CPU backend's block size): two requests of 3 blocks do not fit at once
+    # (preemption), and finished requests' blocks are soon reused.
+    llm = LLM(
+        model=str(files["checkpoint"]),
+        kv_cache_memory_bytes=5 * _block_bytes(files["checkpoint"]),
+        disable_log_stats=False,  # for the preemption counter
+        **ENGINE,
+    )
+    config = llm.llm_engine.vllm_config
+    assert config.cache_config.block_size == 128 and config.cache_config.num_gpu_blocks == 5
+    assert config.scheduler_config.enable_chunked_prefill and config.scheduler_config.max_num_batched_tokens == 32
     yield llm
     del llm
 
@@ -99,7 +107,7 @@ def reference(files):
     config = model.config
     stop = set(model.generation_config.eos_token_id)
 
-    def answer(prompt: str, videos=(), image=None):
+    def answer(prompt: str, videos=(), image=None, max_new_tokens=NEW_TOKENS):
         """(prompt token ids, answer token ids, each answer token's logprob) by transformers."""
         expanded = prompt
         for video in videos:
@@ -114,7 +122,11 @@ def reference(files):
             inputs["pixel_values"] = frames_to_pixels(image, config.image_size)
         with torch.no_grad():
             out = model.generate(
-                **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
             )
         tokens = out.sequences[0, input_ids.shape[1] :].tolist()
         logprobs = []
@@ -130,7 +142,7 @@ def reference(files):
     return answer
 
 
-def generate(engine, requests):
+def generate(engine, requests, max_tokens=NEW_TOKENS, ignore_eos=False):
     """vLLM's greedy answers to `requests` (prompt, videos, image), all sent at once."""
     from vllm import SamplingParams
 
@@ -142,7 +154,7 @@ def generate(engine, requests):
         if image is not None:
             data["image"] = image
         inputs.append({"prompt": prompt, "multi_modal_data": data} if data else {"prompt": prompt})
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, ignore_eos=ignore_eos)
     outputs = engine.generate(inputs, params, use_tqdm=False)
     answers = []
     for output in outputs:
@@ -198,18 +210,64 @@ def test_mixed_batch_with_chunked_prefill(engine, reference, files):
         assert_same(answer, reference(*request), what)
 
 
-def test_memory_is_freed_as_requests_end(engine, files):
-    """Many requests in a row: the per-request memories of finished requests are dropped as their KV blocks are
-    reused, and the encoded items as vLLM's encoder cache drops them, so memory stays flat."""
+def test_preempted_requests(engine, reference, files):
+    """Four long answers, two running at a time in KV room for less than two: vLLM preempts one and later computes it
+    again from its prompt (its visual memory made anew); every answer is still transformers'."""
+    long_answer = 220  # tokens: a request then takes 3 blocks of 128
+    requests = [
+        (chat("<video>", "What happens in this video?"), [files["four"]], None),
+        (chat("What is in", "<video>", "?"), [files["six"]], None),
+        (chat("<video>", "Describe it."), [files["six"]], None),
+        (chat("<video>", "Why?"), [files["four"][::-1].copy()], None),
+    ]
+    before = _preemptions(engine)
+    answers = generate(engine, requests, max_tokens=long_answer, ignore_eos=True)
+    assert _preemptions(engine) > before, "no request was preempted: the test would not test preemption"
+    for number, (answer, request) in enumerate(zip(answers, requests)):
+        expected = reference(*request, max_new_tokens=long_answer)
+        stopped = len(expected[1])  # transformers stops at an end token; vLLM was told to go on
+        assert_same((answer[0], answer[1][:stopped], answer[2][:stopped]), expected, f"request {number}")
+
+
+def _preemptions(engine) -> float:
+    return next(metric.value for metric in engine.get_metrics() if metric.name == "vllm:num_preemptions")
+
+
+def test_aborted_request(engine, reference, files):
+    """A request aborted in the middle of its prompt's chunks leaves nothing behind that a later request sees."""
+    from vllm import SamplingParams
+
+    llm_engine = engine.llm_engine
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
+    llm_engine.add_request(
+        "aborted", {"prompt": chat("<video>", "Why?"), "multi_modal_data": {"video": files["six"]}}, params
+    )
+    for _ in range(2):  # two 32-token chunks of its 74-token prompt
+        llm_engine.step()
+    llm_engine.abort_request(["aborted"])
+    while llm_engine.has_unfinished_requests():
+        llm_engine.step()
+    request = (chat("<video>", "What happens in this video?"), [files["four"]], None)
+    (answer,) = generate(engine, [request])
+    assert_same(answer, reference(*request), "after an aborted request")
+
+
+def test_memory_stays_flat(engine, files):
+    """Requests in a row: a finished request's visual memory is dropped when its KV blocks are reused, an encoded
+    video's tokens when vLLM's encoder cache drops them; what is held stays flat."""
     model = model_of(engine)
-    request = (chat("<video>", "Why?"), [files["four"]], None)
-    counts = []
-    for _ in range(3):
-        generate(engine, [request] * 6)
-        counts.append((len(model.requests), len(model.items.items)))
+    short = (chat("<video>", "Why?"), [files["four"]], None)  # one KV block
+    long = (chat("<video>", "and", "<video>"), [files["six"], files["six"]], None)  # 2 blocks, 3 with its answer
+    held = []
+    for _ in range(4):
+        generate(engine, [short] * 3, max_tokens=2)
+        generate(engine, [long, short, long, short], max_tokens=150, ignore_eos=True)
+        held.append((len(model.requests), model.visual_memory_bytes()))
+    # memories are keyed by a request's first KV block, so never more than the blocks; what the last requests left
+    # (their blocks not reused yet) is the same after every round
     num_blocks = engine.llm_engine.vllm_config.cache_config.num_gpu_blocks
-    assert all(requests <= num_blocks for requests, _ in counts), counts
-    assert counts[-1] == counts[0] or counts[-1][0] <= counts[0][0], counts
+    assert all(memories < num_blocks for memories, _ in held), held
+    assert len(set(held)) == 1, held
 
 
 def test_transformers_backend_refuses(files):

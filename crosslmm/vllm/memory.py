@@ -175,8 +175,11 @@ class T2VCall:
 
 @dataclass
 class StepPlan:
+    """Every DCAL call of one step, and each request's memory with the position its next step starts at."""
+
     v2v: list[V2VCall] = field(default_factory=list)
     t2v: list[T2VCall] = field(default_factory=list)
+    requests: list[tuple[RequestMemory, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.v2v or self.t2v)

@@ -276,6 +276,9 @@ class CrossLMMForConditionalGeneration(nn.Module, SupportsMultiModal):
             hidden_states, residual = layer(positions, hidden_states, residual)
             if plan and str(idx) in dcals:  # the DCAL reads and writes the whole residual stream
                 hidden_states, residual = dcals[str(idx)](hidden_states + residual, plan), None
+        t2v_layers = len(dcals) if self.config.use_t2v else 0
+        for memory, next_position in plan.requests:
+            memory.release_tokens(next_position, t2v_layers)
         if residual is None:
             return language_model.norm(hidden_states)
         hidden_states, _ = language_model.norm(hidden_states, residual)
@@ -313,6 +316,7 @@ class CrossLMMForConditionalGeneration(nn.Module, SupportsMultiModal):
                 self.requests[key] = RequestMemory()
             memory = self.requests.setdefault(key, RequestMemory())
             self._plan_request(plan, memory, range(start, end), positions_host, visual)
+            plan.requests.append((memory, positions_host[end - 1] + 1))
         return plan
 
     def _plan_request(self, plan: StepPlan, memory: RequestMemory, flat: range, positions: list, visual: dict):
@@ -356,6 +360,12 @@ class CrossLMMForConditionalGeneration(nn.Module, SupportsMultiModal):
             in_use.update(row[1 : -(-seq_len // self._block_size)])
         for key in [key for key in self.requests if key in in_use]:
             del self.requests[key]
+
+    def visual_memory_bytes(self) -> int:
+        """Bytes the visual memory holds now: every request's (crosslmm.vllm.memory.RequestMemory.nbytes) and the
+        encoded items vLLM's encoder cache still holds."""
+        items = sum(item.tokens.nbytes for item in self.items.items.values())
+        return items + sum(memory.nbytes() for memory in self.requests.values())
 
     # ---- logits and weights -----------------------------------------------------------------------------------
 
