@@ -338,3 +338,15 @@ def _png_data_url(pixels: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_unsupported_vllm_release(monkeypatch):
+    """The plugin stops a vLLM outside the releases it supports with one line naming them and the install command."""
+    import crosslmm.vllm as plugin
+
+    monkeypatch.setattr(plugin, "version", lambda name: "0.33.1")
+    expected = r"^crosslmm's vLLM plugin supports vLLM >=0.32.0,<0.33, not 0.33.1: `pip install 'crosslmm\[vllm\]'`"
+    with pytest.raises(SystemExit, match=expected):
+        plugin.register()
+    monkeypatch.setattr(plugin, "version", lambda name: "0.32.0")
+    assert plugin.unsupported_vllm() is None

@@ -198,7 +198,7 @@ class CrossLMMForConditionalGeneration(nn.Module, SupportsMultiModal):
         self.logits_processor = LogitsProcessor(text.vocab_size)
         self.items = ItemRegistry()
         self.requests: dict[int, RequestMemory] = {}
-        self._step_visual = None  # what embed_input_ids saw of this step's visual tokens, for forward
+        self._step_visual = None  # (flat positions, item ids, rows) of this step's visual tokens, for forward
         self._attention_layer = self.model.language_model.layers[0].self_attn.attn.layer_name
         self._block_size = vllm_config.cache_config.block_size
 
@@ -254,13 +254,13 @@ class CrossLMMForConditionalGeneration(nn.Module, SupportsMultiModal):
         """Token embeddings with the pooled tokens in place of their placeholders; remembers, for this step's
         `forward`, which flat positions hold which item's rows."""
         embeddings = self.model.language_model.embed_input_ids(input_ids)
-        self._step_visual = (input_ids.shape[0], None)
+        self._step_visual = None
         if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
             return embeddings
         pooled, item_ids, rows = untag(torch.cat(list(multimodal_embeddings)))
         positions = is_multimodal.to(embeddings.device).nonzero().flatten()
         embeddings = embeddings.index_put((positions,), pooled.to(embeddings.dtype))
-        self._step_visual = (input_ids.shape[0], (positions.cpu(), item_ids, rows))
+        self._step_visual = (positions.cpu().tolist(), item_ids, rows)
         return embeddings
 
     # ---- the step ---------------------------------------------------------------------------------------------
@@ -300,10 +300,9 @@ class CrossLMMForConditionalGeneration(nn.Module, SupportsMultiModal):
         positions_host = positions[:num_tokens].cpu().tolist()
 
         visual = {}  # flat position -> (item, row)
-        if step_visual is not None and step_visual[1] is not None:
-            flat, item_ids, rows = step_visual[1]
-            for position, item_id, row in zip(flat.tolist(), item_ids, rows):
-                visual[position] = (self.items.get(item_id), row)
+        if step_visual is not None:
+            for index, item_id, row in zip(*step_visual):
+                visual[index] = (self.items.get(item_id), row)
 
         first_blocks = block_table[:, 0].tolist()
         self._drop_finished(block_table, seq_lens)
