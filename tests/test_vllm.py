@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import crosslmm.samples as samples  # noqa: E402
-from crosslmm.vllm.processing import frames_to_pixels, read_frames  # noqa: E402
+from crosslmm.vllm.frames import frames_to_pixels, read_frames  # noqa: E402
 from processing_crosslmm import CHAT_TEMPLATE  # noqa: E402
 
 

@@ -2,17 +2,14 @@
 prompt replaced by its pooled-token placeholders (frames x pool_size**2 video tokens, pool_size**2 image tokens), as
 `CrossLMMProcessor` expands them.
 
-The pixels are made here rather than by `CrossLMMProcessor`: vLLM's CPU build pins a torch for which PyPI has no
-CPU torchvision, and transformers' video processors need torchvision. `frames_to_pixels` does what
-`CrossLMMVideoProcessor` does to a frame (resize to the tower's size, bicubic with antialiasing, then
-`(x / 255 - 0.5) / 0.5`) in plain torch. Videos come as arrays of frames (T, H, W, 3), already sampled: from a file,
-`crosslmm.vllm.read_frames` samples them with the project's PyAV reader; the OpenAI server samples `video_url`s with
-vLLM's own loader (`--media-io-kwargs '{"video": {"num_frames": N}}'`).
+The pixels are made by `crosslmm.vllm.frames.frames_to_pixels` rather than by `CrossLMMProcessor` (whose video
+processor needs torchvision, which vLLM's CPU environment lacks). Videos come as arrays of frames (T, H, W, 3), already
+sampled: from a file, `crosslmm.vllm.frames.read_frames` samples them with the project's PyAV reader; the OpenAI
+server samples `video_url`s with vLLM's own loader (`--media-io-kwargs '{"video": {"num_frames": N}}'`).
 """
 
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalFieldConfig
@@ -24,29 +21,7 @@ from vllm.multimodal.processing import (
     PromptReplacement,
 )
 
-
-MAX_FRAMES = 256  # CrossLMMVideoProcessor's `max_frames`: the most frames a video is given
-
-
-def frames_to_pixels(frames, size: int) -> torch.Tensor:
-    """(T, H, W, 3) frames (uint8, or floats in 0-255 or 0-1) or one (H, W, 3) image / PIL image -> (T, 3, size,
-    size) float32 SigLIP pixels, as CrossLMMVideoProcessor makes them."""
-    array = np.asarray(frames)
-    if array.ndim == 3:
-        array = array[None]
-    if array.ndim != 4 or array.shape[-1] != 3 or array.shape[0] == 0:
-        raise ValueError(f"A video must be (frames, height, width, 3) RGB frames, got shape {array.shape}.")
-    pixels = torch.from_numpy(np.array(array)).permute(0, 3, 1, 2)  # a writable copy
-    if not pixels.is_floating_point():
-        pixels = pixels.float()
-    elif float(pixels.max()) <= 1.0:
-        pixels = pixels * 255
-    if tuple(pixels.shape[-2:]) != (size, size):
-        pixels = torch.nn.functional.interpolate(
-            pixels.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False
-        )
-        pixels = pixels.round().clamp(0, 255)  # as torchvision resizes uint8 frames
-    return (pixels / 255 - 0.5) / 0.5
+from crosslmm.vllm.frames import MAX_FRAMES, frames_to_pixels
 
 
 class CrossLMMProcessingInfo(BaseProcessingInfo):
@@ -126,25 +101,3 @@ class CrossLMMMultiModalProcessor(BaseMultiModalProcessor[CrossLMMProcessingInfo
             ),
             PromptReplacement(modality="video", target=[config.video_token_id], replacement=video_tokens),
         ]
-
-
-def read_frames(path, num_frames: int = 32, fps: float | None = None, max_frames: int = MAX_FRAMES, **window):
-    """A video file's frames sampled as CrossLMMVideoProcessor samples them (the project's PyAV reader: `num_frames`
-    uniformly, or one every 1/`fps` seconds up to `max_frames`, optionally inside `start_time`/`end_time`), as
-    (T, H, W, 3) uint8 for `LLM.generate({"prompt": ..., "multi_modal_data": {"video": frames}})`."""
-    from video_processing_crosslmm import frame_times_of, read_video, sample_frame_indices
-
-    def sample(metadata, **kwargs):
-        return sample_frame_indices(
-            metadata.total_num_frames,
-            frame_times_of(metadata),
-            metadata.duration,
-            num_frames=num_frames,
-            fps=fps,
-            max_frames=max_frames,
-            source=str(path),
-            **window,
-        )
-
-    frames, _ = read_video(str(path), sample)
-    return np.asarray(frames)
