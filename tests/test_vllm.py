@@ -53,12 +53,9 @@ def chat(*parts: str) -> str:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """The sample checkpoint (its tokenizer in place of the processor, whose video processor needs torchvision,
-    which vLLM's CPU environment lacks) and the sample clip's frames, 4 and 6 of them."""
+    which vLLM's CPU environment lacks), the sample clip's frames (4 and 6 of them) and an image."""
     root = tmp_path_factory.mktemp("vllm")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(samples, "processor_for_config", lambda config, tokenizer: tokenizer)
-        checkpoint = samples.build_sample_checkpoint(root / "sample")
-    (checkpoint / "chat_template.jinja").write_text(CHAT_TEMPLATE)  # what the processor would have saved
+    checkpoint = build_checkpoint(root / "sample")
     clip = samples.build_sample_video(root / "clip.mp4")
     image = np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)
     return {
@@ -67,6 +64,15 @@ def files(tmp_path_factory):
         "six": read_frames(clip, num_frames=6),
         "image": image,
     }
+
+
+def build_checkpoint(folder, **config):
+    """The sample checkpoint (with `config` changes), its tokenizer and chat template in place of the processor."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(samples, "processor_for_config", lambda config, tokenizer: tokenizer)
+        checkpoint = samples.build_sample_checkpoint(folder, **config)
+    (checkpoint / "chat_template.jinja").write_text(CHAT_TEMPLATE)  # what the processor would have saved
+    return checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +103,17 @@ def _block_bytes(checkpoint) -> int:
 
 @pytest.fixture(scope="module")
 def reference(files):
-    """transformers' CrossLMM on the same checkpoint, and its greedy answer to a prompt with videos/images."""
+    return transformers_answers(files["checkpoint"])
+
+
+def transformers_answers(checkpoint):
+    """transformers' CrossLMM on `checkpoint`, and its greedy answer to a prompt with videos/images."""
     from transformers import AutoTokenizer
 
     from modeling_crosslmm import CrossLMMForConditionalGeneration
 
-    model = CrossLMMForConditionalGeneration.from_pretrained(files["checkpoint"], dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(files["checkpoint"])
+    model = CrossLMMForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     config = model.config
     stop = set(model.generation_config.eos_token_id)
 
@@ -268,6 +278,50 @@ def test_memory_stays_flat(engine, files):
     num_blocks = engine.llm_engine.vllm_config.cache_config.num_gpu_blocks
     assert all(memories < num_blocks for memories, _ in held), held
     assert len(set(held)) == 1, held
+
+
+VARIANT_ENGINE = """
+import json, os, pickle, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from vllm import LLM, SamplingParams
+checkpoint, requests, out = sys.argv[1:]
+llm = LLM(model=checkpoint, kv_cache_memory_bytes=16 << 20, **json.loads(os.environ["ENGINE"]))
+inputs = [{"prompt": p, "multi_modal_data": {"video": v}} for p, v in pickle.load(open(requests, "rb"))]
+outputs = llm.generate(inputs, SamplingParams(max_tokens=int(os.environ["NEW_TOKENS"]), temperature=0, logprobs=0))
+answers = []
+for output in outputs:
+    done = output.outputs[0]
+    logprobs = [step[token].logprob for step, token in zip(done.logprobs, done.token_ids)]
+    answers.append((list(output.prompt_token_ids), list(done.token_ids), logprobs))
+json.dump(answers, open(out, "w"))
+"""
+
+
+def test_config_variants(files, tmp_path):
+    """V2V over each pooled token's own frame (`v2v_scope="frame"`), no DCAL MLP, and a DCAL after the last decoder
+    layer (T2V only there), in an engine of their own (another process)."""
+    import pickle
+
+    checkpoint = build_checkpoint(
+        tmp_path / "variant", v2v_scope="frame", cross_attention_mlp=False, cross_attention_layers=[2, 7]
+    )
+    requests = [
+        (chat("<video>", "What happens in this video?"), files["four"]),
+        (chat("Compare", "<video>", "with", "<video>"), [files["six"], files["four"]]),
+    ]
+    with open(tmp_path / "requests.pkl", "wb") as handle:
+        pickle.dump(requests, handle)
+    environment = {**os.environ, "ENGINE": json.dumps(ENGINE), "NEW_TOKENS": str(NEW_TOKENS)}
+    command = [sys.executable, "-c", VARIANT_ENGINE, str(checkpoint), str(tmp_path / "requests.pkl")]
+    result = subprocess.run(
+        [*command, str(tmp_path / "answers.json")], env=environment, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads((tmp_path / "answers.json").read_text())
+    reference = transformers_answers(checkpoint)
+    for number, (answer, (prompt, videos)) in enumerate(zip(answers, requests)):
+        videos = videos if isinstance(videos, list) else [videos]
+        assert_same(answer, reference(prompt, videos), f"request {number}")
 
 
 def test_transformers_backend_refuses(files):

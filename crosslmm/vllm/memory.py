@@ -58,10 +58,6 @@ class Item:
     rows: int
 
     @property
-    def frames(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
     def memory_size(self) -> int:
         return self.tokens.shape[0] * self.tokens.shape[1]
 
@@ -91,13 +87,12 @@ class ItemRegistry:
 
 @dataclass
 class PlacedItem:
-    """An item where one request's prompt holds its placeholders, and where its tokens start in that memory.
-    `tokens` is dropped (None) once no query of the request can need it any more (`RequestMemory.release_tokens`)."""
+    """An item where one request's prompt holds its placeholders. `tokens` is dropped (None) once no query of the
+    request can need it any more (`RequestMemory.release_tokens`)."""
 
     tokens: torch.Tensor | None
     rows: int
     start: int  # position of its first placeholder token
-    memory_start: int
     size: int  # memory tokens: frames x N
 
     @property
@@ -118,7 +113,7 @@ class RequestMemory:
         for placed in self.placed:
             if placed.start == start:
                 return placed
-        placed = PlacedItem(item.tokens, item.rows, start, self.length, item.memory_size)
+        placed = PlacedItem(item.tokens, item.rows, start, item.memory_size)
         self.placed.append(placed)
         self.length += placed.size
         return placed
