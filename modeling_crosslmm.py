@@ -778,6 +778,13 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
 
     def __init__(self, config: CrossLMMConfig):
         super().__init__(config)
+        # vLLM's Transformers backend builds models with its "vllm" attention and feeds them merged input embeddings
+        # without pixels: the DCALs would never run, and the answers would be plausible and wrong.
+        if config.text_config._attn_implementation == "vllm":
+            raise ValueError(
+                "CrossLMM cannot run on vLLM's Transformers backend (its cross-attention layers would never see the "
+                "videos): `pip install 'crosslmm[vllm]'` adds the native vLLM model."
+            )
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.pooler = CrossLMMPooler(config)
         self.multi_modal_projector = CrossLMMMultiModalProjector(config)

@@ -1,0 +1,180 @@
+"""Each request's visual memory on vLLM, and the plan of one engine step.
+
+vLLM batches the tokens of many requests into one flat sequence, splits long prompts into chunks (chunked prefill),
+and keeps only the self-attention KV cache in its paged blocks. CrossLMM's DCALs also need, for every request, the
+original visual tokens of its videos and images: V2V for the pooled tokens of a video while its placeholders run,
+T2V for every text token after it, across prefill chunks and decode steps. This module keeps that memory per request:
+
+- `ItemRegistry`: what `embed_multimodal` encoded (each video's or image's original tokens), under a small integer id
+  that travels inside the pooled-token embeddings vLLM caches for the item (`tag`/`untag`), so that the step that
+  places the item's placeholders finds its tokens. An entry lives exactly as long as vLLM's encoder cache holds the
+  item's embeddings (a `weakref.finalize` on them).
+- `RequestMemory`: one request's items in reading order and, per DCAL, the T2V keys/values of all of them, made once.
+  Requests are told apart by the first block of their KV block table, which a request owns from its first prefill
+  chunk to its end (prefix caching, the one way to share a block, is turned off: crosslmm.vllm.config). A request
+  whose first chunk starts at position 0 gets a fresh memory; a memory whose block shows up in another request's block
+  table belongs to a finished request and is dropped.
+- `StepPlan`: for one forward pass, every V2V and T2V call (which flat token positions, which keys) worked out once
+  on the host; the DCALs only run it.
+"""
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+
+# How an item's id and each row's index inside the item travel in the pooled embeddings: DIGITS base-128 digits each,
+# exact in every float dtype vLLM runs (bfloat16 holds integers up to 256 exactly).
+BASE, DIGITS = 128, 4
+TAG_WIDTH = 2 * DIGITS
+
+
+def _digits(values: torch.Tensor) -> torch.Tensor:
+    return torch.stack([(values // BASE**i) % BASE for i in range(DIGITS)], dim=-1)
+
+
+def tag(pooled: torch.Tensor, item_id: int) -> torch.Tensor:
+    """(rows, D) pooled tokens -> (rows, D + TAG_WIDTH): each row followed by the item's id and the row's index."""
+    rows = torch.arange(pooled.shape[0], device=pooled.device)
+    ids = torch.full_like(rows, item_id)
+    return torch.cat([pooled, _digits(ids).to(pooled.dtype), _digits(rows).to(pooled.dtype)], dim=-1)
+
+
+def untag(tagged: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+    """(n, D + TAG_WIDTH) -> the (n, D) embeddings, and each row's item id and index inside its item."""
+    digits = tagged[:, -TAG_WIDTH:].float().round().long().cpu()
+    weights = BASE ** torch.arange(DIGITS)
+    ids = (digits[:, :DIGITS] * weights).sum(-1)
+    rows = (digits[:, DIGITS:] * weights).sum(-1)
+    return tagged[:, :-TAG_WIDTH], ids.tolist(), rows.tolist()
+
+
+@dataclass
+class Item:
+    """One encoded video or image: its original visual tokens (frames, N, D_v); `rows` placeholder tokens."""
+
+    tokens: torch.Tensor
+    rows: int
+
+    @property
+    def memory_size(self) -> int:
+        return self.tokens.shape[0] * self.tokens.shape[1]
+
+
+class ItemRegistry:
+    """Encoded items by id, each alive while vLLM's encoder cache keeps the embeddings it was returned in."""
+
+    def __init__(self):
+        self.items: dict[int, Item] = {}
+        self.next_id = 0
+
+    def add(self, item: Item, pooled: torch.Tensor) -> torch.Tensor:
+        """Register `item`; returns its tagged pooled embeddings, which the item's entry lives as long as."""
+        item_id = self.next_id
+        self.next_id = (self.next_id + 1) % BASE**DIGITS
+        self.items[item_id] = item
+        tagged = tag(pooled, item_id)
+        weakref.finalize(tagged, self.items.pop, item_id, None)
+        return tagged
+
+    def get(self, item_id: int) -> Item:
+        item = self.items.get(item_id)
+        if item is None:  # would mean vLLM gathered embeddings whose tensor was freed: never silently go on
+            raise RuntimeError(f"CrossLMM: the original visual tokens of multimodal item {item_id} are gone.")
+        return item
+
+
+@dataclass
+class PlacedItem:
+    """An item where one request's prompt holds its placeholders. `tokens` is dropped (None) once no query of the
+    request can need it any more (`RequestMemory.release_tokens`)."""
+
+    tokens: torch.Tensor | None
+    rows: int
+    start: int  # position of its first placeholder token
+    size: int  # memory tokens: frames x N
+
+    @property
+    def end(self) -> int:
+        return self.start + self.rows - 1
+
+
+@dataclass
+class RequestMemory:
+    """One request's videos and images in reading order, and each DCAL's T2V keys/values of all of them."""
+
+    placed: list[PlacedItem] = field(default_factory=list)
+    length: int = 0
+    t2v: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
+
+    def place(self, item: Item, start: int) -> PlacedItem:
+        """The item whose placeholders start at `start`, added in reading order the first time a chunk reaches it."""
+        for placed in self.placed:
+            if placed.start == start:
+                return placed
+        placed = PlacedItem(item.tokens, item.rows, start, item.memory_size)
+        self.placed.append(placed)
+        self.length += placed.size
+        return placed
+
+    def visible(self, position: int) -> int:
+        """How many memory tokens a text token at `position` sees: those of the items that end before it."""
+        return sum(placed.size for placed in self.placed if placed.end < position)
+
+    def t2v_memory(self, layer_idx: int, project) -> tuple[torch.Tensor, torch.Tensor]:
+        """The DCAL's (kv_heads, M, head_dim) keys and values of every placed item, `project`ed once per item."""
+        keys, values, done = self.t2v.get(layer_idx, (None, None, 0))
+        if done < len(self.placed):
+            tokens = torch.cat([placed.tokens.flatten(0, 1) for placed in self.placed[done:]])
+            new_keys, new_values = project(tokens)
+            if keys is not None:
+                new_keys, new_values = torch.cat([keys, new_keys], 1), torch.cat([values, new_values], 1)
+            keys, values = new_keys, new_values
+            self.t2v[layer_idx] = (keys, values, len(self.placed))
+        return keys, values
+
+    def release_tokens(self, before: int, t2v_layers: int):
+        """After a step: forget the original tokens of the items that end before position `before` once all
+        `t2v_layers` DCALs have projected them (no later query of the request needs them for V2V)."""
+        projected = min((done for _, _, done in self.t2v.values()), default=0) if t2v_layers else len(self.placed)
+        if len(self.t2v) < t2v_layers:
+            projected = 0
+        for placed in self.placed[:projected]:
+            if placed.end < before:
+                placed.tokens = None
+
+    def nbytes(self) -> int:
+        """Bytes held: the T2V keys/values and the original tokens not yet released."""
+        kv = sum(k.nbytes + v.nbytes for k, v, _ in self.t2v.values())
+        return kv + sum(placed.tokens.nbytes for placed in self.placed if placed.tokens is not None)
+
+
+@dataclass
+class V2VCall:
+    """Pooled-token queries at flat `positions` attending to `tokens` (K, D_v): their video's (or frame's) tokens."""
+
+    positions: torch.Tensor
+    tokens: torch.Tensor
+
+
+@dataclass
+class T2VCall:
+    """Text queries at flat `positions` of one request attending to a prefix of its memory: `visible` (n,) tokens
+    each, or all of it when None."""
+
+    positions: torch.Tensor
+    visible: torch.Tensor | None
+    memory: RequestMemory
+
+
+@dataclass
+class StepPlan:
+    """Every DCAL call of one step, and each request's memory with the position its next step starts at."""
+
+    v2v: list[V2VCall] = field(default_factory=list)
+    t2v: list[T2VCall] = field(default_factory=list)
+    requests: list[tuple[RequestMemory, int]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.v2v or self.t2v)

