@@ -8,6 +8,7 @@ vLLM lives in an environment of its own (.ci/run builds it: .ci/vllm); elsewhere
 import base64
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -309,6 +310,29 @@ def test_memory_budget(engine, files):
         generate(engine, [(chat("<image>", "<video>", "?"), [video], files["image"])])
     (answer,) = generate(engine, [(chat("<video>", "?"), [video[:50]], None)], max_tokens=2)  # 450 tokens: served
     assert len(answer[1]) == 2
+
+
+def test_memory_budget_from_limit_mm_per_prompt(files):
+    """Where --limit-mm-per-prompt gives videos `num_frames` (what vLLM profiles with), no video may have more, and a
+    request at most count x num_frames video frames and count images."""
+    from types import SimpleNamespace
+
+    from vllm.config import MultiModalConfig
+
+    from configuration_crosslmm import CrossLMMConfig
+    from crosslmm.vllm.memory import MemoryBudget
+
+    config = CrossLMMConfig.from_pretrained(files["checkpoint"])
+    limits = MultiModalConfig(limit_per_prompt={"video": {"count": 2, "num_frames": 8}, "image": 1})
+    model_config = SimpleNamespace(dtype=torch.bfloat16, max_model_len=4096, multimodal_config=limits)
+    budget = MemoryBudget.from_config(config, model_config)
+    assert (budget.max_frames, budget.video_frames) == (2 * 8 + 1, 8)
+    assert budget.refusal([8, 8], 1) is None
+    expected = r"^CrossLMM: this request has a video of 9 frames, more than the 8 a video may have \(.* MiB of visual "
+    assert re.match(
+        expected + r"memory a frame\): send fewer frames or raise num_frames in --limit-mm-per-prompt\.$",
+        budget.refusal([9], 0),
+    )
 
 
 VARIANT_ENGINE = """

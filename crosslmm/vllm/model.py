@@ -205,8 +205,7 @@ class CrossLMMForConditionalGeneration(nn.Module, SupportsMultiModal):
         self._step_visual = None  # (flat positions, item ids, rows) of this step's visual tokens, for forward
         self._attention_layer = self.model.language_model.layers[0].self_attn.attn.layer_name
         self._block_size = vllm_config.cache_config.block_size
-        model_config = vllm_config.model_config
-        self.budget = MemoryBudget.from_config(config, model_config.dtype, model_config.max_model_len)
+        self.budget = MemoryBudget.from_config(config, vllm_config.model_config)
         logger.info(self.budget.describe(vllm_config.scheduler_config.max_num_seqs))
 
     def get_language_model(self) -> nn.Module:

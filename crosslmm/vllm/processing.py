@@ -77,13 +77,12 @@ class CrossLMMMultiModalProcessor(BaseMultiModalProcessor[CrossLMMProcessingInfo
         (crosslmm.vllm.memory.MemoryBudget): vLLM answers the OpenAI server's client 400 and raises in
         `LLM.generate`."""
         items = inputs.mm_data_items
-        frames = items.get_count("image", strict=False)
+        video_frames = []
         if items.get_count("video", strict=False):
             videos = items.get_items("video", VideoProcessorItems)
-            frames += sum(videos.get_num_frames(index) for index in range(len(videos)))
-        model_config = self.info.ctx.model_config
-        budget = MemoryBudget.from_config(self.info.get_hf_config(), model_config.dtype, model_config.max_model_len)
-        reason = budget.refusal(frames)
+            video_frames = [videos.get_num_frames(index) for index in range(len(videos))]
+        budget = MemoryBudget.from_config(self.info.get_hf_config(), self.info.ctx.model_config)
+        reason = budget.refusal(video_frames, items.get_count("image", strict=False))
         if reason:
             raise ValueError(reason)
         return super().apply(inputs, timing_ctx)
