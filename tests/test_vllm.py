@@ -335,6 +335,19 @@ def test_memory_budget_from_limit_mm_per_prompt(files):
     )
 
 
+def test_placeholders_without_media_are_refused(engine, files):
+    """A prompt whose `<video>`/`<image>` tokens come without the media (which vLLM would otherwise run as text, the
+    DCALs seeing nothing) is refused with one line, and the engine goes on serving."""
+    expected = r"^CrossLMM: the prompt holds 2 <image>/<video> token\(s\) that no video or image fills: send one "
+    with pytest.raises(ValueError, match=expected):
+        generate(engine, [(chat("<video>", "and", "<image>", "?"), [], None)])
+    with pytest.raises(ValueError, match=r"^CrossLMM: the prompt holds 1 <video> token\(s\) that no video"):
+        generate(engine, [(chat("<video>", "and", "<video>", "?"), [files["four"]], None)])
+    request = (chat("<video>", "What happens in this video?"), [files["four"]], None)
+    (answer,) = generate(engine, [request], max_tokens=2)
+    assert len(answer[1]) == 2
+
+
 VARIANT_ENGINE = """
 import json, os, pickle, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -434,6 +447,9 @@ def test_openai_server(files):
             assert first.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
             assert first.usage.completion_tokens > 0
             assert first.choices[0].message.content == second.choices[0].message.content
+        text_only = [{"role": "user", "content": "<video>\nWhat happens here?"}]
+        with pytest.raises(openai.BadRequestError, match="CrossLMM: the prompt holds 1 <video> token"):
+            client.chat.completions.create(model="crosslmm", messages=text_only, max_tokens=6)
     finally:
         server.terminate()
         server.wait(60)
