@@ -348,6 +348,22 @@ def test_placeholders_without_media_are_refused(engine, files):
     assert len(answer[1]) == 2
 
 
+def test_embeddings_refused_at_start(files):
+    """Image/video embeddings (--enable-mm-embeds) would reach the DCALs without original tokens: refused with one
+    line (which pydantic wraps) as the engine's config is made; otherwise the config selects the crosslmm tokenizer
+    mode (its renderer refuses unfilled placeholders)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    with pytest.raises(
+        ValueError, match=r"CrossLMM on vLLM does not take image or video embeddings \(--enable-mm-embeds\)"
+    ):
+        EngineArgs(model=str(files["checkpoint"]), enable_mm_embeds=True).create_engine_config()
+    config = EngineArgs(model=str(files["checkpoint"]), **ENGINE).create_engine_config()
+    assert config.model_config.tokenizer_mode == "crosslmm"
+
+
 VARIANT_ENGINE = """
 import json, os, pickle, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
