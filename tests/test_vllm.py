@@ -8,6 +8,7 @@ vLLM lives in an environment of its own (.ci/run builds it: .ci/vllm); elsewhere
 import base64
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -263,8 +264,13 @@ def test_aborted_request(engine, reference, files):
 
 
 def test_memory_stays_flat(engine, files):
-    """Requests in a row: a finished request's visual memory is dropped when its KV blocks are reused, an encoded
-    video's tokens when vLLM's encoder cache drops them; what is held stays flat."""
+    """Requests in a row: a finished request's visual memory is dropped once another request holds one of its KV
+    blocks, an encoded video's tokens when vLLM's encoder cache drops them; what is held stays flat.
+
+    After each round at most max_num_seqs (2) memories are held (1 here, every round): those of the last requests
+    to finish, whose blocks no later request took (KV room for 5 blocks, so every earlier request's blocks were
+    taken). Dropping a memory only when its first block is taken (the block it is keyed by, the last of a finished
+    request's blocks that vLLM hands out again) left 3; no cleanup would leave one per request."""
     model = model_of(engine)
     short = (chat("<video>", "Why?"), [files["four"]], None)  # one KV block
     long = (chat("<video>", "and", "<video>"), [files["six"], files["six"]], None)  # 2 blocks, 3 with its answer
@@ -273,11 +279,89 @@ def test_memory_stays_flat(engine, files):
         generate(engine, [short] * 3, max_tokens=2)
         generate(engine, [long, short, long, short], max_tokens=150, ignore_eos=True)
         held.append((len(model.requests), model.visual_memory_bytes()))
-    # memories are keyed by a request's first KV block, so never more than the blocks; what the last requests left
-    # (their blocks not reused yet) is the same after every round
-    num_blocks = engine.llm_engine.vllm_config.cache_config.num_gpu_blocks
-    assert all(memories < num_blocks for memories, _ in held), held
+    assert all(memories <= ENGINE["max_num_seqs"] for memories, _ in held), held
     assert len(set(held)) == 1, held
+    # the bound the budget rests on: the memories held never cover more placeholder tokens than the KV cache has
+    config = engine.llm_engine.vllm_config.cache_config
+    placeholders = sum(placed.rows for memory in model.requests.values() for placed in memory.placed)
+    assert placeholders <= config.num_gpu_blocks * config.block_size
+
+
+def test_memory_budget(engine, files):
+    """The visual memory's bound (crosslmm.vllm.memory.MemoryBudget): what a frame of a finished request holds (its
+    T2V keys/values) is within the budget's bytes a frame, and a request with more frames than max_model_len's
+    placeholders allow (videos and images together) is refused with one line before any pixel is made."""
+    model = model_of(engine)
+    budget, config = model.budget, model.config
+    assert budget.max_frames == ENGINE["max_model_len"] // config.tokens_per_frame == 56
+    generate(engine, [(chat("<video>", "Why?"), [files["four"]], None)], max_tokens=2)
+    (memory,) = [memory for memory in model.requests.values() if memory.length == 4 * config.patch_grid_size**2]
+    assert all(placed.tokens is None for placed in memory.placed)  # released after its prefill
+    text = config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    t2v = len(config.dcal_layer_indices) * 2 * text.num_key_value_heads * head_dim * 4  # float32
+    assert memory.nbytes() == 4 * config.patch_grid_size**2 * t2v < 4 * budget.bytes_per_frame
+    assert "MiB a frame, at most 56 frames" in budget.describe(ENGINE["max_num_seqs"])
+
+    video = np.concatenate([files["six"]] * 10)[:56]
+    expected = r"^CrossLMM: this request has 57 frames \(videos and images together\), more than the 56 a request may "
+    expected += r"have .*: send fewer frames or raise --max-model-len\.$"
+    with pytest.raises(ValueError, match=expected):
+        generate(engine, [(chat("<image>", "<video>", "?"), [video], files["image"])])
+    (answer,) = generate(engine, [(chat("<video>", "?"), [video[:50]], None)], max_tokens=2)  # 450 tokens: served
+    assert len(answer[1]) == 2
+
+
+def test_memory_budget_from_limit_mm_per_prompt(files):
+    """Where --limit-mm-per-prompt gives videos `num_frames` (what vLLM profiles with), no video may have more, and a
+    request at most count x num_frames video frames and count images."""
+    from types import SimpleNamespace
+
+    from vllm.config import MultiModalConfig
+
+    from configuration_crosslmm import CrossLMMConfig
+    from crosslmm.vllm.memory import MemoryBudget
+
+    config = CrossLMMConfig.from_pretrained(files["checkpoint"])
+    limits = MultiModalConfig(limit_per_prompt={"video": {"count": 2, "num_frames": 8}, "image": 1})
+    model_config = SimpleNamespace(dtype=torch.bfloat16, max_model_len=4096, multimodal_config=limits)
+    budget = MemoryBudget.from_config(config, model_config)
+    assert (budget.max_frames, budget.video_frames) == (2 * 8 + 1, 8)
+    assert budget.refusal([8, 8], 1) is None
+    expected = r"^CrossLMM: this request has a video of 9 frames, more than the 8 a video may have \(.* MiB of visual "
+    assert re.match(
+        expected + r"memory a frame\): send fewer frames or raise num_frames in --limit-mm-per-prompt\.$",
+        budget.refusal([9], 0),
+    )
+
+
+def test_placeholders_without_media_are_refused(engine, files):
+    """A prompt whose `<video>`/`<image>` tokens come without the media (which vLLM would otherwise run as text, the
+    DCALs seeing nothing) is refused with one line, and the engine goes on serving."""
+    expected = r"^CrossLMM: the prompt holds 2 <image>/<video> token\(s\) that no video or image fills: send one "
+    with pytest.raises(ValueError, match=expected):
+        generate(engine, [(chat("<video>", "and", "<image>", "?"), [], None)])
+    with pytest.raises(ValueError, match=r"^CrossLMM: the prompt holds 1 <video> token\(s\) that no video"):
+        generate(engine, [(chat("<video>", "and", "<video>", "?"), [files["four"]], None)])
+    request = (chat("<video>", "What happens in this video?"), [files["four"]], None)
+    (answer,) = generate(engine, [request], max_tokens=2)
+    assert len(answer[1]) == 2
+
+
+def test_embeddings_refused_at_start(files):
+    """Image/video embeddings (--enable-mm-embeds) would reach the DCALs without original tokens: refused with one
+    line (which pydantic wraps) as the engine's config is made; otherwise the config selects the crosslmm tokenizer
+    mode (its renderer refuses unfilled placeholders)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    with pytest.raises(
+        ValueError, match=r"CrossLMM on vLLM does not take image or video embeddings \(--enable-mm-embeds\)"
+    ):
+        EngineArgs(model=str(files["checkpoint"]), enable_mm_embeds=True).create_engine_config()
+    config = EngineArgs(model=str(files["checkpoint"]), **ENGINE).create_engine_config()
+    assert config.model_config.tokenizer_mode == "crosslmm"
 
 
 VARIANT_ENGINE = """
@@ -379,6 +463,9 @@ def test_openai_server(files):
             assert first.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
             assert first.usage.completion_tokens > 0
             assert first.choices[0].message.content == second.choices[0].message.content
+        text_only = [{"role": "user", "content": "<video>\nWhat happens here?"}]
+        with pytest.raises(openai.BadRequestError, match="CrossLMM: the prompt holds 1 <video> token"):
+            client.chat.completions.create(model="crosslmm", messages=text_only, max_tokens=6)
     finally:
         server.terminate()
         server.wait(60)

@@ -4,8 +4,9 @@ vLLM finds `register` through the `vllm.general_plugins` entry point (setup.cfg)
 server, the engine core, each worker) and runs it before it resolves a model. `register` checks the installed vLLM
 against the releases this plugin supports (one line and a stop on others), registers the native
 `CrossLMMForConditionalGeneration` of `crosslmm.vllm.model` with vLLM's `ModelRegistry`, CrossLMM's config with
-transformers' `AutoConfig` (so that no checkpoint code needs trusting), and a config hook that turns off what
-CrossLMM cannot serve correctly. docs/serving.md says how to serve and what is refused.
+transformers' `AutoConfig` (so that no checkpoint code needs trusting), a config hook that turns off what
+CrossLMM cannot serve correctly, and the `crosslmm` tokenizer mode, whose renderer refuses placeholders without
+media (crosslmm.vllm.renderer). docs/serving.md says how to serve and what is refused.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -44,8 +45,15 @@ def register():
     from vllm import ModelRegistry
 
     from configuration_crosslmm import CrossLMMConfig
-    from crosslmm.vllm.config import register_config_hook
+    from crosslmm.vllm.config import TOKENIZER_MODE, register_config_hook
 
     AutoConfig.register("crosslmm", CrossLMMConfig, exist_ok=True)
     ModelRegistry.register_model(ARCHITECTURE, "crosslmm.vllm.model:CrossLMMForConditionalGeneration")
     register_config_hook()
+    # the `crosslmm` tokenizer mode: the Hugging Face tokenizer, and a renderer that refuses unfilled placeholders
+    from vllm.renderers.registry import RENDERER_REGISTRY
+    from vllm.tokenizers.registry import TokenizerRegistry
+
+    if TOKENIZER_MODE not in RENDERER_REGISTRY.renderers:
+        TokenizerRegistry.register(TOKENIZER_MODE, "vllm.tokenizers.hf", "CachedHfTokenizer")
+        RENDERER_REGISTRY.register(TOKENIZER_MODE, "crosslmm.vllm.renderer", "CrossLMMRenderer")

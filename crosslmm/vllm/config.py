@@ -9,7 +9,10 @@ turns them on by default:
   prefix, so the videos in it never reach its memory. Turned off, with a warning.
 - CUDA graphs and torch.compile of the whole model: the model plans each step on the host from the batch's requests,
   which a captured graph would replay unchanged. The model runs eagerly (`enforce_eager`), with a warning.
-- speculative decoding and prompt embeddings (embeddings without pixels, so the DCALs would see no video): refused.
+- speculative decoding, prompt embeddings and image/video embeddings (embeddings without pixels, so the DCALs would
+  see no video): refused.
+- the tokenizer mode is set to `crosslmm` (the Hugging Face tokenizer; its renderer, crosslmm.vllm.renderer, refuses
+  a prompt whose `<video>`/`<image>` tokens came without media).
 """
 
 import logging
@@ -18,6 +21,7 @@ from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdate
 
 
 logger = logging.getLogger("crosslmm.vllm")
+TOKENIZER_MODE = "crosslmm"  # registered by crosslmm.vllm.register
 
 
 class CrossLMMVerifyAndUpdateConfig(VerifyAndUpdateConfig):
@@ -36,6 +40,13 @@ class CrossLMMVerifyAndUpdateConfig(VerifyAndUpdateConfig):
                 "CrossLMM on vLLM does not take prompt embeddings (--enable-prompt-embeds): embeddings without pixels "
                 "never reach the DCALs; send the videos and images themselves."
             )
+        if model_config.multimodal_config is not None and model_config.multimodal_config.enable_mm_embeds:
+            raise ValueError(
+                "CrossLMM on vLLM does not take image or video embeddings (--enable-mm-embeds): the DCALs need each "
+                "item's original visual tokens; send the videos and images themselves."
+            )
+        if model_config.tokenizer_mode in ("auto", "hf"):
+            model_config.tokenizer_mode = TOKENIZER_MODE  # the HF tokenizer, and placeholders without media refused
         if vllm_config.cache_config.enable_prefix_caching:
             vllm_config.cache_config.enable_prefix_caching = False
             logger.warning(

@@ -12,10 +12,13 @@ T2V for every text token after it, across prefill chunks and decode steps. This 
 - `RequestMemory`: one request's items in reading order and, per DCAL, the T2V keys/values of all of them, made once.
   Requests are told apart by the first block of their KV block table, which a request owns from its first prefill
   chunk to its end (prefix caching, the one way to share a block, is turned off: crosslmm.vllm.config). A request
-  whose first chunk starts at position 0 gets a fresh memory; a memory whose block shows up in another request's block
-  table belongs to a finished request and is dropped.
+  whose first chunk starts at position 0 gets a fresh memory; a memory any of whose blocks shows up in another
+  request's block table belongs to a finished request and is dropped (vLLM 0.32 tells the model nothing else about
+  finished requests).
 - `StepPlan`: for one forward pass, every V2V and T2V call (which flat token positions, which keys) worked out once
   on the host; the DCALs only run it.
+- `MemoryBudget`: how many bytes that memory may take, a frame, a request and the engine, from the config and the
+  engine's `max_model_len` and `max_num_seqs` (the processor refuses a request above it; the model logs it at start).
 """
 
 import weakref
@@ -48,6 +51,88 @@ def untag(tagged: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
     ids = (digits[:, :DIGITS] * weights).sum(-1)
     rows = (digits[:, DIGITS:] * weights).sum(-1)
     return tagged[:, :-TAG_WIDTH], ids.tolist(), rows.tolist()
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """The bound on the visual memory, which lives beside vLLM's paged KV cache and outside its accounting.
+
+    A frame (an image is one) keeps N = patch_grid_size**2 original tokens: their T2V keys and values in every DCAL
+    that runs T2V, and the tokens themselves until every DCAL has projected them (a request's prefill), so at most
+    `N x (t2v_dcals x 2 x kv_heads x head_dim + D_v)` values. A request holds at most `max_frames` frames: each takes
+    pool_size**2 placeholder tokens of a prompt that fits in `max_model_len`, and, where `--limit-mm-per-prompt`
+    gives videos a `num_frames` (what vLLM profiles its memory with), no video may have more, so a request has at most
+    `count x num_frames` video frames and `count` images. At most `max_num_seqs` requests are in flight."""
+
+    bytes_per_frame: int
+    max_frames: int  # a request's, videos and images together
+    video_frames: int | None  # a video's, from --limit-mm-per-prompt
+    max_model_len: int
+    tokens_per_frame: int
+
+    @classmethod
+    def from_config(cls, config, model_config) -> "MemoryBudget":
+        """From the checkpoint's config and vLLM's ModelConfig (dtype, max_model_len, multimodal limits)."""
+        text = config.text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        t2v_dcals = len(config.dcal_layer_indices) if config.use_t2v else 0
+        values = t2v_dcals * 2 * text.num_key_value_heads * head_dim + config.vision_config.hidden_size
+        element = torch.empty((), dtype=model_config.dtype).element_size()
+        max_model_len = model_config.max_model_len
+        max_frames = max_model_len // config.tokens_per_frame
+        video_frames = None
+        multimodal = model_config.multimodal_config
+        if multimodal is not None:
+            video_frames = getattr(multimodal.limit_per_prompt.get("video"), "num_frames", None)
+            if video_frames is not None:
+                videos, images = (multimodal.get_limit_per_prompt(modality) for modality in ("video", "image"))
+                max_frames = min(max_frames, videos * video_frames + images)
+        bytes_per_frame = config.patch_grid_size**2 * values * element
+        return cls(bytes_per_frame, max_frames, video_frames, max_model_len, config.tokens_per_frame)
+
+    @property
+    def per_request(self) -> int:
+        return self.max_frames * self.bytes_per_frame
+
+    def total(self, max_num_seqs: int) -> int:
+        """The cap for `max_num_seqs` requests in flight (finished ones: `RequestMemory.blocks`)."""
+        return max_num_seqs * self.per_request
+
+    def describe(self, max_num_seqs: int) -> str:
+        """The line the model logs at start."""
+        limits = f"--max-model-len {self.max_model_len}"
+        if self.video_frames is not None:
+            limits += f", {self.video_frames} frames a video (--limit-mm-per-prompt)"
+        return (
+            f"CrossLMM visual memory (beside the KV cache, outside --gpu-memory-utilization): "
+            f"{_mib(self.bytes_per_frame)} a frame, at most {self.max_frames} frames = {_mib(self.per_request)} a "
+            f"request ({limits}), {_mib(self.total(max_num_seqs))} for --max-num-seqs {max_num_seqs} requests in "
+            "flight."
+        )
+
+    def refusal(self, video_frames: list[int], images: int) -> str | None:
+        """Why a request with videos of `video_frames` frames and `images` images cannot be served, or None."""
+        if self.video_frames is not None and any(frames > self.video_frames for frames in video_frames):
+            return (
+                f"CrossLMM: this request has a video of {max(video_frames)} frames, more than the {self.video_frames} "
+                f"a video may have ({_mib(self.bytes_per_frame)} of visual memory a frame): send fewer frames or "
+                "raise num_frames in --limit-mm-per-prompt."
+            )
+        frames = sum(video_frames) + images
+        if frames <= self.max_frames:
+            return None
+        limits, option = f"--max-model-len {self.max_model_len}", "--max-model-len"
+        if self.video_frames is not None:
+            limits, option = f"{limits} and --limit-mm-per-prompt", f"{option} or --limit-mm-per-prompt"
+        return (
+            f"CrossLMM: this request has {frames} frames (videos and images together), more than the "
+            f"{self.max_frames} a request may have ({self.tokens_per_frame} placeholder tokens and "
+            f"{_mib(self.bytes_per_frame)} of visual memory a frame; {limits}): send fewer frames or raise {option}."
+        )
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 @dataclass
@@ -107,6 +192,10 @@ class RequestMemory:
     placed: list[PlacedItem] = field(default_factory=list)
     length: int = 0
     t2v: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
+    # The KV blocks its request held when last in a step. A block has one owner (prefix caching is off), so once
+    # another request holds one of them, this request has ended: its memory is dropped. Hence the memories held,
+    # finished ones included, never cover more placeholder tokens than the KV cache has slots.
+    blocks: set[int] = field(default_factory=set)
 
     def place(self, item: Item, start: int) -> PlacedItem:
         """The item whose placeholders start at `start`, added in reading order the first time a chunk reaches it."""

@@ -15,6 +15,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
+from vllm.logger import init_logger
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
@@ -23,8 +24,11 @@ from vllm.model_executor.models.siglip import SiglipVisionTransformer
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from crosslmm.vllm.memory import Item, ItemRegistry, RequestMemory, StepPlan, T2VCall, V2VCall, untag
+from crosslmm.vllm.memory import Item, ItemRegistry, MemoryBudget, RequestMemory, StepPlan, T2VCall, V2VCall, untag
 from crosslmm.vllm.processing import CrossLMMDummyInputsBuilder, CrossLMMMultiModalProcessor, CrossLMMProcessingInfo
+
+
+logger = init_logger("vllm.crosslmm")  # under vLLM's logger, which prints INFO lines
 
 
 class RMSNorm(nn.Module):
@@ -201,6 +205,8 @@ class CrossLMMForConditionalGeneration(nn.Module, SupportsMultiModal):
         self._step_visual = None  # (flat positions, item ids, rows) of this step's visual tokens, for forward
         self._attention_layer = self.model.language_model.layers[0].self_attn.attn.layer_name
         self._block_size = vllm_config.cache_config.block_size
+        self.budget = MemoryBudget.from_config(config, vllm_config.model_config)
+        logger.info(self.budget.describe(vllm_config.scheduler_config.max_num_seqs))
 
     def get_language_model(self) -> nn.Module:
         return self.model.language_model
@@ -304,16 +310,17 @@ class CrossLMMForConditionalGeneration(nn.Module, SupportsMultiModal):
             for index, item_id, row in zip(*step_visual):
                 visual[index] = (self.items.get(item_id), row)
 
-        first_blocks = block_table[:, 0].tolist()
-        self._drop_finished(block_table, seq_lens)
+        blocks = [row[: -(-seq_len // self._block_size)] for row, seq_len in zip(block_table.tolist(), seq_lens)]
+        self._drop_finished(blocks)
         plan = StepPlan()
         for request, (start, end) in enumerate(zip(starts, starts[1:])):
             if end <= start:
                 continue
-            key = first_blocks[request]
+            key = blocks[request][0]
             if seq_lens[request] - (end - start) == 0:  # its first chunk
                 self.requests[key] = RequestMemory()
             memory = self.requests.setdefault(key, RequestMemory())
+            memory.blocks.update(blocks[request])
             self._plan_request(plan, memory, range(start, end), positions_host, visual)
             plan.requests.append((memory, positions_host[end - 1] + 1))
         return plan
@@ -349,16 +356,13 @@ class CrossLMMForConditionalGeneration(nn.Module, SupportsMultiModal):
             full = bool((counts == memory.length).all())
             plan.t2v.append(T2VCall(torch.tensor([index for index, _ in seen]), None if full else counts, memory))
 
-    def _drop_finished(self, block_table: torch.Tensor, seq_lens: list[int]):
-        """Forget the memories of finished requests: a memory whose first block now belongs to a request of this step
-        as any block but its first is a finished request's (a block has one owner: prefix caching is off)."""
-        if not self.requests:
-            return
-        in_use = set()
-        for row, seq_len in zip(block_table.tolist(), seq_lens):
-            in_use.update(row[1 : -(-seq_len // self._block_size)])
-        for key in [key for key in self.requests if key in in_use]:
-            del self.requests[key]
+    def _drop_finished(self, blocks: list[list[int]]):
+        """Forget the memories of finished requests: those holding a block that a request of this step (`blocks`: each
+        one's KV blocks, its first one its key) now holds (a block has one owner: prefix caching is off)."""
+        owner = {block: row[0] for row in blocks for block in row}
+        for key, memory in list(self.requests.items()):
+            if any(owner.get(block, key) != key for block in memory.blocks):
+                del self.requests[key]
 
     def visual_memory_bytes(self) -> int:
         """Bytes the visual memory holds now: every request's (crosslmm.vllm.memory.RequestMemory.nbytes) and the

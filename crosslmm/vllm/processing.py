@@ -22,6 +22,7 @@ from vllm.multimodal.processing import (
 )
 
 from crosslmm.vllm.frames import MAX_FRAMES, frames_to_pixels
+from crosslmm.vllm.memory import MemoryBudget
 
 
 class CrossLMMProcessingInfo(BaseProcessingInfo):
@@ -70,6 +71,21 @@ class CrossLMMDummyInputsBuilder(BaseDummyInputsBuilder[CrossLMMProcessingInfo])
 class CrossLMMMultiModalProcessor(BaseMultiModalProcessor[CrossLMMProcessingInfo]):
     """Pixels as CrossLMMProcessor makes them (`pixel_values` (images, 3, H, W), `pixel_values_videos` one
     (frames, 3, H, W) per video), and vLLM's prompt replacement of each placeholder by its pooled-token count."""
+
+    def apply(self, inputs, timing_ctx):
+        """Refuse, before any pixel is made, a request with more frames than a request's visual memory may hold
+        (crosslmm.vllm.memory.MemoryBudget): vLLM answers the OpenAI server's client 400 and raises in
+        `LLM.generate`."""
+        items = inputs.mm_data_items
+        video_frames = []
+        if items.get_count("video", strict=False):
+            videos = items.get_items("video", VideoProcessorItems)
+            video_frames = [videos.get_num_frames(index) for index in range(len(videos))]
+        budget = MemoryBudget.from_config(self.info.get_hf_config(), self.info.ctx.model_config)
+        reason = budget.refusal(video_frames, items.get_count("image", strict=False))
+        if reason:
+            raise ValueError(reason)
+        return super().apply(inputs, timing_ctx)
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         size = self.info.get_hf_config().image_size
