@@ -414,7 +414,7 @@ def train_nothing(argv):
     "change, message",
     [
         (lambda a, d, t: a.remove("--output_dir") or a.remove(str(t)), "--output_dir is required"),
-        (lambda a, d, t: a.__setitem__(a.index("--model") + 1, str(t / "nothing")), "nothing: no such checkpoint folder"),
+        (lambda a, d, t: a.__setitem__(a.index("--model") + 1, str(t / "nothing")), "nothing: no such checkpoint"),
         (lambda a, d, t: a.__setitem__(a.index("--data") + 1, str(t / "no.json")), "data file not found"),
         (lambda a, d, t: a.__setitem__(a.index("--data") + 1, str(d["empty"])), "no samples in"),
         (lambda a, d, t: a.__setitem__(a.index("--data") + 1, str(d["no_reply"])), "has no reply"),
