@@ -165,4 +165,3 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         pass
     return 0
-
