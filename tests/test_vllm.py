@@ -492,3 +492,25 @@ def test_unsupported_vllm_release(monkeypatch):
         plugin.register()
     monkeypatch.setattr(plugin, "version", lambda name: "0.32.0")
     assert plugin.unsupported_vllm() is None
+
+
+def test_a_hundred_requests_in_a_row_leave_nothing_behind(engine, files):
+    """100 requests about 100 different videos, 10 at a time: after every batch at most max_num_seqs request
+    memories are held and the encoded videos vLLM's encoder cache no longer holds are gone, so the visual memory does
+    not grow with the requests served (a leak of one video per request would hold 100 by the end)."""
+    model = model_of(engine)
+    held = []
+    for batch in range(10):
+        requests = []
+        for number in range(10):
+            video = files["four"].copy()
+            video[0, 0, 0, 0] = 10 * batch + number  # a different video each time: nothing is shared or cached
+            requests.append((chat("<video>", "Why?"), [video], None))
+        generate(engine, requests, max_tokens=2)
+        held.append((len(model.requests), len(model.items.items), model.visual_memory_bytes()))
+    assert all(memories <= ENGINE["max_num_seqs"] for memories, _, _ in held), held
+    # What is held levels off after the first batches at what vLLM's encoder cache keeps (13 videos here) and then
+    # stays flat, byte for byte.
+    first, last = held[:5], held[5:]
+    assert max(items for _, items, _ in last) <= max(items for _, items, _ in first) < 50, held
+    assert max(nbytes for _, _, nbytes in last) <= max(nbytes for _, _, nbytes in first), held
