@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
@@ -26,39 +26,10 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from crosslmm.vllm.memory import Item, ItemRegistry, MemoryBudget, RequestMemory, StepPlan, T2VCall, V2VCall, untag
 from crosslmm.vllm.processing import CrossLMMDummyInputsBuilder, CrossLMMMultiModalProcessor, CrossLMMProcessingInfo
+from modeling_crosslmm import CrossLMMMultiModalProjector, CrossLMMPooler
 
 
 logger = init_logger("vllm.crosslmm")  # under vLLM's logger, which prints INFO lines
-
-
-class RMSNorm(nn.Module):
-    """Qwen2's RMSNorm (float32 statistics), as the DCALs of modeling_crosslmm.py use it."""
-
-    def __init__(self, hidden_size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = hidden_states.dtype
-        hidden_states = hidden_states.float()
-        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * hidden_states.to(dtype)
-
-
-class MLP(nn.Module):
-    """Qwen2's MLP (the DCAL's feed-forward block)."""
-
-    def __init__(self, text_config):
-        super().__init__()
-        width, inner = text_config.hidden_size, text_config.intermediate_size
-        self.gate_proj = nn.Linear(width, inner, bias=False)
-        self.up_proj = nn.Linear(width, inner, bias=False)
-        self.down_proj = nn.Linear(inner, width, bias=False)
-        self.act_fn = ACT2FN[text_config.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class CrossAttention(nn.Module):
@@ -109,16 +80,16 @@ class DualCrossAttentionLayer(nn.Module):
         self.layer_idx = layer_idx
         self.use_v2v = layer_idx in config.v2v_layer_indices
         self.use_t2v = config.use_t2v
-        self.v2v_norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
+        self.v2v_norm = Qwen2RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
         self.v2v_attn = CrossAttention(config)
         self.v2v_gate = nn.Parameter(torch.zeros(1))
-        self.t2v_norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
+        self.t2v_norm = Qwen2RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
         self.t2v_attn = CrossAttention(config)
         self.t2v_gate = nn.Parameter(torch.zeros(1))
         self.mlp = None
         if config.cross_attention_mlp:
-            self.mlp_norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
-            self.mlp = MLP(text)
+            self.mlp_norm = Qwen2RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
+            self.mlp = Qwen2MLP(text)
             self.mlp_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, hidden_states: torch.Tensor, plan: StepPlan) -> torch.Tensor:
@@ -165,11 +136,8 @@ class CrossLMMInner(nn.Module):
             use_head=False,
             prefix=f"{prefix}.vision_tower",
         )
-        projector = nn.Module()
-        projector.linear_1 = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
-        projector.act = ACT2FN[config.projector_hidden_act]
-        projector.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
-        self.multi_modal_projector = projector
+        self.pooler = CrossLMMPooler(config)  # the same modules as modeling_crosslmm.py's (the pooler has no weights)
+        self.multi_modal_projector = CrossLMMMultiModalProjector(config)
         self.language_model = Qwen2Model(vllm_config=vllm_config, prefix=f"{prefix}.language_model")
         self.cross_attention_layers = nn.ModuleDict(
             {str(idx): DualCrossAttentionLayer(config, idx) for idx in config.dcal_layer_indices}
@@ -241,20 +209,9 @@ class CrossLMMForConditionalGeneration(nn.Module, SupportsMultiModal):
 
     def _pool(self, original: torch.Tensor) -> torch.Tensor:
         """(F, N, D_v) -> (F * pool_size**2, D): CrossLMMPooler then the projector."""
-        frames, _, dim = original.shape
-        grid, size = self.config.patch_grid_size, self.config.pool_size
-        dtype = torch.promote_types(original.dtype, torch.float32)
-        grid_tokens = original.transpose(1, 2).reshape(frames, dim, grid, grid).to(dtype)
-        if self.config.pooling_mode == "bilinear":
-            pooled = nn.functional.interpolate(
-                grid_tokens, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-            )
-        else:
-            pooled = nn.functional.adaptive_avg_pool2d(grid_tokens, size)
-        pooled = pooled.flatten(2).transpose(1, 2).to(original.dtype)
+        pooled = self.model.pooler(original)
         projector = self.model.multi_modal_projector
-        pooled = pooled.to(projector.linear_1.weight.dtype)
-        return projector.linear_2(projector.act(projector.linear_1(pooled))).flatten(0, 1)
+        return projector(pooled.to(projector.linear_1.weight.dtype)).flatten(0, 1)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None) -> torch.Tensor:
         """Token embeddings with the pooled tokens in place of their placeholders; remembers, for this step's
