@@ -755,8 +755,8 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
         visual tokens from its plan argument, so it needs the non-reentrant kind (transformers' default)."""
         if enable and getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant"):
             raise ValueError(
-                "CrossLMM's DCALs need non-reentrant gradient checkpointing: pass "
-                "gradient_checkpointing_kwargs={'use_reentrant': False} (the default), not use_reentrant=True."
+                "CrossLMM's DCALs need non-reentrant activation (gradient) checkpointing: leave use_reentrant "
+                "at its default (False) in activation_checkpointing_kwargs / gradient_checkpointing_kwargs."
             )
         if gradient_checkpointing_func is not None:
             kwargs["gradient_checkpointing_func"] = gradient_checkpointing_func

@@ -67,7 +67,8 @@ def fine_tune(args, output_dir: Path) -> list[float]:
     processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
     processor.video_processor.do_sample_frames = False  # the generated videos are already the frames to use
     if args.gradient_checkpointing:  # the decoder layers, the DCALs and the vision tower's layers
-        model.gradient_checkpointing_enable()
+        # activation_checkpointing_enable from transformers 5.25 on; the old name warns there and goes in v6
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
 
     # Stage 2 of the paper: everything CrossLMM runs trains, one learning rate per component. A real checkpoint gets
     # the paper's rates (STAGES[2]: 2e-6 for the vision tower, 1e-5 for the rest); a tiny random model needs larger

@@ -1,5 +1,6 @@
 """Fine-tuning: the collator's labels, Trainer, gradient checkpointing, the paper's two stages, LoRA, bad inputs."""
 
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -26,7 +27,7 @@ from crosslmm.train.trainer import (
     set_branches,
     setup_training,
 )
-from tiny import IMAGE_SIZE, frames, prompt, set_gates, tiny_config, tiny_model
+from tiny import IMAGE_SIZE, enable_checkpointing, frames, prompt, set_gates, tiny_config, tiny_model
 
 
 def video_batch(config, seed=0):
@@ -133,7 +134,7 @@ def test_trainer_with_the_collator_and_gradient_checkpointing_lowers_the_loss(tm
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
     processor.video_processor.do_sample_frames = False
-    model.gradient_checkpointing_enable()
+    enable_checkpointing(model)
     arguments = TrainingArguments(
         output_dir=str(tmp_path / "trainer"),
         max_steps=8,
@@ -175,7 +176,7 @@ def test_gradient_checkpointing_recomputes_the_dcals_and_gives_the_same_gradient
     batch = video_batch(model.config)
     expected = gradients(model, batch)
 
-    model.gradient_checkpointing_enable()
+    enable_checkpointing(model)
     dcals = list(model.model.cross_attention_layers.values())
     assert all(dcal.gradient_checkpointing for dcal in dcals)
     assert all(layer.gradient_checkpointing for layer in model.model.language_model.layers)
@@ -198,6 +199,9 @@ def test_gradient_checkpointing_recomputes_the_dcals_and_gives_the_same_gradient
 def test_reentrant_checkpointing_is_refused():
     model = tiny_model()
     with pytest.raises(ValueError, match="non-reentrant"):
+        enable_checkpointing(model, use_reentrant=True)
+    with pytest.raises(ValueError, match="non-reentrant"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old name, deprecated from 5.25 on, still reaches it
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
 
 

@@ -118,3 +118,11 @@ def tiny_checkpoint(folder):
 
 def tiny_video(path):
     return build_sample_video(path, seconds=VIDEO_SECONDS, fps=VIDEO_FPS, width=64, height=48)
+
+
+def enable_checkpointing(model, **checkpointing_kwargs):
+    """Activation checkpointing by the name this transformers release documents: activation_checkpointing_enable
+    from 5.25 on (gradient_checkpointing_enable warns there and goes in v6), gradient_checkpointing_enable before."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        return model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs or None)
+    return model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs or None)
