@@ -530,6 +530,11 @@ class CutOffBar(tqdm.auto.tqdm):
         sys.stderr.write("Writing shards:   0%")  # its first display, without a newline
         signal.raise_signal(signal.SIGTERM)
 
+class ClosingBar(tqdm.auto.tqdm):
+    def close(self):
+        sys.stderr.write("")  # what tqdm's close writes first, the bar still shown without a newline
+        signal.raise_signal(signal.SIGTERM)
+
 def right_after(owner, name, prefix=""):
     call = getattr(owner, name)
     def then_a_signal(*args, **kwargs):
@@ -546,6 +551,8 @@ class SignalWhenCollected:
 moment = sys.argv[1]
 if moment == "progress bar":
     write.tqdm = CutOffBar
+elif moment == "bar closing":  # seen in CI: the error line continued the bar's
+    write.tqdm = ClosingBar
 elif moment == "finalizer":  # seen in CI: SIGINT inside tqdm's __del__; the conversion went on and exited 0
     weights = cli.write_weights
     def then_a_finalizer(*args, **kwargs):
@@ -563,7 +570,7 @@ cli.main(sys.argv[2:])
 """
 
 
-MOMENTS = ["progress bar", "finalizer", "probe folder", "temporary folder", "rename"]
+MOMENTS = ["progress bar", "bar closing", "finalizer", "probe folder", "temporary folder", "rename"]
 
 
 @pytest.fixture(scope="module")
@@ -589,7 +596,8 @@ def signalled_runs(tmp_path_factory):
 @pytest.mark.parametrize("moment", MOMENTS)
 def test_a_signal_at_the_worst_moment(moment, signalled_runs):
     """SIGTERM where a signal does most harm: inside tqdm's __init__ (seen in CI: the half-built bar's finalizer
-    printed a traceback after the error line; without it, the error line continued the bar's), between creating a
+    printed a traceback after the error line; without it, the error line continued the bar's), right after the
+    empty write that starts tqdm's close (seen in CI: the error line continued the bar's), between creating a
     folder (the writability probe, the temporary folder) and naming it, in the middle of the final swap. One line,
     status 143, no temporary folder; after the rename the finished output stays."""
     folder, err, status = signalled_runs[moment]

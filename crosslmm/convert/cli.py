@@ -116,16 +116,18 @@ def _signals_held():
 class _LineTrackingStream:
     """stderr, remembering whether what was last written to it ended a line, so that the error line of an interrupted
     run starts a line of its own whatever a progress bar had written when the signal came. It is marked as mid-line
-    before each write, so a signal inside `write` can cost an empty line, never a shared one."""
+    before each write, so a signal inside `write` can cost an empty line, never a shared one. An empty write changes
+    nothing (a progress bar's `close` starts with one, and a signal can come right after it)."""
 
     def __init__(self, stream):
         self.stream = stream
         self.at_line_start = True
 
     def write(self, text: str) -> int:
+        ends_line = text.endswith("\n") if text else self.at_line_start
         self.at_line_start = False
         written = self.stream.write(text)
-        self.at_line_start = text.endswith("\n") if text else True
+        self.at_line_start = ends_line
         return written
 
     def __getattr__(self, name):
