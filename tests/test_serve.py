@@ -242,7 +242,7 @@ def _own_code(folder: Path, tmp: Path) -> str:
 @pytest.fixture(scope="module")
 def processes(files):
     """Every fresh process the module needs, started side by side (most of each is starting Python and importing
-    torch and transformers): the two servers, the command's two refusals, a load with the checkpoint's own code."""
+    torch and transformers): the servers, the command's two refusals, a load with the checkpoint's own code."""
     tmp = files["tmp"]
     (tmp / "refusals").mkdir()
     (tmp / "own-code").mkdir()
@@ -256,16 +256,17 @@ def processes(files):
             name="open",
         ),
         "guarded": Server(files["folder"], tmp, "--api-key", API_KEY, api_key=API_KEY, name="guarded"),
+        "doomed": Server(files["folder"], tmp, name="doomed"),  # the SIGTERM test's, so no test has to run last
         "refusals": _refusals(tmp / "refusals"),
     }
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         started["own_code"] = pool.submit(_own_code, files["folder"], tmp / "own-code")
         try:
-            for name in ("open", "guarded"):
+            for name in ("open", "guarded", "doomed"):
                 started[name].wait_until_ready()
             yield started
         finally:
-            for name in ("open", "guarded"):
+            for name in ("open", "guarded", "doomed"):
                 started[name].stop()
             for process, _ in started["refusals"].values():
                 process.kill() if process.poll() is None else None
@@ -820,19 +821,20 @@ def test_reader_names_a_bad_data_url_without_its_contents(files):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The end: SIGTERM with a request in flight (this stops `guarded`)
+# SIGTERM with a request in flight (to a server of its own)
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_sigterm_with_a_request_in_flight_ends_cleanly(guarded):
-    stream = guarded.ask("Tell me a long story.", max_tokens=450, stream=True)
+def test_sigterm_with_a_request_in_flight_ends_cleanly(servers):
+    doomed = servers["doomed"]
+    stream = doomed.ask("Tell me a long story.", max_tokens=450, stream=True)
     received = []
     with pytest.raises(openai.APIError, match="shutting down"):
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 received.append(chunk.choices[0].delta.content)
                 if len(received) == 2:
-                    guarded.process.send_signal(signal.SIGTERM)
+                    doomed.process.send_signal(signal.SIGTERM)
     # uvicorn re-raises the signal once it has shut down, so the process ends as SIGTERM ends a process.
-    assert guarded.process.wait(timeout=30) == -signal.SIGTERM
-    assert "Traceback" not in guarded.log.read_text()
+    assert doomed.process.wait(timeout=30) == -signal.SIGTERM
+    assert "Traceback" not in doomed.log.read_text()
