@@ -259,15 +259,16 @@ def processes(files):
         "doomed": Server(files["folder"], tmp, name="doomed"),  # the SIGTERM test's, so no test has to run last
         "refusals": _refusals(tmp / "refusals"),
     }
+    servers = [started[name] for name in ("open", "guarded", "doomed")]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         started["own_code"] = pool.submit(_own_code, files["folder"], tmp / "own-code")
         try:
-            for name in ("open", "guarded", "doomed"):
-                started[name].wait_until_ready()
+            for server in servers:
+                server.wait_until_ready()
             yield started
         finally:
-            for name in ("open", "guarded", "doomed"):
-                started[name].stop()
+            for server in servers:
+                server.stop()
             for process, _ in started["refusals"].values():
                 process.kill() if process.poll() is None else None
 
